@@ -1,0 +1,240 @@
+"""The bundle manifest: what a device needs to know to run, trust and report on a model."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT_VERSION: Literal[1] = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_SHA256 = r"^[0-9a-f]{64}$"
+_FILE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+Sha256 = Annotated[str, Field(pattern=_SHA256, description="lower-case hex sha256")]
+
+
+class _Model(BaseModel):
+    # A misspelt key in a manifest is an error, never a silently ignored field.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_file_name(name: str) -> str:
+    """A bundle-relative POSIX path with no '..', no absolute path, not a reserved name."""
+    if not _FILE.match(name) or any(part in (".", "..") for part in name.split("/")):
+        raise ValueError(f"file name {name!r} is not a plain relative path")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"file name {name!r} is reserved")
+    return name
+
+
+class TensorSpec(_Model):
+    """The model's input tensor as the first stage expects it."""
+
+    name: str = Field(min_length=1, max_length=256, description="ONNX input name of stage 0")
+    shape: list[int | str] = Field(min_length=1, max_length=8, description="dims; str = symbolic")
+    dtype: Literal["float32", "float16", "uint8", "int8"] = "float32"
+
+
+class Preprocessing(_Model):
+    """How a camera frame (OpenCV BGR uint8) becomes the input tensor, step by step."""
+
+    height: int = Field(ge=1, le=8192, description="resize target height in pixels")
+    width: int = Field(ge=1, le=8192, description="resize target width in pixels")
+    resize: Literal["stretch", "letterbox", "center_crop"] = Field(
+        "stretch", description="how the frame's aspect ratio is handled"
+    )
+    interpolation: Literal["nearest", "linear", "area", "cubic"] = "linear"
+    color: Literal["GRAY", "RGB", "BGR"] = Field(description="channel order the model expects")
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    scale: float = Field(1 / 255, gt=0, description="multiplied into pixel values first")
+    mean: list[float] = Field(description="per channel, subtracted after scaling")
+    std: list[float] = Field(description="per channel, divided after subtracting the mean")
+
+    @property
+    def channels(self) -> int:
+        """Channel count implied by the colour order."""
+        return 1 if self.color == "GRAY" else 3
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> Preprocessing:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(
+                f"mean and std need {self.channels} value(s) for color {self.color}, "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class ExitHead(_Model):
+    """Where a stage's prediction comes from and how its confidence is judged.
+
+    Confidence is always in [0, 1] and a frame exits when confidence >= threshold:
+    max_softmax = top-1 probability; margin = top-1 minus top-2 probability;
+    entropy = 1 - H(p) / log(classes).
+    """
+
+    output: str = Field(min_length=1, max_length=256, description="stage output tensor name")
+    kind: Literal["logits", "features"] = Field(
+        description="logits: the output is class scores; features: head_file maps it to scores"
+    )
+    head_file: str | None = Field(None, description=".npz with 'weight' (C,F) and 'bias' (C,)")
+    rule: Literal["max_softmax", "entropy", "margin"] = "max_softmax"
+
+    @model_validator(mode="after")
+    def _head_file(self) -> ExitHead:
+        if self.kind == "features" and self.head_file is None:
+            raise ValueError("an exit of kind 'features' needs a head_file")
+        if self.kind == "logits" and self.head_file is not None:
+            raise ValueError("an exit of kind 'logits' takes no head_file")
+        if self.head_file is not None:
+            check_file_name(self.head_file)
+        return self
+
+
+class Stage(_Model):
+    """One ONNX sub-model: reads the previous stage's tensors, emits the next ones."""
+
+    file: str = Field(description="bundle-relative path of the stage's ONNX file")
+    inputs: list[str] = Field(min_length=1, description="tensor names read")
+    outputs: list[str] = Field(default_factory=list, description="tensors passed to the next stage")
+    exit: ExitHead | None = Field(None, description="the exit head after this stage, if any")
+    macs: int | None = Field(None, ge=0, description="multiply-accumulates of this stage")
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, value: str) -> str:
+        return check_file_name(value)
+
+
+class OperatingPoint(_Model):
+    """One set of exit thresholds, from accurate to fast, with what it was measured to give."""
+
+    name: str = Field(min_length=1, max_length=64)
+    thresholds: list[float | None] = Field(
+        description="one per early exit; None disables that exit"
+    )
+    val_accuracy: float | None = Field(None, ge=0, le=1, description="on the validation split")
+    expected_macs: float | None = Field(None, ge=0, description="mean MACs per frame")
+    exit_rates: list[float] | None = Field(None, description="fraction of frames per exit")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _range(cls, value: list[float | None]) -> list[float | None]:
+        for t in value:
+            if t is not None and not 0.0 <= t <= 1.0:
+                raise ValueError(f"threshold {t} outside [0, 1]")
+        return value
+
+
+class Provenance(_Model):
+    """Where the bundle came from, so any device's model can be traced and rebuilt."""
+
+    source_model_sha256: Sha256
+    source_model_name: str | None = None
+    optimizer: dict[str, str | int | float | bool | list[str] | None] = Field(default_factory=dict)
+    calibration: str | None = Field(None, description="calibration set description")
+    tool: str = Field("edgefleet", description="what built it, with version")
+
+
+class Metrics(_Model):
+    """What was measured when the bundle was built (all optional)."""
+
+    accuracy: float | None = Field(None, ge=0, le=1, description="end to end, test split")
+    accuracy_per_exit: list[float | None] = Field(default_factory=list)
+    exit_rates: list[float] = Field(default_factory=list)
+    latency_ms: dict[str, float] = Field(default_factory=dict, description="label -> median ms")
+    extra: dict[str, float] = Field(default_factory=dict)
+
+
+class FileEntry(_Model):
+    """Hash and size of one file in the bundle."""
+
+    sha256: Sha256
+    size: int = Field(ge=0)
+
+
+class ManifestBody(_Model):
+    """Everything in a manifest except what the writer fills in (file hashes, signer)."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    model_id: str = Field(pattern=_ID)
+    version: int = Field(ge=1, description="monotonically increasing per model_id")
+    created_ts: float = Field(ge=0)
+    input: TensorSpec
+    preprocessing: Preprocessing
+    labels: list[str] = Field(min_length=2, max_length=100_000)
+    stages: list[Stage] = Field(min_length=1, max_length=16)
+    operating_points: list[OperatingPoint] = Field(default_factory=list)
+    default_operating_point: int = Field(0, ge=0)
+    provenance: Provenance
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    @property
+    def early_exits(self) -> list[int]:
+        """Indices of stages whose exit can stop a frame early (all but the last stage)."""
+        return [i for i, s in enumerate(self.stages[:-1]) if s.exit is not None]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ManifestBody:
+        if self.stages[-1].exit is None:
+            raise ValueError("the last stage must have an exit (the model's classifier)")
+        if self.stages[0].inputs != [self.input.name]:
+            raise ValueError(
+                f"stage 0 reads {self.stages[0].inputs}, but the input is {self.input.name!r}"
+            )
+        for k in range(1, len(self.stages)):
+            if self.stages[k].inputs != self.stages[k - 1].outputs:
+                raise ValueError(
+                    f"stage {k} reads {self.stages[k].inputs}, "
+                    f"but stage {k - 1} outputs {self.stages[k - 1].outputs}"
+                )
+        if self.stages[-1].outputs:
+            raise ValueError("the last stage must not pass tensors on")
+        n_exits = len(self.early_exits)
+        for op in self.operating_points:
+            if len(op.thresholds) != n_exits:
+                raise ValueError(
+                    f"operating point {op.name!r} has {len(op.thresholds)} thresholds "
+                    f"for {n_exits} early exit(s)"
+                )
+        if self.operating_points and self.default_operating_point >= len(self.operating_points):
+            raise ValueError(
+                f"default_operating_point {self.default_operating_point} out of range "
+                f"({len(self.operating_points)} operating points)"
+            )
+        if not self.operating_points and self.default_operating_point != 0:
+            raise ValueError("default_operating_point must be 0 when there are no operating points")
+        return self
+
+    def referenced_files(self) -> list[str]:
+        """Every file the manifest points at: stage models and exit head weights."""
+        names: list[str] = []
+        for stage in self.stages:
+            names.append(stage.file)
+            if stage.exit is not None and stage.exit.head_file is not None:
+                names.append(stage.exit.head_file)
+        return names
+
+
+class Manifest(ManifestBody):
+    """A complete manifest: the body plus every file's hash and the signer's key id."""
+
+    signer: str = Field(pattern=r"^[0-9a-f]{16}$", description="key id of the signing key")
+    files: dict[str, FileEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _files_cover_references(self) -> Manifest:
+        for name in self.files:
+            check_file_name(name)
+        missing = [n for n in self.referenced_files() if n not in self.files]
+        if missing:
+            raise ValueError(f"files referenced but not listed: {', '.join(missing)}")
+        return self

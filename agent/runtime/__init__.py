@@ -1,0 +1,1 @@
+"""On-device inference: preprocessing and staged early-exit execution."""

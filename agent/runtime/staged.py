@@ -1,0 +1,171 @@
+"""Run a verified bundle's stages in order and stop at the first confident exit."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from agent.bundle import VerifiedBundle
+from agent.bundle.manifest import ExitHead
+
+from .confidence import confidence, decide_exits, softmax
+from .session import choose_providers, session_options
+
+
+class RuntimeLoadError(Exception):
+    """A verified bundle could not be turned into runnable sessions."""
+
+
+@dataclass
+class Prediction:
+    """What one frame produced: class, top-1 probability, exit taken, time per stage run.
+
+    exit_index counts exits in order: 0..E-1 are the early exits, E is the final head.
+    """
+
+    class_index: int
+    confidence: float
+    exit_index: int
+    stage_ms: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Head:
+    spec: ExitHead
+    weight: npt.NDArray[np.float32] | None = None
+    bias: npt.NDArray[np.float32] | None = None
+
+    def logits(self, value: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
+        flat = np.asarray(value, dtype=np.float32).reshape(value.shape[0], -1)
+        if self.weight is None or self.bias is None:
+            return flat
+        out: npt.NDArray[np.float32] = flat @ self.weight.T + self.bias
+        return out
+
+
+def _load_head(verified: VerifiedBundle, spec: ExitHead, classes: int) -> _Head:
+    if spec.head_file is None:
+        return _Head(spec)
+    try:
+        arrays = np.load(io.BytesIO(verified.read(spec.head_file)), allow_pickle=False)
+        weight = np.asarray(arrays["weight"], dtype=np.float32)
+        bias = np.asarray(arrays["bias"], dtype=np.float32)
+    except (KeyError, ValueError, OSError) as exc:
+        raise RuntimeLoadError(f"{verified.path}/{spec.head_file}: bad exit head ({exc})") from exc
+    if weight.ndim != 2 or weight.shape[0] != classes or bias.shape != (classes,):
+        raise RuntimeLoadError(
+            f"{verified.path}/{spec.head_file}: head weight {weight.shape} / bias {bias.shape} "
+            f"do not fit {classes} classes"
+        )
+    return _Head(spec, weight, bias)
+
+
+class StagedModel:
+    """Sessions for every stage of a bundle, plus its exit heads and thresholds."""
+
+    def __init__(
+        self,
+        verified: VerifiedBundle,
+        *,
+        threads: int = 1,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.manifest = verified.manifest
+        m = self.manifest
+        opts = session_options(threads)
+        chosen = choose_providers(providers)
+        classes = len(m.labels)
+        self.sessions: list[ort.InferenceSession] = []
+        self.heads: list[_Head | None] = []
+        for stage in m.stages:
+            try:
+                sess = ort.InferenceSession(verified.read(stage.file), opts, providers=chosen)
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise RuntimeLoadError(f"{verified.path}/{stage.file}: {exc}") from exc
+            self.sessions.append(sess)
+            self.heads.append(_load_head(verified, stage.exit, classes) if stage.exit else None)
+        self._fetch = [
+            [*stage.outputs, *([stage.exit.output] if stage.exit else [])] for stage in m.stages
+        ]
+        ops = m.operating_points
+        self.thresholds: list[float | None] = (
+            list(ops[m.default_operating_point].thresholds) if ops else []
+        )
+        self.early_exits = m.early_exits
+
+    def set_thresholds(self, thresholds: Sequence[float | None]) -> None:
+        """Replace the current thresholds (one per early exit)."""
+        if len(thresholds) != len(self.early_exits):
+            raise ValueError(
+                f"{len(thresholds)} thresholds for {len(self.early_exits)} early exit(s)"
+            )
+        self.thresholds = list(thresholds)
+
+    def predict(self, x: npt.NDArray[np.generic]) -> Prediction:
+        """Run one preprocessed input (batch of one) through the stages until an exit fires."""
+        feeds: dict[str, npt.NDArray[np.generic]] = {self.manifest.input.name: x}
+        stage_ms: list[float] = []
+        last = len(self.sessions) - 1
+        exit_pos = 0
+        for k, sess in enumerate(self.sessions):
+            stage = self.manifest.stages[k]
+            t0 = time.perf_counter()
+            outs = sess.run(self._fetch[k], feeds)
+            stage_ms.append((time.perf_counter() - t0) * 1000.0)
+            head = self.heads[k]
+            if head is not None:
+                probs = softmax(head.logits(outs[-1]))
+                if k == last:
+                    return self._prediction(probs, exit_pos, stage_ms)
+                threshold = self.thresholds[exit_pos]
+                conf = float(confidence(probs, head.spec.rule)[0])
+                if threshold is not None and conf >= threshold:
+                    return self._prediction(probs, exit_pos, stage_ms)
+                exit_pos += 1
+            feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
+        raise AssertionError("unreachable: the last stage always has an exit")
+
+    @staticmethod
+    def _prediction(
+        probs: npt.NDArray[np.float64], exit_index: int, stage_ms: list[float]
+    ) -> Prediction:
+        return Prediction(
+            class_index=int(probs[0].argmax()),
+            confidence=float(probs[0].max()),
+            exit_index=exit_index,
+            stage_ms=stage_ms,
+        )
+
+    def all_exit_logits(self, x: npt.NDArray[np.generic]) -> list[npt.NDArray[np.float32]]:
+        """Logits of every exit (early exits, then the final head) for a batch; no early stop."""
+        feeds: dict[str, npt.NDArray[np.generic]] = {self.manifest.input.name: x}
+        result: list[npt.NDArray[np.float32]] = []
+        for k, sess in enumerate(self.sessions):
+            stage = self.manifest.stages[k]
+            outs = sess.run(self._fetch[k], feeds)
+            head = self.heads[k]
+            if head is not None:
+                result.append(head.logits(outs[-1]))
+            feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
+        return result
+
+    def classify_batch(self, x: npt.NDArray[np.generic]) -> tuple[npt.NDArray[np.int64], ...]:
+        """(class index, exit index) per sample of a batch under the current thresholds."""
+        logits = self.all_exit_logits(x)
+        probs = [softmax(z) for z in logits]
+        rules = [h.spec.rule for h in self.heads if h is not None]
+        early = [confidence(p, r) for p, r in zip(probs[:-1], rules[:-1], strict=True)]
+        taken = (
+            decide_exits(early, self.thresholds)
+            if early
+            else np.zeros(len(probs[-1]), dtype=np.int64)
+        )
+        stacked = np.stack([p.argmax(axis=-1) for p in probs])
+        classes = stacked[taken, np.arange(len(taken))]
+        return classes.astype(np.int64), taken

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Sourced by quickstart.sh and test.sh: install whatever is missing on a Debian/Ubuntu machine
+# (python3-venv, a virtualenv with edgefleet and its extras, Mosquitto) and nothing more.
+set -euo pipefail
+
+EDGEFLEET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${EDGEFLEET_VENV:-$EDGEFLEET_ROOT/.venv}"
+PY="${PYTHON:-python3}"
+# One set of extras for both commands, so running one after the other never reinstalls.
+EXTRAS="server,dev"
+
+say() { printf '[edgefleet] %s\n' "$*" >&2; }
+
+_SUDO=""
+if [ "$(id -u)" -ne 0 ]; then _SUDO="sudo"; fi
+_APT_UPDATED=0
+
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "need $* but apt-get is not available: install them with your package manager"
+        return 1
+    fi
+    if [ "$_APT_UPDATED" -eq 0 ]; then
+        say "apt-get update"
+        $_SUDO apt-get update -qq
+        _APT_UPDATED=1
+    fi
+    say "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive $_SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ensure_python() {
+    if ! command -v "$PY" >/dev/null 2>&1; then
+        apt_install python3 python3-venv
+    fi
+    # Debian ships venv without ensurepip unless python3-venv (or python3.X-venv) is installed.
+    if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        local ver
+        ver="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+        apt_install "python${ver}-venv" || apt_install python3-venv
+    fi
+}
+
+ensure_venv() {
+    ensure_python
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating virtualenv $VENV"
+        "$PY" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+    fi
+    # Reinstall only when the package metadata changed since the last install.
+    local stamp="$VENV/.edgefleet-installed"
+    local want
+    want="$(sha256sum "$EDGEFLEET_ROOT/pyproject.toml" | cut -d' ' -f1) $EXTRAS"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        say "installing edgefleet[$EXTRAS] into $VENV (first run takes a few minutes)"
+        "$VENV/bin/python" -m pip install -q -e "$EDGEFLEET_ROOT[$EXTRAS]"
+        printf '%s' "$want" > "$stamp"
+    fi
+}
+
+find_mosquitto() {
+    command -v mosquitto 2>/dev/null || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; } || true
+}
+
+ensure_mosquitto() {
+    if [ -z "$(find_mosquitto)" ]; then
+        apt_install mosquitto
+        # The distribution's service is not needed: edgefleet starts its own broker(s).
+        $_SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    fi
+}
+
+ensure_postgres() {
+    # A running local server, or initdb/pg_ctl for a throwaway cluster, is enough.
+    if "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
+import psycopg, sys
+for dsn in ("host=/var/run/postgresql dbname=postgres",
+            "host=127.0.0.1 port=5432 user=postgres dbname=postgres"):
+    try:
+        psycopg.connect(dsn, connect_timeout=3).close()
+        sys.exit(0)
+    except psycopg.Error:
+        pass
+sys.exit(1)
+PY
+    then
+        return 0
+    fi
+    if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        return 0
+    fi
+    apt_install postgresql
+}

@@ -1,0 +1,1 @@
+"""Building bundles on the coordinator side."""

@@ -1,0 +1,127 @@
+"""A private mosquitto: own config, own port, persistence dir; stoppable and restartable.
+
+Used by the demo's local fleet and by the test harness (one broker per test).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from server.netutil import free_port, wait_closed, wait_listening
+
+INSTALL_HINT = (
+    "mosquitto is not installed: edgefleet needs a real MQTT broker. "
+    "Install it with `sudo apt-get install -y mosquitto` "
+    "or run `bash deploy/quickstart.sh` / `bash deploy/test.sh`, which install what is missing."
+)
+
+
+class MosquittoNotFound(RuntimeError):
+    """No mosquitto binary on PATH or in /usr/sbin."""
+
+
+def find_mosquitto() -> str:
+    """Locate the broker binary; Debian puts it in /usr/sbin, often not on a user's PATH."""
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise MosquittoNotFound(INSTALL_HINT)
+    return found
+
+
+class MosquittoBroker:
+    """One mosquitto process on 127.0.0.1 with persistence in its own directory."""
+
+    def __init__(self, workdir: Path, max_queued_messages: int = 100_000) -> None:
+        self.binary = find_mosquitto()
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.config_path.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} {self.host}",
+                    "allow_anonymous true",
+                    # Persistence makes queued QoS 1 messages and sessions survive a restart.
+                    "persistence true",
+                    f"persistence_location {workdir}/",
+                    "persistence_file mosquitto.db",
+                    f"max_queued_messages {max_queued_messages}",
+                    "max_inflight_messages 0",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "log_timestamp true",
+                    "",
+                ]
+            )
+        )
+
+    @property
+    def running(self) -> bool:
+        """True while the broker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the broker and wait until it accepts connections."""
+        if self.running:
+            return
+        log = self.log_path.open("ab")
+        # mosquitto refuses to run as root without a user it can drop to; `user` must be
+        # the current one so it can write its persistence file in our temp dir.
+        cfg = self.config_path.read_text()
+        if os.geteuid() == 0 and "\nuser " not in cfg:
+            self.config_path.write_text(cfg + "user root\n")
+        self._proc = subprocess.Popen(
+            [self.binary, "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        if not wait_listening(self.host, self.port, timeout=10):
+            self.stop()
+            raise RuntimeError(
+                f"mosquitto did not start on {self.host}:{self.port}; log:\n{self.read_log()}"
+            )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the broker cleanly (SIGTERM lets it write its persistence file)."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._proc = None
+        wait_closed(self.host, self.port, timeout=5)
+
+    def kill(self) -> None:
+        """Kill the broker without letting it save state (a crash or power loss)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port with the same persistence."""
+        self.stop()
+        self.start()
+
+    def read_log(self) -> str:
+        """The broker's log so far, for assertion messages."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

@@ -1,0 +1,58 @@
+"""Staged early-exit execution of a verified bundle with real onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.bundle import generate_private_key, verify_bundle, write_bundle
+from agent.runtime.staged import StagedModel
+from tests.bundle_helpers import two_stage_body, two_stage_files
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> StagedModel:
+    key = generate_private_key()
+    write_bundle(tmp_path / "b", two_stage_body(), two_stage_files(seed=3), key)
+    return StagedModel(verify_bundle(tmp_path / "b", [key.public_key()]))
+
+
+def _inputs(n: int) -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((n, 1, 1, 8, 8)).astype(np.float32)
+
+
+def test_threshold_zero_always_exits_early(model: StagedModel) -> None:
+    model.set_thresholds([0.0])
+    for x in _inputs(5):
+        pred = model.predict(x)
+        assert pred.exit_index == 0
+        assert len(pred.stage_ms) == 1
+
+
+def test_disabled_exit_runs_to_the_end_and_matches_the_final_head(model: StagedModel) -> None:
+    model.set_thresholds([None])
+    for x in _inputs(5):
+        pred = model.predict(x)
+        assert pred.exit_index == 1
+        assert len(pred.stage_ms) == 2
+        final = model.all_exit_logits(x)[-1]
+        assert pred.class_index == int(final.argmax())
+
+
+def test_predict_agrees_with_batch_classification(model: StagedModel) -> None:
+    xs = _inputs(40)
+    for thresholds in ([0.4], [0.6], [None], [0.0]):
+        model.set_thresholds(thresholds)
+        batch = np.concatenate(list(xs))
+        classes, exits = model.classify_batch(batch)
+        single = [model.predict(x) for x in xs]
+        assert [p.class_index for p in single] == classes.tolist()
+        assert [p.exit_index for p in single] == exits.tolist()
+
+
+def test_default_operating_point_thresholds(model: StagedModel) -> None:
+    assert model.thresholds == [0.95]
+    with pytest.raises(ValueError, match="2 thresholds for 1 early exit"):
+        model.set_thresholds([0.5, 0.5])
