@@ -1,0 +1,190 @@
+"""Device -> coordinator payloads: status, telemetry, results and events."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from agent.protocol.base import ModelId, Payload, PayloadKind, Strict
+from agent.protocol.ids import DeviceId, GroupName
+
+Count = Annotated[int, Field(ge=0)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+DetailValue = Annotated[str, StringConstraints(max_length=1000)] | int | float | bool | None
+
+MAX_EXITS = 16
+MAX_STAGES = 16
+
+
+class Hardware(Strict):
+    """What the device is, reported once per boot in its status."""
+
+    machine: ShortText = Field(description="CPU architecture, e.g. 'aarch64' or 'x86_64'.")
+    system: ShortText = Field(description="Operating system, e.g. 'Linux'.")
+    cpu_count: int = Field(ge=1, le=1024, description="Logical CPUs.")
+    ram_mb: float = Field(ge=0, le=16_777_216, description="Total memory in MiB.")
+    accelerators: list[ShortText] = Field(
+        default_factory=list,
+        max_length=16,
+        description="onnxruntime providers besides the CPU, e.g. 'CUDAExecutionProvider'.",
+    )
+    device_model: str | None = Field(
+        None, max_length=128, description="Board name, e.g. 'Raspberry Pi 5 Model B Rev 1.0'."
+    )
+
+
+class Status(Payload):
+    """Birth message, retained; the Last Will is the same with online=False."""
+
+    KIND: ClassVar[PayloadKind] = "status"
+
+    device_id: DeviceId = Field(description="The device; equals the id in the topic.")
+    online: bool = Field(description="False in the Last Will and on clean shutdown.")
+    ts: float = Field(ge=0, description="Unix seconds when this status was made.")
+    agent_version: ShortText = Field(description="Version of the edgefleet agent.")
+    model_id: ModelId | None = Field(None, description="Installed model, None before any install.")
+    model_version: int | None = Field(None, ge=1, description="Installed bundle version.")
+    operating_point: int | None = Field(
+        None, ge=0, le=255, description="Index of the active operating point."
+    )
+    group: GroupName | None = Field(None, description="Group whose commands the device obeys.")
+    hardware: Hardware = Field(description="What the device is.")
+    boot_id: str = Field(
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="UUID made at each agent start; a new one means the agent restarted.",
+    )
+
+
+def offline_will(birth: Status) -> Status:
+    """The Last Will for a session: its birth message with online=False."""
+    # Keeping model and hardware in the retained offline status lets the registry show what
+    # a dead device last ran; ts stays the connect time because the broker sends stored bytes.
+    return birth.model_copy(update={"online": False})
+
+
+class Percentiles(Strict):
+    """Latency percentiles of one window, in milliseconds."""
+
+    p50: float = Field(ge=0, description="Median.")
+    p95: float = Field(ge=0, description="95th percentile.")
+    p99: float = Field(ge=0, description="99th percentile.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Percentiles:
+        if not self.p50 <= self.p95 <= self.p99:
+            raise ValueError(
+                f"percentiles must satisfy p50 <= p95 <= p99, got "
+                f"p50={self.p50}, p95={self.p95}, p99={self.p99}"
+            )
+        return self
+
+
+PowerSource = Literal["rapl", "hwmon", "ina3221", "pmic", "estimate", "none"]
+
+
+class Telemetry(Payload):
+    """One window of measurements; seq lets the coordinator prove nothing was lost."""
+
+    KIND: ClassVar[PayloadKind] = "telemetry"
+
+    device_id: DeviceId = Field(description="The device; equals the id in the topic.")
+    seq: int = Field(
+        ge=0, description="Per-device window number, persisted across restarts, never reused."
+    )
+    window_start: float = Field(ge=0, description="Unix seconds when the window began.")
+    window_end: float = Field(ge=0, description="Unix seconds when the window ended.")
+    frames_captured: int = Field(ge=0, description="Frames read from the camera.")
+    frames_processed: int = Field(ge=0, description="Frames that went through the model.")
+    frames_dropped: int = Field(ge=0, description="Frames skipped because inference was busy.")
+    fps: float = Field(ge=0, description="Processed frames per second over the window.")
+    latency_ms: Percentiles = Field(description="End-to-end inference latency; 0 if no frames.")
+    stage_latency_ms: list[Percentiles] = Field(
+        default_factory=list, max_length=MAX_STAGES, description="Latency of each stage in order."
+    )
+    exit_histogram: list[Count] = Field(
+        min_length=1,
+        max_length=MAX_EXITS,
+        description="Frames leaving at each exit; the last entry is the final head.",
+    )
+    operating_point: int = Field(ge=0, le=255, description="Active operating point index.")
+    cpu_percent: float = Field(
+        ge=0, le=102_400, description="Process CPU, 100 per fully used core."
+    )
+    rss_mb: float = Field(ge=0, description="Resident memory of the agent in MiB.")
+    temperature_c: float | None = Field(
+        None, ge=-100, le=200, description="SoC temperature; None when no sensor."
+    )
+    throttled: bool | None = Field(
+        None, description="Thermal or under-voltage throttling now; None when unknown."
+    )
+    power_w: float | None = Field(None, ge=0, le=10_000, description="Power draw in watts.")
+    power_source: PowerSource = Field(
+        description="Where power_w comes from; 'estimate' means a model of CPU load."
+    )
+    energy_per_frame_mj: float | None = Field(
+        None, ge=0, description="power_w / fps in millijoules; None without power or frames."
+    )
+    outbox_depth: int = Field(ge=0, description="Messages waiting in the on-disk outbox.")
+    outbox_overflow: int = Field(
+        ge=0, description="Messages dropped for a full outbox since the agent started."
+    )
+    model_id: ModelId | None = Field(None, description="Model that ran in this window.")
+    model_version: int | None = Field(None, ge=1, description="Bundle version that ran.")
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> Telemetry:
+        if self.window_end < self.window_start:
+            raise ValueError(
+                f"window_end {self.window_end} is before window_start {self.window_start}"
+            )
+        return self
+
+
+class Result(Payload):
+    """One inference result, sent at QoS 0, rate-limited or on change."""
+
+    KIND: ClassVar[PayloadKind] = "results"
+
+    device_id: DeviceId = Field(description="The device; equals the id in the topic.")
+    ts: float = Field(ge=0, description="Unix seconds when the frame was captured.")
+    frame_index: int = Field(ge=0, description="Frame counter since the agent started.")
+    class_index: int = Field(ge=0, description="Predicted class.")
+    label: str = Field(max_length=128, description="Label of the predicted class.")
+    confidence: float = Field(ge=0, le=1, description="Confidence the exit rule saw.")
+    exit_index: int = Field(
+        ge=0, lt=MAX_EXITS, description="Exit that answered; the last is the final head."
+    )
+    latency_ms: float = Field(ge=0, description="Inference latency of this frame.")
+
+
+EventKind = Literal[
+    "started",
+    "stopping",
+    "install_progress",
+    "installed",
+    "rollback",
+    "error",
+    "camera_lost",
+    "camera_restored",
+    "operating_point_changed",
+    "outbox_overflow",
+    "config_rejected",
+]
+EventLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Event(Payload):
+    """Something that happened on the device, for humans and the rollout logic."""
+
+    KIND: ClassVar[PayloadKind] = "events"
+
+    device_id: DeviceId = Field(description="The device; equals the id in the topic.")
+    ts: float = Field(ge=0, description="Unix seconds when it happened.")
+    seq: int = Field(ge=0, description="Per-device event number, persisted like telemetry seq.")
+    kind: EventKind = Field(description="What happened.")
+    level: EventLevel = Field("info", description="Severity.")
+    message: str = Field(max_length=1000, description="One line for a human.")
+    details: dict[Annotated[str, StringConstraints(max_length=64)], DetailValue] = Field(
+        default_factory=dict, max_length=32, description="Machine-readable facts of the event."
+    )

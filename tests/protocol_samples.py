@@ -1,0 +1,174 @@
+"""One valid sample of every payload; docs/protocol.md's examples were generated from these."""
+
+from __future__ import annotations
+
+from agent.protocol import (
+    AnyCommand,
+    BundleOffer,
+    Command,
+    Event,
+    Hardware,
+    InstallBundle,
+    Payload,
+    Percentiles,
+    Ping,
+    ReloadBundle,
+    Reply,
+    Result,
+    SetOperatingPoint,
+    SetTelemetryInterval,
+    SetThresholds,
+    Snapshot,
+    Status,
+    Telemetry,
+    UnpinOperatingPoint,
+    offline_will,
+)
+
+SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+def status(device_id: str = "pi-7", online: bool = True) -> Status:
+    """A Raspberry Pi's birth message."""
+    return Status(
+        device_id=device_id,
+        online=online,
+        ts=1_767_225_600.25,
+        agent_version="0.1.0",
+        model_id="digits-ee",
+        model_version=3,
+        operating_point=1,
+        group="lab-a",
+        hardware=Hardware(
+            machine="aarch64",
+            system="Linux",
+            cpu_count=4,
+            ram_mb=8064.0,
+            accelerators=[],
+            device_model="Raspberry Pi 5 Model B Rev 1.0",
+        ),
+        boot_id="3f1c2a4e-7b5d-4e8f-9a0b-1c2d3e4f5a6b",
+    )
+
+
+def telemetry(device_id: str = "pi-7", seq: int = 42) -> Telemetry:
+    """A busy window of a three-stage model."""
+    return Telemetry(
+        device_id=device_id,
+        seq=seq,
+        window_start=1_767_225_600.0,
+        window_end=1_767_225_610.0,
+        frames_captured=300,
+        frames_processed=288,
+        frames_dropped=12,
+        fps=28.8,
+        latency_ms=Percentiles(p50=4.1, p95=9.8, p99=12.5),
+        stage_latency_ms=[
+            Percentiles(p50=2.0, p95=2.4, p99=2.9),
+            Percentiles(p50=3.1, p95=3.6, p99=4.0),
+            Percentiles(p50=3.9, p95=4.4, p99=5.2),
+        ],
+        exit_histogram=[190, 71, 27],
+        operating_point=1,
+        cpu_percent=187.5,
+        rss_mb=142.3,
+        temperature_c=61.2,
+        throttled=False,
+        power_w=6.4,
+        power_source="pmic",
+        energy_per_frame_mj=222.2,
+        outbox_depth=0,
+        outbox_overflow=0,
+        model_id="digits-ee",
+        model_version=3,
+    )
+
+
+def result() -> Result:
+    """A digit recognised at the first exit."""
+    return Result(
+        device_id="pi-7",
+        ts=1_767_225_601.5,
+        frame_index=1234,
+        class_index=7,
+        label="7",
+        confidence=0.97,
+        exit_index=0,
+        latency_ms=2.3,
+    )
+
+
+def event() -> Event:
+    """A rollback after a failed health check."""
+    return Event(
+        device_id="pi-7",
+        ts=1_767_225_700.0,
+        seq=17,
+        kind="rollback",
+        level="warning",
+        message="bundle digits-ee v4 failed its health check; back on v3",
+        details={"from_version": 4, "to_version": 3, "p95_ms": 31.5, "healthy": False, "x": None},
+    )
+
+
+COMMAND_BODIES: list[AnyCommand] = [
+    Ping(),
+    SetOperatingPoint(index=2, pin=True),
+    UnpinOperatingPoint(),
+    SetThresholds(thresholds=[0.9, None, 0.75]),
+    SetTelemetryInterval(seconds=30),
+    Snapshot(quality=70),
+    ReloadBundle(),
+    InstallBundle(sha256=SHA, model_id="digits-ee", version=4),
+]
+
+
+def command(body: AnyCommand | None = None) -> Command:
+    """A command envelope around body (default: a ping)."""
+    return Command(
+        id="c-5b2e0f1a",
+        ts=1_767_225_800.0,
+        expires_at=1_767_225_860.0,
+        command=body if body is not None else Ping(),
+    )
+
+
+def reply(ok: bool = True) -> Reply:
+    """A device's answer to a snapshot, or a refusal."""
+    if ok:
+        return Reply(
+            id="c-5b2e0f1a",
+            device_id="pi-7",
+            ts=1_767_225_800.4,
+            ok=True,
+            result={"jpeg_b64": "/9j/4AAQSkZJRg==", "width": 64, "height": 64},
+        )
+    return Reply(
+        id="c-5b2e0f1a", device_id="pi-7", ts=1_767_225_800.4, ok=False, error="no such exit 5"
+    )
+
+
+def offer() -> BundleOffer:
+    """A 600 KiB archive in three 256 KiB chunks."""
+    return BundleOffer(
+        sha256=SHA,
+        model_id="digits-ee",
+        version=4,
+        size=600 * 1024,
+        chunk_size=256 * 1024,
+        chunk_sha256=[f"{i:x}" * 64 for i in (10, 11, 12)],
+        created_ts=1_767_225_750.0,
+    )
+
+
+ALL_MESSAGES: list[Payload] = [
+    status(),
+    offline_will(status()),
+    telemetry(),
+    result(),
+    event(),
+    *(command(body) for body in COMMAND_BODIES),
+    reply(ok=True),
+    reply(ok=False),
+    offer(),
+]
