@@ -1,0 +1,114 @@
+"""The console scripts as real processes: keys, bundle verify, agent verify, server listen."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.bundle import load_private_key, write_bundle
+from agent.protocol import TopicTree, encode
+from server.localbroker import MosquittoBroker
+from tests.bundle_helpers import two_stage_body, two_stage_files
+from tests.protocol_samples import telemetry as sample_telemetry
+
+
+def _run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGEFLEET_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_keys_init_show_and_bundle_verify(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = _run("-m", "server.cli", "keys", "init", home=home)
+    assert first.returncode == 0, first.stderr
+    assert "(created)" in first.stdout
+    private = home / "keys" / "fleet.key"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    again = _run("-m", "server.cli", "keys", "init", home=home)
+    assert "(exists)" in again.stdout
+    show = _run("-m", "server.cli", "keys", "show", home=home)
+    assert "-----BEGIN PUBLIC KEY-----" in show.stdout
+
+    bundle = tmp_path / "bundle"
+    write_bundle(bundle, two_stage_body(), two_stage_files(), load_private_key(private))
+    ok = _run("-m", "server.cli", "bundle", "verify", str(bundle), home=home)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("OK tiny-cnn v3: signed by")
+    assert "operating point 1 fast" in ok.stdout
+
+    agent_ok = _run(
+        "-m", "agent", "verify", str(bundle), "--key", str(home / "keys" / "fleet.pub"), home=home
+    )
+    assert agent_ok.returncode == 0, agent_ok.stderr
+
+    (bundle / "stage1.onnx").write_bytes(b"tampered")
+    bad = _run("-m", "server.cli", "bundle", "verify", str(bundle), home=home)
+    assert bad.returncode == 1
+    assert "stage1.onnx: sha256" in bad.stderr and "Traceback" not in bad.stderr
+    agent_bad = _run(
+        "-m", "agent", "verify", str(bundle), "--key", str(home / "keys" / "fleet.pub"), home=home
+    )
+    assert agent_bad.returncode == 1 and "stage1.onnx" in agent_bad.stderr
+
+
+def test_keys_show_without_key_says_how_to_create(tmp_path: Path) -> None:
+    res = _run("-m", "server.cli", "keys", "show", home=tmp_path)
+    assert res.returncode == 1
+    assert "run `edgefleet keys init` first" in res.stderr
+
+
+def test_server_listen_decodes_and_counts_rejects(
+    mqtt_broker: MosquittoBroker, topic_prefix: str
+) -> None:
+    root = f"{topic_prefix}/edgefleet/v1"
+    tree = TopicTree(root)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "listen", "--port", str(mqtt_broker.port), "--root", root],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err_lines: queue.Queue[str] = queue.Queue()
+    assert proc.stderr is not None
+    threading.Thread(target=lambda: [err_lines.put(ln) for ln in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+    seen: list[str] = []
+    try:
+        while not any("listening under" in ln for ln in seen):
+            seen.append(err_lines.get(timeout=20))
+        telemetry = sample_telemetry()
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect(mqtt_broker.host, mqtt_broker.port)
+        pub.loop_start()
+        pub.publish(
+            tree.device(telemetry.device_id, "telemetry"), b"{garbage", qos=1
+        ).wait_for_publish(5)
+        pub.publish(
+            tree.device(telemetry.device_id, "telemetry"), encode(telemetry), qos=1
+        ).wait_for_publish(5)
+        pub.loop_stop()
+        pub.disconnect()
+        while not any("rejected" in ln for ln in seen):
+            seen.append(err_lines.get(timeout=20))
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    while not err_lines.empty():
+        seen.append(err_lines.get())
+    err = "".join(seen)
+    assert proc.returncode == 0, err
+    assert f"telemetry {telemetry.device_id} seq={telemetry.seq}" in out
+    assert "rejected" in err and "payload is not JSON" in err
+    assert "'Telemetry': 1" in err and "'rejected': 1" in err

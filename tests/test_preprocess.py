@@ -1,0 +1,90 @@
+"""The agent's preprocessing follows the manifest exactly and names what is wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.bundle import Preprocessing
+from agent.runtime.preprocess import FrameError, Preprocessor
+
+
+def _spec(**kw: object) -> Preprocessing:
+    base: dict[str, object] = {
+        "height": 4,
+        "width": 6,
+        "color": "RGB",
+        "mean": [0, 0, 0],
+        "std": [1, 1, 1],
+    }
+    base.update(kw)
+    return Preprocessing.model_validate(base)
+
+
+def test_bgr_frame_to_rgb_nchw_with_normalisation() -> None:
+    frame = np.zeros((4, 6, 3), np.uint8)
+    frame[..., 0] = 255  # blue in OpenCV's BGR order
+    pre = Preprocessor(_spec(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]))
+    x = pre(frame)
+    assert x.shape == (1, 3, 4, 6) and x.dtype == np.float32
+    # RGB order: blue is now channel 2 -> (1 - .5) / .5 = 1; others (0 - .5)/.5 = -1
+    assert np.all(x[0, 2] == 1.0) and np.all(x[0, :2] == -1.0)
+
+
+def test_formula_is_scale_then_mean_then_std_in_float32() -> None:
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (4, 6), dtype=np.uint8)
+    spec = _spec(color="GRAY", mean=[0.1307], std=[0.3081])
+    x = Preprocessor(spec)(frame)
+    want = (frame.astype(np.float32) * np.float32(spec.scale) - np.float32(0.1307)) / np.float32(
+        0.3081
+    )
+    assert np.array_equal(x[0, 0], want)
+
+
+def test_nhwc_and_gray_input_expanded_to_colour() -> None:
+    frame = np.full((8, 12), 100, np.uint8)
+    x = Preprocessor(_spec(layout="NHWC", color="BGR"))(frame)
+    assert x.shape == (1, 4, 6, 3)
+    assert np.allclose(x, 100 / 255)
+
+
+def test_letterbox_pads_and_center_crop_cuts() -> None:
+    frame = np.full((10, 30), 200, np.uint8)  # wide frame into a 4x6 target
+    lb = Preprocessor(
+        _spec(color="GRAY", mean=[0], std=[1], resize="letterbox", height=6, width=6), dtype="uint8"
+    )(frame)
+    assert lb.shape == (1, 1, 6, 6)
+    assert lb[0, 0, 0].tolist() == [0] * 6 and lb[0, 0, 3].tolist() == [200] * 6  # rows padded
+    cc = Preprocessor(
+        _spec(color="GRAY", mean=[0], std=[1], resize="center_crop", height=6, width=6),
+        dtype="uint8",
+    )(frame)
+    assert cc.shape == (1, 1, 6, 6) and np.all(cc == 200)
+
+
+def test_uint8_input_is_not_normalised() -> None:
+    frame = np.full((4, 6, 3), 7, np.uint8)
+    x = Preprocessor(_spec(), dtype="uint8")(frame)
+    assert x.dtype == np.uint8 and np.all(x == 7)
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (np.zeros((4, 6, 3), np.float32), "frame must be a uint8 HxW or HxWxC array, got float32"),
+        (np.zeros((4,), np.uint8), "frame must be a uint8 HxW or HxWxC array"),
+        (np.zeros((0, 6, 3), np.uint8), "frame is empty"),
+        (np.zeros((4, 6, 2), np.uint8), "frame has 2 channels; expected 1, 3 or 4"),
+    ],
+)
+def test_bad_frames_are_named(frame: np.ndarray, message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        Preprocessor(_spec())(frame)
+
+
+def test_mean_std_must_match_channels() -> None:
+    with pytest.raises(
+        ValueError, match=r"mean and std need 3 value\(s\) for color RGB, got 1 and 1"
+    ):
+        _spec(mean=[0.5], std=[0.5])
