@@ -66,7 +66,9 @@ class Listener:
             return
         kinds = [k for k in DEVICE_KINDS if k != "cmd"]
         client.subscribe([(self.tree.all_devices(k), 1) for k in kinds])
-        log.info("connected to %s:%s, listening under %s/dev/+", self.host, self.port, self.tree.root)
+        log.info(
+            "connected to %s:%s, listening under %s/dev/+", self.host, self.port, self.tree.root
+        )
         self.connected.set()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:

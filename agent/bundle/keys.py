@@ -73,8 +73,9 @@ def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
     _write_atomic(path, public_key_pem(key), 0o644)
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def load_private_key(path: Path | str) -> Ed25519PrivateKey:
     """Read a PEM private key and check that it is Ed25519."""
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -103,8 +104,9 @@ def parse_public_key(data: bytes, source: str) -> Ed25519PublicKey:
     return key
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
+def load_public_key(path: Path | str) -> Ed25519PublicKey:
     """Read a public key file (PEM or base64 raw)."""
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:

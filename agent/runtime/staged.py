@@ -93,6 +93,9 @@ class StagedModel:
         self._fetch = [
             [*stage.outputs, *([stage.exit.output] if stage.exit else [])] for stage in m.stages
         ]
+        self._pass = [list(stage.outputs) for stage in m.stages]
+        self._input_name = m.input.name
+        self._last = len(m.stages) - 1
         ops = m.operating_points
         self.thresholds: list[float | None] = (
             list(ops[m.default_operating_point].thresholds) if ops else []
@@ -109,24 +112,29 @@ class StagedModel:
 
     def predict(self, x: npt.NDArray[np.generic]) -> Prediction:
         """Run one preprocessed input (batch of one) through the stages until an exit fires."""
-        feeds: dict[str, npt.NDArray[np.generic]] = {self.manifest.input.name: x}
+        feeds: dict[str, npt.NDArray[np.generic]] = {self._input_name: x}
         stage_ms: list[float] = []
-        last = len(self.sessions) - 1
         exit_pos = 0
         for k, sess in enumerate(self.sessions):
             stage = self.manifest.stages[k]
-            t0 = time.perf_counter()
-            outs = sess.run(self._fetch[k], feeds)
-            stage_ms.append((time.perf_counter() - t0) * 1000.0)
             head = self.heads[k]
-            if head is not None:
+            if k == self._last:
+                assert head is not None  # the manifest guarantees a final exit
+                t0 = time.perf_counter()
+                outs = sess.run(self._fetch[k], feeds)
+                stage_ms.append((time.perf_counter() - t0) * 1000.0)
+                return self._prediction(softmax(head.logits(outs[-1])), exit_pos, stage_ms)
+            threshold = self.thresholds[exit_pos] if head is not None else None
+            # A disabled exit is not even fetched: no pooling output copied, no head maths.
+            fetch = self._fetch[k] if threshold is not None else self._pass[k]
+            t0 = time.perf_counter()
+            outs = sess.run(fetch, feeds)
+            stage_ms.append((time.perf_counter() - t0) * 1000.0)
+            if head is not None and threshold is not None:
                 probs = softmax(head.logits(outs[-1]))
-                if k == last:
+                if float(confidence(probs, head.spec.rule)[0]) >= threshold:
                     return self._prediction(probs, exit_pos, stage_ms)
-                threshold = self.thresholds[exit_pos]
-                conf = float(confidence(probs, head.spec.rule)[0])
-                if threshold is not None and conf >= threshold:
-                    return self._prediction(probs, exit_pos, stage_ms)
+            if head is not None:
                 exit_pos += 1
             feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
         raise AssertionError("unreachable: the last stage always has an exit")

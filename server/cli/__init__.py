@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from agent.bundle import BundleError, KeyFileError
 
-from . import bundle, demo, keys
+from . import bundle, demo, keys, optimize
 
 
 class CliError(Exception):
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys.register(sub)
     bundle.register(sub)
+    optimize.register(sub)
     demo.register(sub)
     return parser
 

@@ -1,0 +1,134 @@
+"""`edgefleet optimize`: fp32 ONNX classifier + labelled images -> signed INT8 early-exit bundle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def register(sub: Any) -> None:
+    """Add `optimize` to the command tree."""
+    p = sub.add_parser(
+        "optimize",
+        help="quantize, add early exits, sign: an fp32 ONNX classifier becomes a device bundle",
+        description=__doc__,
+    )
+    p.add_argument("model", type=Path, help="fp32 ONNX image classifier")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="folder split/label/image (or label/image) or .npz of <split>_images/_labels",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
+    p.add_argument(
+        "--max-drop", type=float, default=0.01, help="accepted accuracy drop (0.01 = 1 pt)"
+    )
+    p.add_argument(
+        "--labels", help="comma-separated class names in output order, or @file (one per line)"
+    )
+    g = p.add_argument_group("preprocessing (inferred from the model input where possible)")
+    g.add_argument("--size", help="HxW or N (square)")
+    g.add_argument("--color", choices=["GRAY", "RGB", "BGR"])
+    g.add_argument("--layout", choices=["NCHW", "NHWC"])
+    g.add_argument("--mean", help="per-channel, comma-separated, after scaling (default 0)")
+    g.add_argument("--std", help="per-channel, comma-separated (default 1)")
+    g.add_argument("--scale", type=float, default=1 / 255, help="pixel multiplier (default 1/255)")
+    g.add_argument("--resize", choices=["stretch", "letterbox", "center_crop"], default="stretch")
+    g.add_argument(
+        "--interpolation", choices=["nearest", "linear", "area", "cubic"], default="linear"
+    )
+    q = p.add_argument_group("quantization")
+    q.add_argument(
+        "--quantization", choices=["static", "dynamic", "fp16", "none"], default="static"
+    )
+    q.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], default="minmax")
+    q.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto")
+    e = p.add_argument_group("early exits")
+    e.add_argument("--exits", default="auto", help="auto, none, or comma-separated tensor names")
+    e.add_argument(
+        "--exit-rule", choices=["max_softmax", "entropy", "margin"], default="max_softmax"
+    )
+    e.add_argument(
+        "--exit-grid", type=int, default=2, help="pool exit features to GxG (1 = global)"
+    )
+    c = p.add_argument_group("compression passes (each kept only within budget)")
+    c.add_argument("--prune", type=float, default=0.0, help="fraction of conv channels (L1)")
+    c.add_argument("--low-rank", type=float, default=None, help="SVD energy to keep, e.g. 0.95")
+    c.add_argument("--share", type=int, default=None, help="k-means clusters per weight channel")
+    p.add_argument("--threads", type=int, default=1, help="threads for latency measurement")
+    p.add_argument("--model-id", default=None)
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--keys-dir", type=Path, default=None, help="fleet key directory")
+    p.set_defaults(func=_optimize)
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--{what} {text!r}: expected comma-separated numbers") from None
+
+
+def _labels(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    if text.startswith("@"):
+        return [ln.strip() for ln in Path(text[1:]).read_text().splitlines() if ln.strip()]
+    return [v.strip() for v in text.split(",")]
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from server.keystore import init_key
+    from server.optimize.errors import OptimizeError
+    from server.optimize.options import OptimizeOptions
+    from server.optimize.pipeline import optimize
+    from server.optimize.preprocessing import infer_preprocessing
+    from server.paths import keys_dir
+
+    from . import CliError
+
+    try:
+        opts = OptimizeOptions(
+            max_drop=args.max_drop,
+            quantization=args.quantization,
+            calibration=args.calibration,
+            reduce_range=args.reduce_range,
+            exits=args.exits if args.exits in ("auto", "none") else args.exits.split(","),
+            exit_rule=args.exit_rule,
+            exit_grid=args.exit_grid,
+            prune=args.prune,
+            low_rank=args.low_rank,
+            share=args.share,
+            threads=args.threads,
+            model_id=args.model_id,
+            version=args.version,
+            labels=_labels(args.labels),
+        )
+        spec = infer_preprocessing(
+            args.model,
+            size=args.size,
+            color=args.color,
+            layout=args.layout,
+            mean=_floats(args.mean, "mean"),
+            std=_floats(args.std, "std"),
+            scale=args.scale,
+            resize=args.resize,
+            interpolation=args.interpolation,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CliError(f"option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    key, created = init_key(args.keys_dir or keys_dir())
+    if created:
+        print(f"created fleet key {key.id} in {key.directory}")
+    try:
+        optimize(args.model, args.data, args.out, spec, key, opts)
+    except OptimizeError as exc:
+        raise CliError(str(exc)) from None
+    return 0

@@ -1,0 +1,113 @@
+"""Turn stages, heads and operating points into a signed bundle via agent.bundle."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from agent import __version__
+from agent.bundle import (
+    ExitHead,
+    Manifest,
+    ManifestBody,
+    Metrics,
+    Preprocessing,
+    Provenance,
+    Stage,
+    TensorSpec,
+    write_bundle,
+)
+from server.keystore import FleetKey
+
+from .exits import ExitPlan
+from .macs import total_macs
+from .options import OptimizeOptions
+from .split import StageGraph
+
+
+def _point_names(n: int) -> list[str]:
+    if n == 1:
+        return ["only"]
+    return ["accurate", *[f"balanced-{i}" for i in range(1, n - 1)], "fast"]
+
+
+def assemble_bundle(
+    out: Path,
+    *,
+    stages: list[StageGraph],
+    plan: ExitPlan | None,
+    spec: Preprocessing,
+    labels: list[str],
+    input_name: str,
+    input_shape: list[int],
+    model_id: str,
+    version: int,
+    source_sha256: str,
+    source_name: str,
+    opts: OptimizeOptions,
+    calibration: str,
+    key: FleetKey,
+) -> Manifest:
+    """Write the signed bundle directory `out` and return its manifest."""
+    files: dict[str, bytes] = {}
+    manifest_stages: list[Stage] = []
+    last = len(stages) - 1
+    for k, sg in enumerate(stages):
+        name = f"stage{k}.onnx"
+        files[name] = sg.model.SerializeToString()
+        if k < last:
+            assert plan is not None  # early stages exist only with an exit plan
+            head_file = f"heads/exit{k}.npz"
+            files[head_file] = plan.heads[k].to_npz_bytes()
+            exit_ = ExitHead(
+                output=sg.exit_output, kind="features", head_file=head_file, rule=plan.rule
+            )
+        else:
+            exit_ = ExitHead(output=sg.exit_output, kind="logits", rule=opts.exit_rule)
+        manifest_stages.append(
+            Stage(
+                file=name,
+                inputs=sg.inputs,
+                outputs=sg.outputs,
+                exit=exit_,
+                macs=total_macs(sg.model),
+            )
+        )
+    points = []
+    default = 0
+    if plan is not None:
+        names = _point_names(len(plan.points))
+        points = [p.to_operating_point(n) for p, n in zip(plan.points, names, strict=True)]
+        default = plan.default
+    optimizer: dict[str, str | int | float | bool | list[str] | None] = {
+        "quantization": opts.quantization,
+        "calibration": opts.calibration,
+        "reduce_range": opts.reduce_range,
+        "max_drop": opts.max_drop,
+        "exits": "auto" if isinstance(opts.exits, str) else ",".join(opts.exits),
+        "exit_rule": opts.exit_rule,
+        "exit_grid": opts.exit_grid,
+        "prune": opts.prune,
+        "low_rank": opts.low_rank,
+        "share": opts.share,
+    }
+    body = ManifestBody(
+        model_id=model_id,
+        version=version,
+        created_ts=time.time(),
+        input=TensorSpec(name=input_name, shape=list(input_shape), dtype="float32"),
+        preprocessing=spec,
+        labels=labels,
+        stages=manifest_stages,
+        operating_points=points,
+        default_operating_point=default,
+        provenance=Provenance(
+            source_model_sha256=source_sha256,
+            source_model_name=source_name,
+            optimizer=optimizer,
+            calibration=calibration,
+            tool=f"edgefleet {__version__}",
+        ),
+        metrics=Metrics(),
+    )
+    return write_bundle(out, body, files, key.private)

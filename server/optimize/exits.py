@@ -1,0 +1,208 @@
+"""Early exits: choose cut points by MACs, fit pooled linear heads, calibrate thresholds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+
+from agent.runtime.confidence import Rule, confidence, softmax
+
+from .errors import ModelError
+from .heads import LinearHead, fit_softmax_regression, select_l2
+from .macs import cumulative_macs_at, total_macs
+from .runner import make_session
+from .split import add_exit_features, articulation_tensors, quantized_alias
+from .thresholds import PointStats, choose_default, pareto_operating_points
+
+F32 = npt.NDArray[np.float32]
+Progress = Callable[[str], None]
+DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
+# Exits closer than this to either end save too little (or decide too blindly) to be worth it.
+MIN_FRACTION, MAX_FRACTION = 0.05, 0.9
+MANIFEST_POINTS = 8
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """An exit after `tensor`, reached after `macs` multiply-accumulates."""
+
+    tensor: str  # the tensor in the (quantized) model the stage ends at
+    source: str  # the tensor name in the fp32 model the user knows
+    macs: int
+
+
+def _candidates(model: onnx.ModelProto) -> list[str]:
+    """Articulation tensors worth cutting at: uint8 QuantizeLinear outputs in a QDQ model."""
+    arts = articulation_tensors(model)
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    has_qdq = any(op == "QuantizeLinear" for op in producers.values())
+    if has_qdq:
+        return [t for t in arts if producers.get(t) == "QuantizeLinear"]
+    return [t for t in arts if producers.get(t) not in ("Flatten", "Reshape", "GlobalAveragePool")]
+
+
+def _source_name(model: onnx.ModelProto, tensor: str) -> str:
+    for node in model.graph.node:
+        if tensor in node.output and node.op_type == "QuantizeLinear":
+            return str(node.input[0])
+    return tensor
+
+
+def choose_cuts(
+    model: onnx.ModelProto,
+    *,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    names: Sequence[str] | None = None,
+) -> list[CutPoint]:
+    """Cut points near the given fractions of total MACs, or at user-named tensors."""
+    total = total_macs(model)
+    if names:
+        tensors = []
+        valid = set(articulation_tensors(model))
+        for name in names:
+            t = quantized_alias(model, name)
+            if t not in valid:
+                raise ModelError(
+                    f"--exits tensor {name!r} is not a valid cut point (unknown, or bypassed by "
+                    "a residual connection); valid ones include "
+                    f"{[_source_name(model, c) for c in _candidates(model)][:12]}"
+                )
+            tensors.append(t)
+        macs = cumulative_macs_at(model, tensors)
+        cuts = [CutPoint(t, _source_name(model, t), macs[t]) for t in tensors]
+        if [c.macs for c in cuts] != sorted(c.macs for c in cuts):
+            raise ModelError("--exits tensors must be given in graph order")
+        return cuts
+    cands = _candidates(model)
+    macs = cumulative_macs_at(model, cands)
+    usable = [t for t in cands if MIN_FRACTION <= macs[t] / total <= MAX_FRACTION]
+    chosen: list[str] = []
+    for f in fractions:
+        free = [t for t in usable if t not in chosen]
+        if not free:
+            break
+        best = min(free, key=lambda t: (abs(macs[t] / total - f), macs[t]))
+        chosen.append(best)
+    chosen = sorted(set(chosen), key=lambda t: macs[t])
+    return [CutPoint(t, _source_name(model, t), macs[t]) for t in chosen]
+
+
+@dataclass
+class ExitFeatures:
+    """Pooled features at each cut and the final logits, per split."""
+
+    features: dict[str, list[F32]]
+    final_logits: dict[str, F32]
+
+
+def collect_features(
+    model: onnx.ModelProto,
+    cuts: Sequence[CutPoint],
+    data: dict[str, F32],
+    *,
+    grid: int = 1,
+    threads: int = 1,
+) -> ExitFeatures:
+    """Run the model once per sample with pooled exit features exposed as outputs."""
+    with_exits, names = add_exit_features(model, [c.tensor for c in cuts], grid)
+    sess = make_session(with_exits, threads)
+    input_name = sess.get_inputs()[0].name
+    final = model.graph.output[0].name
+    fetch = [*names, final]
+    feats: dict[str, list[F32]] = {}
+    logits: dict[str, F32] = {}
+    for split, x in data.items():
+        rows: list[list[F32]] = [[] for _ in fetch]
+        for i in range(x.shape[0]):
+            for store, value in zip(rows, sess.run(fetch, {input_name: x[i : i + 1]}), strict=True):
+                store.append(np.asarray(value, dtype=np.float32).reshape(1, -1))
+        stacked = [np.concatenate(r) for r in rows]
+        feats[split], logits[split] = stacked[:-1], stacked[-1]
+    return ExitFeatures(feats, logits)
+
+
+@dataclass
+class ExitPlan:
+    """Fitted heads, operating points and the chosen default."""
+
+    cuts: list[CutPoint]
+    heads: list[LinearHead]
+    rule: Rule
+    costs: list[float]  # cumulative MACs per exit, final head last
+    points: list[PointStats]
+    default: int
+    within_budget: bool
+    head_l2: list[float] = field(default_factory=list)
+    val_exit_accuracy: list[float] = field(default_factory=list)
+
+
+def exit_logits(plan_heads: Sequence[LinearHead], feats: ExitFeatures, split: str) -> list[F32]:
+    """Logits of every exit on a split, final head last."""
+    return [h.logits(f) for h, f in zip(plan_heads, feats.features[split], strict=True)] + [
+        feats.final_logits[split]
+    ]
+
+
+def plan_exits(
+    model: onnx.ModelProto,
+    cuts: list[CutPoint],
+    feats: ExitFeatures,
+    labels: dict[str, npt.NDArray[np.int64]],
+    *,
+    classes: int,
+    reference_accuracy: float,
+    max_drop: float,
+    rule: Rule = "max_softmax",
+    progress: Progress = lambda _m: None,
+) -> ExitPlan:
+    """Fit one head per cut on train, then pick thresholds on validation within the budget."""
+    total = float(total_macs(model))
+    heads: list[LinearHead] = []
+    l2s: list[float] = []
+    for k, cut in enumerate(cuts):
+        tr, va = feats.features["train"][k], feats.features["validation"][k]
+        l2 = select_l2(tr, labels["train"], va, labels["validation"], classes)
+        head = fit_softmax_regression(tr, labels["train"], classes, l2=l2)
+        heads.append(head)
+        l2s.append(l2)
+        acc = float(np.mean(head.predict(va) == labels["validation"]))
+        progress(
+            f"exit {k} after {cut.source} ({cut.macs / total:.0%} MACs): head accuracy {acc:.4f}"
+        )
+    val_logits = exit_logits(heads, feats, "validation")
+    y = labels["validation"]
+    probs = [softmax(z) for z in val_logits]
+    conf = [confidence(p, rule) for p in probs[:-1]]
+    correct = [p.argmax(-1) == y for p in probs]
+    head_macs = [h.classes * h.features for h in heads]
+    costs = [float(c.macs + m) for c, m in zip(cuts, head_macs, strict=True)] + [total]
+    front = pareto_operating_points(conf, correct, costs, max_points=10_000)
+    default, ok = choose_default(front, reference_accuracy, max_drop)
+    points, default = _thin_keeping(front, default, MANIFEST_POINTS)
+    return ExitPlan(
+        cuts=cuts,
+        heads=heads,
+        rule=rule,
+        costs=costs,
+        points=points,
+        default=default,
+        within_budget=ok,
+        head_l2=l2s,
+        val_exit_accuracy=[float(np.mean(c)) for c in correct],
+    )
+
+
+def _thin_keeping(points: list[PointStats], keep: int, count: int) -> tuple[list[PointStats], int]:
+    """At most count points spread along the front (accurate to fast), always keeping `keep`."""
+    if len(points) <= count:
+        return points, keep
+    picks = {round(float(i)) for i in np.linspace(0, len(points) - 1, count - 1)} | {keep}
+    while len(picks) > count:
+        removable = sorted(picks - {keep, 0, len(points) - 1})
+        picks.discard(removable[len(removable) // 2])
+    ordered = sorted(picks)
+    return [points[i] for i in ordered], ordered.index(keep)

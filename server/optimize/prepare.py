@@ -1,0 +1,165 @@
+"""Make a real-world ONNX classifier quantizable: fixed shapes, modern opset, real initializers.
+
+Each step fixes a failure measured on this stack (see EDGE-NOTES): dynamic dims break
+`quant_pre_process`, opsets 11-12 can give invalid QDQ graphs, and weights held in
+`Constant` nodes are silently left in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper, version_converter
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed, make_input_shape_fixed
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+TARGET_OPSET = 17
+MIN_OPSET = 13
+
+
+@dataclass
+class PreparedModel:
+    """The model after preparation, and what was changed on the way."""
+
+    model: onnx.ModelProto
+    input_name: str
+    input_shape: list[int]
+    output_name: str
+    classes: int
+    steps: list[str] = field(default_factory=list)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def fold_constant_nodes(model: onnx.ModelProto) -> int:
+    """Move tensor-valued Constant nodes into initializers; returns how many were moved."""
+    keep, moved = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in attrs:
+            tensor = onnx.numpy_helper.to_array(attrs["value"].t)
+            model.graph.initializer.append(numpy_helper.from_array(tensor, node.output[0]))
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
+
+
+def check_supported_ops(model: onnx.ModelProto, source: str) -> None:
+    """Refuse ops that are in no known ONNX domain schema, naming node and op."""
+    opset = _default_opset(model)
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            onnx.defs.get_schema(node.op_type, opset, node.domain)
+        except onnx.defs.SchemaError:
+            raise ModelError(
+                f"{source}: node {node.name or '(unnamed)'} uses op {node.op_type!r}, "
+                f"which ONNX opset {opset} does not define"
+            ) from None
+
+
+def _image_input(model: onnx.ModelProto, source: str) -> onnx.ValueInfoProto:
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
+        raise ModelError(f"{source}: expected one image input, found {len(inputs)}: {names}")
+    image: onnx.ValueInfoProto = inputs[0]
+    return image
+
+
+def prepare_model(
+    model: onnx.ModelProto,
+    source: str,
+    *,
+    channels: int,
+    height: int,
+    width: int,
+    layout: str = "NCHW",
+    run_pre_process: bool = True,
+) -> PreparedModel:
+    """Fix the input to batch 1 and the given size, upgrade the opset, fold constants, optimise."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's
+    steps: list[str] = []
+    check_supported_ops(model, source)
+    inp = _image_input(model, source)
+    if len(model.graph.output) != 1:
+        raise ModelError(
+            f"{source}: expected one output (class scores), found {len(model.graph.output)}"
+        )
+    dims = inp.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ModelError(f"{source}: input {inp.name!r} has rank {len(dims)}, expected 4 (image)")
+    shape = [1, channels, height, width] if layout == "NCHW" else [1, height, width, channels]
+    for d, want in zip(dims, shape, strict=True):
+        if d.HasField("dim_value") and d.dim_value not in (0, want):
+            raise ModelError(
+                f"{source}: input {inp.name!r} has fixed shape "
+                f"{[x.dim_value or x.dim_param for x in dims]}, preprocessing gives {shape}"
+            )
+    if any(not d.HasField("dim_value") or d.dim_value == 0 for d in dims):
+        for d in dims:
+            if d.HasField("dim_param") and d.dim_param:
+                pos = list(dims).index(d)
+                make_dim_param_fixed(model.graph, d.dim_param, shape[pos])
+        make_input_shape_fixed(model.graph, inp.name, shape)
+        steps.append(f"fixed input shape to {shape}")
+
+    opset = _default_opset(model)
+    if opset < MIN_OPSET:
+        try:
+            model = version_converter.convert_version(model, TARGET_OPSET)
+        except Exception as exc:  # the converter raises bare RuntimeErrors
+            raise ModelError(
+                f"{source}: cannot convert opset {opset} to {TARGET_OPSET}: {exc}"
+            ) from exc
+        steps.append(f"converted opset {opset} -> {TARGET_OPSET}")
+    moved = fold_constant_nodes(model)
+    if moved:
+        steps.append(f"folded {moved} Constant node(s) into initializers")
+
+    if run_pre_process:
+        with tempfile.TemporaryDirectory(prefix="edgefleet-prep-") as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save(model, src)
+            try:
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+            except Exception as exc:  # onnxruntime's pre-processing raises untyped errors
+                raise ModelError(f"{source}: quantization pre-processing failed: {exc}") from exc
+            model = onnx.load(dst)
+        steps.append("quant_pre_process (shape inference, graph optimisation)")
+
+    output = model.graph.output[0]
+    out_dims = output.type.tensor_type.shape.dim
+    out_shape = [d.dim_value if d.HasField("dim_value") else -1 for d in out_dims]
+    if len(out_shape) != 2 or out_shape[0] not in (1, -1) or out_shape[1] < 2:
+        raise ModelError(
+            f"{source}: output {output.name!r} has shape {out_shape}; expected a class vector "
+            "(1, classes) — detectors and segmenters are not classifiers"
+        )
+    return PreparedModel(
+        model=model,
+        input_name=inp.name,
+        input_shape=shape,
+        output_name=output.name,
+        classes=out_shape[1],
+        steps=steps,
+    )

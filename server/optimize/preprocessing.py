@@ -1,0 +1,91 @@
+"""Preprocessing for a model nobody here trained: from options, else inferred from its input."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+from pydantic import ValidationError
+
+from agent.bundle import Preprocessing
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def _input_dims(model_path: Path) -> list[int | None]:
+    try:
+        model = onnx.load(model_path, load_external_data=False)
+    except FileNotFoundError:
+        raise ModelError(f"{model_path}: no such file") from None
+    except Exception as exc:  # protobuf decode errors
+        raise ModelError(f"{model_path}: not an ONNX model ({exc})") from exc
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelError(f"{model_path}: expected one image input, found {len(inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    try:
+        if "x" in size.lower():
+            h, w = size.lower().split("x")
+            return int(h), int(w)
+        return int(size), int(size)
+    except ValueError:
+        raise ModelError(f"--size {size!r}: expected HxW or N") from None
+
+
+def infer_preprocessing(
+    model_path: Path,
+    *,
+    size: str | None = None,
+    color: str | None = None,
+    layout: str | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    scale: float = 1 / 255,
+    resize: str = "stretch",
+    interpolation: str = "linear",
+) -> Preprocessing:
+    """Options win; the model's fixed input dims fill the gaps; what stays unknown is an error."""
+    dims = _input_dims(model_path)
+    if len(dims) != 4:
+        raise ModelError(f"{model_path}: input has rank {len(dims)}, expected 4 (an image batch)")
+    if layout is None:
+        layout = "NHWC" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "NCHW"
+    c, h, w = (dims[1], dims[2], dims[3]) if layout == "NCHW" else (dims[3], dims[1], dims[2])
+    if size is not None:
+        h, w = _parse_size(size)
+    if h is None or w is None:
+        raise ModelError(f"{model_path}: input size is dynamic; give --size HxW")
+    if color is None:
+        if c is None:
+            raise ModelError(f"{model_path}: channel count is dynamic; give --color")
+        color = "GRAY" if c == 1 else "RGB"
+        log.info("assuming colour order %s for %s input channel(s)", color, c)
+    channels = 1 if color == "GRAY" else 3
+    if c is not None and c != channels:
+        raise ModelError(
+            f"{model_path}: input has {c} channel(s) but --color {color} gives {channels}"
+        )
+    if mean is None or std is None:
+        log.info("no --mean/--std given: assuming 0 and 1 after scaling by %.6f", scale)
+    try:
+        return Preprocessing(
+            height=h,
+            width=w,
+            resize=resize,
+            interpolation=interpolation,
+            color=color,
+            layout=layout,
+            scale=scale,
+            mean=mean if mean is not None else [0.0] * channels,
+            std=std if std is not None else [1.0] * channels,
+        )
+    except ValidationError as exc:
+        raise ModelError(f"preprocessing options: {exc.errors()[0]['msg']}") from None

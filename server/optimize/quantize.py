@@ -1,0 +1,151 @@
+"""Static QDQ INT8 quantization with onnxruntime, and FP16 conversion for GPU targets."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from .errors import ModelError
+
+Method = Literal["minmax", "entropy", "percentile"]
+_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+# Ops whose weights we quantize; the rest follow through QDQ propagation.
+QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+class ArrayReader(CalibrationDataReader):  # type: ignore[misc]
+    """Feeds calibration samples one at a time (batch 1, like the device)."""
+
+    def __init__(self, input_name: str, data: npt.NDArray[np.float32]) -> None:
+        self.input_name = input_name
+        self.data = data
+        self.pos = 0
+
+    def get_next(self) -> dict[str, npt.NDArray[np.float32]] | None:
+        """The next sample, or None when the set is exhausted."""
+        if self.pos >= self.data.shape[0]:
+            return None
+        sample = self.data[self.pos : self.pos + 1]
+        self.pos += 1
+        return {self.input_name: sample}
+
+    def rewind(self) -> None:
+        """Start over (the calibrator may pass twice)."""
+        self.pos = 0
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of nodes whose weights static quantization turns into int8."""
+    inits = {i.name for i in model.graph.initializer}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in QUANTIZABLE and len(n.input) > 1 and n.input[1] in inits
+    ]
+
+
+def quantize_qdq(
+    model: onnx.ModelProto,
+    input_name: str,
+    calibration: npt.NDArray[np.float32],
+    *,
+    method: Method = "minmax",
+    exclude: Sequence[str] = (),
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    cache: Path | None = None,
+) -> onnx.ModelProto:
+    """QDQ model: int8 per-channel weights, uint8 activations calibrated on the given samples.
+
+    With a cache path, the calibration ranges are computed once and reused, so trying many
+    exclusion sets (accuracy control) costs one calibration pass in total.
+    """
+    if calibration.shape[0] == 0:
+        raise ModelError("no calibration samples: the calibration split is empty")
+    extra: dict[str, object] = {"CalibMovingAverage": False}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.99
+    with tempfile.TemporaryDirectory(prefix="edgefleet-q-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, src)
+        try:
+            quantize_static(
+                str(src),
+                str(dst),
+                ArrayReader(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=_METHODS[method],
+                nodes_to_exclude=list(exclude),
+                extra_options=extra,
+                calibration_cache_path=cache,
+            )
+        except Exception as exc:  # onnxruntime's quantizer raises untyped errors
+            raise ModelError(f"static quantization failed: {exc}") from exc
+        return onnx.load(dst)
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Float16 weights and activations with float32 inputs and outputs (for GPU targets)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted: onnx.ModelProto = convert_float_to_float16(model, keep_io_types=True)
+    return converted
+
+
+def matmul_share(model: onnx.ModelProto) -> float:
+    """Fraction of MACs in MatMul/Gemm: dynamic quantization only pays off where this is high."""
+    from .macs import node_keys, node_macs
+
+    macs = node_macs(model)
+    keys = node_keys(model.graph)
+    total = sum(macs.values()) or 1
+    mm = sum(
+        macs[k]
+        for k, n in zip(keys, model.graph.node, strict=True)
+        if n.op_type in ("MatMul", "Gemm")
+    )
+    return mm / total
+
+
+def quantize_dynamic_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Dynamic int8 for MatMul/Gemm-heavy graphs; refused for CNNs, where it is slower than fp32.
+
+    Dynamic quantization turns convolutions into ConvInteger, measured 4x slower than fp32
+    on this stack (onnxruntime issue 12854), so it is never applied to a conv-dominated model.
+    """
+    from onnxruntime.quantization import quantize_dynamic
+
+    share = matmul_share(model)
+    if share < 0.5:
+        raise ModelError(
+            f"dynamic quantization refused: only {share:.0%} of MACs are MatMul/Gemm; for a CNN "
+            "it makes ConvInteger nodes slower than fp32 (onnxruntime issue 12854) — use static"
+        )
+    with tempfile.TemporaryDirectory(prefix="edgefleet-dq-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, src)
+        quantize_dynamic(
+            str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8
+        )
+        return onnx.load(dst)
