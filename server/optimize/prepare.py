@@ -61,6 +61,21 @@ def fold_constant_nodes(model: onnx.ModelProto) -> int:
     return moved
 
 
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node a unique name; returns how many were named."""
+    taken = {n.name for n in model.graph.node if n.name}
+    count = 0
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            count += 1
+    return count
+
+
 def check_supported_ops(model: onnx.ModelProto, source: str) -> None:
     """Refuse ops that are in no known ONNX domain schema, naming node and op."""
     opset = _default_opset(model)
@@ -132,6 +147,9 @@ def prepare_model(
                 f"{source}: cannot convert opset {opset} to {TARGET_OPSET}: {exc}"
             ) from exc
         steps.append(f"converted opset {opset} -> {TARGET_OPSET}")
+    named = name_nodes(model)
+    if named:
+        steps.append(f"named {named} unnamed node(s) (fp32 fallback addresses nodes by name)")
     moved = fold_constant_nodes(model)
     if moved:
         steps.append(f"folded {moved} Constant node(s) into initializers")

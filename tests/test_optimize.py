@@ -1,0 +1,267 @@
+"""`edgefleet optimize` end to end on the reference model, and every bad input it must refuse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.bundle import Preprocessing, verify_bundle
+from agent.runtime.preprocess import Preprocessor
+from agent.runtime.staged import StagedModel
+from server.keystore import FleetKey, init_key
+from server.optimize.errors import BudgetError, DataError, ModelError, OutputExistsError
+from server.optimize.options import OptimizeOptions
+from server.optimize.pipeline import optimize
+from server.optimize.prepare import prepare_model
+from server.optimize.quantize import quantize_qdq
+from server.optimize.runner import logits_of, make_session
+from server.optimize.split import quantized_alias, split_stages
+from server.reference import MODEL_PATH, load_reference_split
+
+SPEC = Preprocessing(height=64, width=64, color="GRAY", mean=[0.1307], std=[0.3081])
+FAST = {"latency_samples": 20}
+
+
+@pytest.fixture(scope="module")
+def mnist_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "mnist.npz"
+    splits = load_reference_split()
+    arrays = {f"{k}_images": v[0] for k, v in splits.items()}
+    arrays |= {f"{k}_labels": v[1] for k, v in splits.items()}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> FleetKey:
+    return init_key(tmp_path_factory.mktemp("keys"))[0]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, mnist_npz: Path, key: FleetKey) -> Path:
+    out = tmp_path_factory.mktemp("opt") / "mnist"
+    optimize(
+        MODEL_PATH, mnist_npz, out, SPEC, key, OptimizeOptions(**FAST), progress=lambda _m: None
+    )
+    return out
+
+
+def test_reference_bundle_verifies_and_has_exits(reference_run: Path, key: FleetKey) -> None:
+    verified = verify_bundle(reference_run / "bundle", [key.public])
+    m = verified.manifest
+    assert len(m.stages) >= 2 and m.early_exits
+    assert all(s.file.endswith(".onnx") for s in m.stages)
+    assert m.preprocessing == SPEC
+    assert len(m.operating_points) >= 2
+    assert m.provenance.optimizer["quantization"] == "static"
+    # QDQ: the stages pass uint8 tensors, the stage files hold int8 weights
+    stage0 = onnx.load_from_string(verified.read(m.stages[0].file))
+    assert any(n.op_type == "QuantizeLinear" for n in stage0.graph.node)
+    assert (reference_run / "report.png").stat().st_size > 10_000
+
+
+def test_budget_holds_on_validation(reference_run: Path) -> None:
+    report = json.loads((reference_run / "report.json").read_text())
+    ref = report["budget"]["reference_val_accuracy"]
+    ops = report["exits"]["operating_points"]
+    default = ops[report["exits"]["default"]]
+    assert default["val_accuracy"] >= ref - 0.01 - 1e-9
+    assert report["quantization"]["val_accuracy"] >= ref - 0.005 - 1e-9
+    # Operating points run from accurate to fast.
+    costs = [p["expected_macs"] for p in ops]
+    assert costs == sorted(costs, reverse=True)
+    assert report["bundle"]["split_identical"] is True
+    assert report["test"]["images"] == 1000
+    assert abs(sum(report["test"]["exit_rates"]) - 1) < 1e-9
+
+
+def test_agent_runtime_reproduces_reported_test_accuracy(
+    reference_run: Path, key: FleetKey
+) -> None:
+    """The device path on the bundle gives exactly the accuracy the report claims."""
+    report = json.loads((reference_run / "report.json").read_text())
+    staged = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
+    images, labels = load_reference_split()["test"]
+    pre = Preprocessor(staged.manifest.preprocessing)
+    correct = sum(
+        staged.predict(pre(img)).class_index == y for img, y in zip(images, labels, strict=True)
+    )
+    assert correct / len(labels) == pytest.approx(report["test"]["accuracy"])
+
+
+def test_staged_int8_equals_unsplit_on_real_images() -> None:
+    images, _ = load_reference_split()["validation"]
+    x = Preprocessor(SPEC).batch(list(images[:100]))
+    prepared = prepare_model(onnx.load(MODEL_PATH), "ref", channels=1, height=64, width=64)
+    q = quantize_qdq(prepared.model, prepared.input_name, x[:50], reduce_range=True)
+    cuts = [quantized_alias(q, "block1_out"), quantized_alias(q, "block2_out")]
+    stages = split_stages(q, cuts, grid=2)
+    sessions = [make_session(s.model) for s in stages]
+    full = logits_of(q, x)
+    for i in range(x.shape[0]):
+        feeds = {stages[0].inputs[0]: x[i : i + 1]}
+        for sg, sess in zip(stages, sessions, strict=True):
+            out = sess.run([*sg.outputs, sg.exit_output], feeds)
+            feeds = dict(zip(sg.outputs, out[: len(sg.outputs)], strict=True))
+        assert np.array_equal(out[-1].reshape(-1), full[i])
+
+
+def test_residual_cut_across_skip_is_refused() -> None:
+    from tests.optimize_models import residual_model
+
+    model = residual_model()
+    inner = [n.output[0] for n in model.graph.node if n.op_type == "Conv"][1]
+    with pytest.raises(ModelError, match="bypasses it"):
+        split_stages(model, [inner])
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, path)
+    return path
+
+
+def _conv_model(out_shape: list[int], op: str = "Conv") -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w")
+    node = helper.make_node(op, ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_output_not_a_class_vector(tmp_path: Path, mnist_npz: Path, key: FleetKey) -> None:
+    model = _save(_conv_model([1, 4, 64, 64]), tmp_path / "seg.onnx")
+    with pytest.raises(ModelError, match=r"expected a class vector"):
+        optimize(model, mnist_npz, tmp_path / "out", SPEC, key, OptimizeOptions(**FAST))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_op(tmp_path: Path, mnist_npz: Path, key: FleetKey) -> None:
+    model = _save(_conv_model([1, 4, 64, 64], op="FancyConv"), tmp_path / "odd.onnx")
+    with pytest.raises(
+        ModelError, match=r"uses op 'FancyConv', which ONNX opset 17 does not define"
+    ):
+        optimize(model, mnist_npz, tmp_path / "out", SPEC, key, OptimizeOptions(**FAST))
+
+
+def test_not_an_onnx_file(tmp_path: Path, mnist_npz: Path, key: FleetKey) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a protobuf at all" * 10)
+    with pytest.raises(ModelError, match=r"junk\.onnx: not an ONNX model"):
+        optimize(tmp_path / "junk.onnx", mnist_npz, tmp_path / "out", SPEC, key, OptimizeOptions())
+
+
+def test_labels_do_not_match_outputs(tmp_path: Path, key: FleetKey) -> None:
+    rng = np.random.default_rng(0)
+    data = tmp_path / "three.npz"
+    np.savez(
+        data,
+        images=rng.integers(0, 255, (60, 28, 28), dtype=np.uint8),
+        labels=np.repeat(["a", "b", "c"], 20),
+    )
+    with pytest.raises(ModelError, match=r"outputs 10 classes but the data has 3 labels"):
+        optimize(MODEL_PATH, data, tmp_path / "out", SPEC, key, OptimizeOptions(**FAST))
+
+
+def test_unreadable_image(tmp_path: Path, key: FleetKey) -> None:
+    root = tmp_path / "imgs"
+    for label in "0123456789":
+        (root / label).mkdir(parents=True)
+        cv2.imwrite(str(root / label / "a.png"), np.zeros((28, 28), np.uint8))
+    (root / "7" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match=r"7/broken\.png: cannot read image"):
+        optimize(MODEL_PATH, root, tmp_path / "out", SPEC, key, OptimizeOptions(**FAST))
+
+
+def test_existing_output_directory(tmp_path: Path, mnist_npz: Path, key: FleetKey) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="output directory exists"):
+        optimize(MODEL_PATH, mnist_npz, tmp_path / "out", SPEC, key, OptimizeOptions(**FAST))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_dynamic_quantization_refused_for_a_cnn(
+    tmp_path: Path, mnist_npz: Path, key: FleetKey
+) -> None:
+    opts = OptimizeOptions(quantization="dynamic", **FAST)
+    with pytest.raises(ModelError, match=r"dynamic quantization refused: only \d+% of MACs"):
+        optimize(MODEL_PATH, mnist_npz, tmp_path / "out", SPEC, key, opts)
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_budget_that_cannot_be_met(tmp_path: Path, key: FleetKey) -> None:
+    """Activations that 8 bits cannot hold: a huge offset added, then removed again."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 1, (10, 64)).astype(np.float32), "w")
+    big = numpy_helper.from_array(np.full((1, 1, 8, 8), 1e5, np.float32), "big")
+    nodes = [
+        helper.make_node("Add", ["x", "big"], ["shifted"], name="shift"),
+        helper.make_node("Sub", ["shifted", "big"], ["back"], name="unshift"),
+        helper.make_node("Flatten", ["back"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w"], ["logits"], transB=1, name="classifier"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fragile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        [w, big],
+    )
+    model = _save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx"
+    )
+    images = rng.integers(0, 256, (400, 8, 8), dtype=np.uint8)
+    spec = Preprocessing(height=8, width=8, color="GRAY", mean=[0.5], std=[0.25])
+    x = Preprocessor(spec).batch(list(images))
+    labels = logits_of(onnx.load(model), x).argmax(-1)  # fp32 is right by construction
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    opts = OptimizeOptions(max_drop=0.01, exits="none", labels=[str(i) for i in range(10)], **FAST)
+    with pytest.raises(
+        BudgetError, match=r"INT8 cannot meet the accuracy budget: fp32 validation accuracy 1\.0000"
+    ):
+        optimize(model, tmp_path / "d.npz", tmp_path / "out", spec, key, opts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_errors_in_one_line(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "optimize",
+            str(MODEL_PATH),
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+            "--keys-dir",
+            str(tmp_path / "k"),
+            "--size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1
+    assert (
+        "edgefleet optimize: error:" in res.stderr
+        and "missing: no such file or folder" in res.stderr
+    )
+    assert "Traceback" not in res.stderr
