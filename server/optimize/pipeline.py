@@ -263,6 +263,10 @@ def optimize(
             },
             seconds=round(time.monotonic() - t_start, 1),
         )
+        # The unsplit models, for inspection and side-by-side benchmarks (not shipped).
+        (tmp / "models").mkdir()
+        onnx.save(fp32, tmp / "models" / "fp32.onnx")
+        onnx.save(qmodel, tmp / "models" / f"{opts.quantization}.onnx")
         write_json(report, tmp / "report.json")
         write_plot(report, tmp / "report.png")
         tmp.rename(out_dir)
