@@ -81,11 +81,16 @@ class ExitHead(_Model):
     entropy = 1 - H(p) / log(classes).
     """
 
-    output: str = Field(min_length=1, max_length=256, description="stage output tensor name")
+    output: str = Field(min_length=1, max_length=256, description="tensor the exit reads")
     kind: Literal["logits", "features"] = Field(
         description="logits: the output is class scores; features: head_file maps it to scores"
     )
     head_file: str | None = Field(None, description=".npz with 'weight' (C,F) and 'bias' (C,)")
+    graph_file: str | None = Field(
+        None,
+        description="ONNX branch computing `output` from the stage's outputs; run only while "
+        "the exit is enabled (onnxruntime runs every node of a session, fetched or not)",
+    )
     rule: Literal["max_softmax", "entropy", "margin"] = "max_softmax"
 
     @model_validator(mode="after")
@@ -96,6 +101,8 @@ class ExitHead(_Model):
             raise ValueError("an exit of kind 'logits' takes no head_file")
         if self.head_file is not None:
             check_file_name(self.head_file)
+        if self.graph_file is not None:
+            check_file_name(self.graph_file)
         return self
 
 
@@ -198,6 +205,9 @@ class ManifestBody(_Model):
                 )
         if self.stages[-1].outputs:
             raise ValueError("the last stage must not pass tensors on")
+        final_exit = self.stages[-1].exit
+        if final_exit.graph_file is not None:
+            raise ValueError("the last stage's exit is its own output; it takes no graph_file")
         n_exits = len(self.early_exits)
         for op in self.operating_points:
             if len(op.thresholds) != n_exits:
@@ -219,8 +229,8 @@ class ManifestBody(_Model):
         names: list[str] = []
         for stage in self.stages:
             names.append(stage.file)
-            if stage.exit is not None and stage.exit.head_file is not None:
-                names.append(stage.exit.head_file)
+            if stage.exit is not None:
+                names.extend(f for f in (stage.exit.graph_file, stage.exit.head_file) if f)
         return names
 
 

@@ -49,6 +49,15 @@ class _Head:
         return out
 
 
+def _session(
+    verified: VerifiedBundle, name: str, opts: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(verified.read(name), opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise RuntimeLoadError(f"{verified.path}/{name}: {exc}") from exc
+
+
 def _load_head(verified: VerifiedBundle, spec: ExitHead, classes: int) -> _Head:
     if spec.head_file is None:
         return _Head(spec)
@@ -82,16 +91,21 @@ class StagedModel:
         chosen = choose_providers(providers)
         classes = len(m.labels)
         self.sessions: list[ort.InferenceSession] = []
+        self.branches: list[ort.InferenceSession | None] = []
         self.heads: list[_Head | None] = []
         for stage in m.stages:
-            try:
-                sess = ort.InferenceSession(verified.read(stage.file), opts, providers=chosen)
-            except Exception as exc:  # onnxruntime raises its own untyped errors
-                raise RuntimeLoadError(f"{verified.path}/{stage.file}: {exc}") from exc
-            self.sessions.append(sess)
+            self.sessions.append(_session(verified, stage.file, opts, chosen))
+            graph = stage.exit.graph_file if stage.exit else None
+            self.branches.append(_session(verified, graph, opts, chosen) if graph else None)
             self.heads.append(_load_head(verified, stage.exit, classes) if stage.exit else None)
+        # What each stage session is asked for: passed-on tensors, plus the exit's tensor when
+        # the stage computes it itself (no separate branch graph).
         self._fetch = [
-            [*stage.outputs, *([stage.exit.output] if stage.exit else [])] for stage in m.stages
+            [
+                *stage.outputs,
+                *([stage.exit.output] if stage.exit and not stage.exit.graph_file else []),
+            ]
+            for stage in m.stages
         ]
         self._pass = [list(stage.outputs) for stage in m.stages]
         self._input_name = m.input.name
@@ -131,13 +145,23 @@ class StagedModel:
             outs = sess.run(fetch, feeds)
             stage_ms.append((time.perf_counter() - t0) * 1000.0)
             if head is not None and threshold is not None:
-                probs = softmax(head.logits(outs[-1]))
+                probs = softmax(head.logits(self._exit_value(k, outs)))
                 if float(confidence(probs, head.spec.rule)[0]) >= threshold:
                     return self._prediction(probs, exit_pos, stage_ms)
             if head is not None:
                 exit_pos += 1
             feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
         raise AssertionError("unreachable: the last stage always has an exit")
+
+    def _exit_value(self, k: int, outs: list[npt.NDArray[np.generic]]) -> npt.NDArray[np.generic]:
+        """The exit's input: from the branch graph when there is one, else the stage's own."""
+        branch = self.branches[k]
+        if branch is None:
+            return outs[-1]
+        stage = self.manifest.stages[k]
+        feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
+        (value,) = branch.run([stage.exit.output], feeds)  # type: ignore[union-attr]
+        return np.asarray(value)
 
     @staticmethod
     def _prediction(
@@ -159,7 +183,7 @@ class StagedModel:
             outs = sess.run(self._fetch[k], feeds)
             head = self.heads[k]
             if head is not None:
-                result.append(head.logits(outs[-1]))
+                result.append(head.logits(self._exit_value(k, outs)))
             feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
         return result
 

@@ -56,11 +56,16 @@ def assemble_bundle(
         name = f"stage{k}.onnx"
         files[name] = sg.model.SerializeToString()
         if k < last:
-            assert plan is not None  # early stages exist only with an exit plan
-            head_file = f"heads/exit{k}.npz"
+            assert plan is not None and sg.exit_model is not None  # early stages come with exits
+            head_file, graph_file = f"heads/exit{k}.npz", f"exits/exit{k}.onnx"
             files[head_file] = plan.heads[k].to_npz_bytes()
+            files[graph_file] = sg.exit_model.SerializeToString()
             exit_ = ExitHead(
-                output=sg.exit_output, kind="features", head_file=head_file, rule=plan.rule
+                output=sg.exit_output,
+                kind="features",
+                head_file=head_file,
+                graph_file=graph_file,
+                rule=plan.rule,
             )
         else:
             exit_ = ExitHead(output=sg.exit_output, kind="logits", rule=opts.exit_rule)

@@ -25,6 +25,9 @@ class StageGraph:
     inputs: list[str]
     outputs: list[str]
     exit_output: str
+    # The pooling branch of an early exit as its own graph (cut tensor -> features): kept out
+    # of the stage because onnxruntime runs every node of a session whether fetched or not.
+    exit_model: onnx.ModelProto | None = None
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -159,9 +162,10 @@ def split_stages(model: onnx.ModelProto, cuts: list[str], grid: int = 1) -> list
     stages: list[StageGraph] = []
     prev = image
     for cut, feat in zip(cuts, features, strict=True):
-        sub = _extract(with_exits, [prev], [cut, feat])
-        stages.append(StageGraph(sub, [prev], [cut], feat))
+        sub = _extract(model, [prev], [cut])
+        branch = _extract(with_exits, [cut], [feat])
+        stages.append(StageGraph(sub, [prev], [cut], feat, branch))
         prev = cut
-    last = _extract(with_exits, [prev], [final])
+    last = _extract(model, [prev], [final])
     stages.append(StageGraph(last, [prev], [], final))
     return stages
