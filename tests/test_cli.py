@@ -82,7 +82,11 @@ def test_server_listen_decodes_and_counts_rejects(
     )
     err_lines: queue.Queue[str] = queue.Queue()
     assert proc.stderr is not None
-    threading.Thread(target=lambda: [err_lines.put(ln) for ln in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+    reader = threading.Thread(
+        target=lambda: [err_lines.put(ln) for ln in proc.stderr],  # type: ignore[union-attr]
+        daemon=True,
+    )
+    reader.start()
     seen: list[str] = []
     try:
         while not any("listening under" in ln for ln in seen):
@@ -104,7 +108,10 @@ def test_server_listen_decodes_and_counts_rejects(
         time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
+        reader.join(timeout=10)  # stderr is read to EOF by the reader alone
+        assert proc.stdout is not None
+        out = proc.stdout.read()
     while not err_lines.empty():
         seen.append(err_lines.get())
     err = "".join(seen)
