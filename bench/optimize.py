@@ -38,7 +38,6 @@ from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed, make_input_
 from agent.bundle import verify_bundle
 from agent.runtime.preprocess import Preprocessor
 from agent.runtime.staged import StagedModel
-from server.demo import reference_preprocessing
 from server.keystore import FleetKey, init_key
 from server.optimize.latency import Runner, time_runner
 from server.optimize.options import OptimizeOptions, cpu_has_vnni, use_reduce_range
@@ -46,7 +45,7 @@ from server.optimize.pipeline import optimize
 from server.optimize.prepare import TARGET_OPSET, fold_constant_nodes, name_nodes
 from server.optimize.quantize import quantize_qdq
 from server.optimize.runner import make_session
-from server.reference import MODEL_PATH, load_reference_split
+from server.reference import MODEL_PATH, load_reference_split, reference_preprocessing
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]

@@ -24,7 +24,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import __version__
-from agent.bundle import Metrics, Preprocessing, VerifiedBundle, verify_bundle
+from agent.bundle import Metrics, VerifiedBundle, verify_bundle
 from agent.hardware import describe
 from agent.protocol import (
     Percentiles,
@@ -40,7 +40,6 @@ from agent.protocol import (
 from agent.runtime.preprocess import Preprocessor
 from agent.runtime.staged import StagedModel
 from server.bundles.plain import plain_body, write_plain_bundle
-from server.datasets import preprocess as ref_pre
 from server.keystore import init_key
 from server.localbroker import MosquittoBroker
 from server.optimize.latency import compare
@@ -52,25 +51,11 @@ from server.reference import (
     VIDEO_PATH,
     evaluate_onnx,
     load_reference_split,
+    reference_preprocessing,
 )
 
 Say = Callable[[str], None]
 DIGITS = [str(i) for i in range(10)]
-
-
-def reference_preprocessing() -> Preprocessing:
-    """The reference model's preprocessing as a manifest states it."""
-    return Preprocessing(
-        height=ref_pre.INPUT_SIZE,
-        width=ref_pre.INPUT_SIZE,
-        resize="stretch",
-        interpolation="linear",
-        color="GRAY",
-        layout="NCHW",
-        scale=ref_pre.SCALE,
-        mean=[ref_pre.MEAN],
-        std=[ref_pre.STD],
-    )
 
 
 @dataclass

