@@ -1,0 +1,77 @@
+"""Pick the best power and temperature sources this device has, and log why."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.power.base import PowerReader
+from agent.power.estimate import EstimateReader, PowerProfile
+from agent.power.hwmon import HwmonReader
+from agent.power.jetson import JetsonReader
+from agent.power.rapl import RaplReader
+from agent.power.raspberrypi import PmicReader, Runner, VcgencmdThermalReader, run_vcgencmd
+from agent.power.thermal import (
+    NoTemperatureReader,
+    PsutilTemperatureReader,
+    Sensors,
+    TemperatureReader,
+    ThermalZoneReader,
+)
+
+log = logging.getLogger(__name__)
+
+
+def power_candidates(root: Path | str = "/", runner: Runner = run_vcgencmd) -> list[PowerReader]:
+    """Measured sources, best first: a board meter before a CPU counter before a generic chip."""
+    return [JetsonReader(root), PmicReader(runner), RaplReader(root), HwmonReader(root)]
+
+
+def detect(
+    root: Path | str = "/",
+    runner: Runner = run_vcgencmd,
+    *,
+    profile: PowerProfile | str | None = None,
+    cpu_fraction: Callable[[], float] | None = None,
+) -> PowerReader:
+    """The first measured source that reads here, else an estimate from CPU load."""
+    for reader in power_candidates(root, runner):
+        probe = reader.probe()
+        if probe.ok:
+            log.info("power source %s: %s", reader.name, probe.reason)
+            return reader
+        log.info("power source %s not used: %s", reader.name, probe.reason)
+    estimate = EstimateReader(profile, root=root, cpu_fraction=cpu_fraction)
+    log.info("power source %s: %s", estimate.name, estimate.describe())
+    return estimate
+
+
+def detect_temperature(
+    root: Path | str = "/",
+    runner: Runner = run_vcgencmd,
+    *,
+    sensors: Sensors | None = None,
+) -> TemperatureReader:
+    """Thermal zone (with vcgencmd throttling on a Pi), else psutil, else none."""
+    zones = ThermalZoneReader(root)
+    zone_probe = zones.probe()
+    zone = zones if zone_probe.ok else None
+    if zone is None:
+        log.info("temperature from thermal zones not used: %s", zone_probe.reason)
+    pi = VcgencmdThermalReader(runner, temperature=zone)
+    pi_probe = pi.probe()
+    if pi_probe.ok:
+        log.info("temperature: %s", pi_probe.reason)
+        return pi
+    log.info("throttling from vcgencmd not used: %s", pi_probe.reason)
+    if zone is not None:
+        log.info("temperature: %s", zone.describe())
+        return zone
+    fallback = PsutilTemperatureReader() if sensors is None else PsutilTemperatureReader(sensors)
+    fallback_probe = fallback.probe()
+    if fallback_probe.ok:
+        log.info("temperature: %s", fallback_probe.reason)
+        return fallback
+    log.info("temperature from psutil not used: %s", fallback_probe.reason)
+    return NoTemperatureReader("no thermal zone, vcgencmd or psutil sensor")
