@@ -1,0 +1,191 @@
+"""The agent's configuration: TOML file, environment overrides, secrets from systemd credentials.
+
+Every key is validated (`extra="forbid"`: a misspelt key is an error, not a default) and an
+error names the key and the file, so a device owner can fix it from the message alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.protocol.ids import ID_PATTERN
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6): the same parser, from its backport
+    import tomli as tomllib
+
+DEFAULT_PATH = Path("/etc/edgefleet/agent.toml")
+ENV_PREFIX = "EDGEFLEET_"
+# systemd's LoadCredential= puts secrets here (readable by the service only, never in the file).
+CREDENTIAL_FILES = {"mqtt_password": "mqtt-password"}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CameraConfig(_Section):
+    """Where frames come from."""
+
+    source: str | int = Field(0, description="V4L2 index, /dev/videoN, a video file, or a URL")
+    loop: bool = Field(False, description="restart a video file at its end")
+    width: int | None = Field(None, ge=16, le=8192)
+    height: int | None = Field(None, ge=16, le=8192)
+    fps: float | None = Field(None, gt=0, le=1000, description="request; files: pace playback")
+    reconnect_initial_s: float = Field(0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> CameraConfig:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+
+class ModelConfig(_Section):
+    """Which bundle runs, who may sign it, and how it runs."""
+
+    bundle: Path | None = Field(None, description="bundle dir; default: the installed current one")
+    trusted_keys: list[Path] = Field(
+        default_factory=lambda: [Path("/etc/edgefleet/fleet.pub")], min_length=1
+    )
+    threads: int = Field(2, ge=1, le=64)
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
+    operating_point: int | None = Field(None, ge=0, description="pin at start; default: manifest")
+
+
+class TlsConfig(_Section):
+    """Broker TLS: CA to trust, and a client certificate for mutual TLS."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key go together")
+        return self
+
+
+class MqttConfig(_Section):
+    """The broker and how to reach it."""
+
+    host: str = Field("localhost", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    topic_root: str = "edgefleet/v1"
+    username: str | None = None
+    password: str | None = Field(None, description="prefer the mqtt-password credential")
+    tls: TlsConfig | None = None
+
+
+class TelemetryConfig(_Section):
+    """How often and what the agent reports."""
+
+    interval_s: float = Field(10.0, ge=1, le=3600)
+    results: Literal["off", "on_change", "every"] = "on_change"
+    results_max_hz: float = Field(2.0, gt=0, le=100)
+
+
+class GovernorConfig(_Section):
+    """Moves between the bundle's operating points when the device is slow or hot."""
+
+    enabled: bool = True
+    target_p95_ms: float | None = Field(None, gt=0, description="latency target; None: no target")
+    hot_c: float = Field(80.0, gt=0, le=150, description="temperature that counts as hot")
+    recover_margin: float = Field(0.7, gt=0, lt=1, description="p95 below target*margin recovers")
+    windows_to_recover: int = Field(3, ge=1, le=100, description="hysteresis before moving back")
+
+
+class OutboxConfig(_Section):
+    """The on-disk queue used while the broker is unreachable."""
+
+    max_messages: int = Field(100_000, ge=10)
+    max_bytes: int = Field(64 * 2**20, ge=2**16)
+
+
+class PowerConfig(_Section):
+    """Power source: detected, or forced; the estimate profile for devices without a sensor."""
+
+    source: Literal["auto", "rapl", "hwmon", "ina3221", "pmic", "estimate", "none"] = "auto"
+    profile: str | None = Field(None, description="estimate profile name, e.g. 'raspberry-pi-4'")
+
+
+class AgentConfig(_Section):
+    """The whole agent configuration."""
+
+    device_id: str = Field(pattern=ID_PATTERN)
+    group: str | None = Field(None, pattern=ID_PATTERN)
+    state_dir: Path = Field(Path("/var/lib/edgefleet"), description="outbox, bundles, lock file")
+    camera: CameraConfig = Field(default_factory=CameraConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    governor: GovernorConfig = Field(default_factory=GovernorConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    power: PowerConfig = Field(default_factory=PowerConfig)
+
+
+def _set_path(data: dict[str, Any], keys: list[str], value: str) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"environment override {'.'.join(keys)}: {key} is not a section")
+        node = child
+    node[keys[-1]] = _env_value(value)
+
+
+def _env_value(value: str) -> Any:
+    """Environment values are TOML literals when they parse as one, else plain strings."""
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors()[:5]:
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{source}: {key}: {err['msg']}")
+    more = exc.error_count() - 5
+    return "\n".join(lines) + (f"\n{source}: and {more} more error(s)" if more > 0 else "")
+
+
+def load_config(path: Path = DEFAULT_PATH, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read, override from EDGEFLEET_SECTION__KEY variables, add credentials, validate."""
+    env = os.environ if env is None else env
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    for name, value in sorted(env.items()):
+        if (name.startswith(ENV_PREFIX) and "__" in name) or name == f"{ENV_PREFIX}DEVICE_ID":
+            keys = name[len(ENV_PREFIX) :].lower().split("__")
+            _set_path(data, keys, value)
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        secret = Path(cred_dir) / CREDENTIAL_FILES["mqtt_password"]
+        if secret.is_file():
+            data.setdefault("mqtt", {})["password"] = secret.read_text().strip()
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, str(path))) from None
