@@ -1,0 +1,221 @@
+"""The device's MQTT link: birth and Last Will, commands in, outbox-backed QoS 1 out.
+
+Telemetry, events and replies are written to the on-disk outbox first and acknowledged there
+only on PUBACK, so a broker outage or an agent restart loses nothing: after reconnect the
+outbox is replayed from its head, in order (at least once; sequence numbers make duplicates
+visible). Results are QoS 0 and skip the outbox: a stale result is worth nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import MqttConfig
+from agent.outbox import Outbox
+from agent.protocol import Status, TopicTree, encode, offline_will
+
+log = logging.getLogger(__name__)
+
+# MQTT 5 reason 142 "Session taken over": another client connected with our client id.
+SESSION_TAKEN_OVER = 142
+MAX_INFLIGHT = 64
+
+
+class Link:
+    """One paho client per device; thread-safe `send` for the inference loop."""
+
+    def __init__(
+        self,
+        device_id: str,
+        group: str | None,
+        cfg: MqttConfig,
+        outbox: Outbox,
+        birth: Callable[[], Status],
+        on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.group = group
+        self.cfg = cfg
+        self.tree = TopicTree(cfg.topic_root)
+        self.outbox = outbox
+        self.birth = birth
+        self.on_event = on_event or (lambda kind, msg, details: None)
+        self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=256)
+        self.connected = threading.Event()
+        self.takeovers = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox entry id
+        self._queued: set[int] = set()  # outbox ids published on this connection
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
+        self.client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        # The client id is the device id: a second process with the same id would make the
+        # two kick each other off forever, so the agent also holds a local lock (see service).
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-{self.device_id}",
+            protocol=mqtt.MQTTv5,
+        )
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, self.cfg.password)
+        if self.cfg.tls is not None:
+            tls = self.cfg.tls
+            client.tls_set(
+                ca_certs=str(tls.ca),
+                certfile=str(tls.cert) if tls.cert else None,
+                keyfile=str(tls.key) if tls.key else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        status_topic = self.tree.device(self.device_id, "status")
+        client.will_set(status_topic, encode(offline_will(self.birth())), qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff while the broker is away."""
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+        self._drainer.start()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Publish the offline status, disconnect cleanly; unsent messages stay in the outbox."""
+        self._stop.set()
+        self._wake.set()
+        if self.connected.is_set():
+            info = self.client.publish(
+                self.tree.device(self.device_id, "status"),
+                encode(offline_will(self.birth())),
+                qos=1,
+                retain=True,
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._drainer.join(timeout)
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send(self, kind: str, payload: bytes, *, retain: bool = False) -> None:
+        """Durably queue a QoS 1 message of this kind (telemetry, events, reply)."""
+        topic = self.tree.device(self.device_id, kind)  # type: ignore[arg-type]
+        self.outbox.put(topic, payload, qos=1, retain=retain, kind=kind)
+        self._wake.set()
+
+    def publish_result(self, payload: bytes) -> None:
+        """QoS 0, only while connected: results are ephemeral."""
+        if self.connected.is_set():
+            self.client.publish(self.tree.device(self.device_id, "results"), payload, qos=0)
+
+    def _drain_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            if self.connected.is_set():
+                try:
+                    self._drain_once()
+                except Exception:  # the drain thread must never die; the outbox keeps all
+                    log.exception("outbox drain failed; will retry")
+
+    def _drain_once(self) -> None:
+        with self._lock:
+            room = MAX_INFLIGHT - len(self._inflight)
+            if room <= 0:
+                return
+            entries = [
+                e for e in self.outbox.peek(room + len(self._queued)) if e.id not in self._queued
+            ]
+            for entry in entries[:room]:
+                if not self.connected.is_set():
+                    return
+                info = self.client.publish(
+                    entry.topic, entry.payload, qos=entry.qos, retain=entry.retain
+                )
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    return  # not connected after all; the entry stays queued in the outbox
+                self._inflight[info.mid] = entry.id
+                self._queued.add(entry.id)
+
+    # -- paho callbacks (network thread) ------------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        if rc.is_failure:
+            log.error(
+                "broker %s:%s refused device %s: %s",
+                self.cfg.host,
+                self.cfg.port,
+                self.device_id,
+                rc,
+            )
+            return
+        with self._lock:
+            # A new connection: whatever was in flight is re-sent from the outbox, in order.
+            self._inflight.clear()
+            self._queued.clear()
+        status = self.tree.device(self.device_id, "status")
+        client.publish(status, encode(self.birth()), qos=1, retain=True)
+        subs = [(self.tree.device(self.device_id, "cmd"), 1)]
+        if self.group:
+            subs.append((self.tree.group_cmd(self.group), 1))
+        client.subscribe(subs)
+        self.connected.set()
+        log.info("device %s connected to %s:%s", self.device_id, self.cfg.host, self.cfg.port)
+        self._wake.set()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        self.connected.clear()
+        if rc.value == SESSION_TAKEN_OVER:
+            self.takeovers += 1
+            msg = f"another client connected as device {self.device_id}; duplicate device id?"
+            log.error(msg)
+            self.on_event("error", msg, {"reason": "session_taken_over"})
+        elif not self._stop.is_set():
+            log.warning(
+                "device %s disconnected from %s:%s: %s",
+                self.device_id,
+                self.cfg.host,
+                self.cfg.port,
+                rc,
+            )
+
+    def _on_publish(
+        self, _c: mqtt.Client, _u: Any, mid: int, _rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        with self._lock:
+            entry_id = self._inflight.pop(mid, None)
+            if entry_id is None:
+                return
+            self._queued.discard(entry_id)
+        self.outbox.ack([entry_id])
+        self._wake.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.commands.put_nowait((msg.topic, bytes(msg.payload)))
+        except queue.Full:
+            log.warning("command queue full; dropping command on %s", msg.topic)
