@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
 from agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
+
+DEFAULT_CONFIG = Path("/etc/edgefleet/agent.toml")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -22,6 +25,45 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from agent.config import ConfigError, load_config
+    from agent.service import Agent, AgentError, acquire_lock
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    stop = threading.Event()
+
+    def _stop(_sig: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        cfg = load_config(args.config)
+        lock = acquire_lock(cfg.state_dir, cfg.device_id)
+        try:
+            return Agent(cfg, stop).run()
+        finally:
+            lock.close()
+    except ConfigError as exc:
+        print(f"edgefleet-agent: {exc}", file=sys.stderr)
+        return 2
+    except AgentError as exc:
+        print(f"edgefleet-agent: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def _check(args: argparse.Namespace) -> int:
+    from agent.check import check
+
+    return check(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Commands available on a device."""
     parser = argparse.ArgumentParser(prog="edgefleet-agent", description=__doc__)
@@ -31,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("bundle", type=Path)
     v.add_argument("--key", type=Path, action="append", required=True, help="trusted public key")
     v.set_defaults(func=_verify)
+    r = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
+    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    r.add_argument("-v", "--verbose", action="store_true")
+    r.set_defaults(func=_run)
+    c = sub.add_parser("check", help="check config, bundle, camera and broker; say what is wrong")
+    c.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    c.set_defaults(func=_check)
     return parser
 
 

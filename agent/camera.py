@@ -168,6 +168,8 @@ class Camera:
         while not self._stop.is_set():
             ok, image = cap.read()
             if not ok or image is None:
+                if is_file and not Path(str(self.cfg.source)).exists():
+                    return  # the file was removed: a lost source, even if still open here
                 if is_file and self.cfg.loop and self.stats.captured > 0:
                     cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
                     ok, image = cap.read()

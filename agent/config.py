@@ -183,7 +183,8 @@ def load_config(path: Path = DEFAULT_PATH, env: Mapping[str, str] | None = None)
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         secret = Path(cred_dir) / CREDENTIAL_FILES["mqtt_password"]
-        if secret.is_file():
+        # An empty file means "no password": systemd needs the file to exist either way.
+        if secret.is_file() and secret.read_text().strip():
             data.setdefault("mqtt", {})["password"] = secret.read_text().strip()
     try:
         return AgentConfig.model_validate(data)

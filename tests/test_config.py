@@ -81,3 +81,11 @@ def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
         ConfigError, match=r"mqtt\.tls: Value error, tls\.cert and tls\.key go together"
     ):
         load_config(path, env={})
+
+
+def test_empty_password_credential_means_no_password(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("\n")  # what the installer creates by default
+    cfg = load_config(_write(tmp_path, MINIMAL), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert cfg.mqtt.password is None

@@ -1,0 +1,362 @@
+"""The agent process: verified bundle, camera, staged inference, telemetry, commands.
+
+One loop does the inference and owns the model; the camera and MQTT run in their own
+threads. The loop never waits on the network: telemetry and events go to the on-disk outbox
+and the link drains it whenever the broker is there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+import cv2
+import psutil
+from pydantic import JsonValue
+
+from agent import __version__
+from agent.bundle import BundleError, load_public_key, verify_bundle
+from agent.camera import Camera, Frame
+from agent.commands import CommandHandler
+from agent.config import AgentConfig
+from agent.governor import Governor
+from agent.hardware import describe
+from agent.link import Link
+from agent.outbox import Outbox
+from agent.power import PowerMeter, detect, detect_temperature
+from agent.protocol import Event, Result, Status, Telemetry, encode
+from agent.runtime.preprocess import Preprocessor
+from agent.runtime.staged import RuntimeLoadError, StagedModel
+from agent.systemd import Notifier, WatchdogFeeder
+from agent.window import TelemetryWindow
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_CONFIG, EXIT_LOCKED = 0, 2, 3
+
+
+class AgentError(Exception):
+    """The agent cannot start; the message says what to fix. Exit status in .code."""
+
+    def __init__(self, message: str, code: int = EXIT_CONFIG) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def acquire_lock(state_dir: Path, device_id: str) -> IO[str]:
+    """One agent per device id on this machine: a second one refuses to start."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / f"agent-{device_id}.lock"
+    fh = path.open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise AgentError(
+            f"another edgefleet-agent runs as device {device_id} (pid {pid}, lock {path})",
+            EXIT_LOCKED,
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def load_model(cfg: AgentConfig) -> StagedModel:
+    """Verify the configured bundle against the trusted keys, then build its sessions."""
+    bundle = cfg.model.bundle or cfg.state_dir / "bundles" / "current"
+    try:
+        keys = [load_public_key(p) for p in cfg.model.trusted_keys]
+        verified = verify_bundle(bundle, keys)
+        return StagedModel(verified, threads=cfg.model.threads, providers=cfg.model.providers)
+    except (BundleError, RuntimeLoadError, OSError, ValueError) as exc:
+        raise AgentError(f"refusing to run: {exc}") from exc
+
+
+class Agent:
+    """Everything one device runs; also the target of coordinator commands."""
+
+    def __init__(self, cfg: AgentConfig, stop: threading.Event) -> None:
+        self.cfg = cfg
+        self.stop = stop
+        self.boot_id = str(uuid.uuid4())
+        self.hardware = describe()
+        self.model = load_model(cfg)
+        m = self.model.manifest
+        self.pre = Preprocessor(m.preprocessing, dtype=m.input.dtype)
+        self.outbox = Outbox(
+            cfg.state_dir / "outbox.db",
+            max_messages=cfg.outbox.max_messages,
+            max_bytes=cfg.outbox.max_bytes,
+        )
+        self._overflow_at_start = self.outbox.overflow().total
+        n_points = max(1, len(m.operating_points))
+        self.governor = Governor(cfg.governor, n_points, m.default_operating_point)
+        self.operating_point = m.default_operating_point
+        if cfg.model.operating_point is not None:
+            self.set_operating_point(cfg.model.operating_point, pin=True)
+        self.interval_s = cfg.telemetry.interval_s
+        self.camera = Camera(cfg.camera, on_event=self.event)
+        self.link = Link(cfg.device_id, cfg.group, cfg.mqtt, self.outbox, self.birth, self.event)
+        self.commands = CommandHandler(cfg.device_id, self)
+        self.power_reader = (
+            detect(profile=cfg.power.profile) if cfg.power.source != "none" else None
+        )
+        self.power = PowerMeter(self.power_reader.name if self.power_reader else "none")
+        self.thermal = detect_temperature()
+        self.notifier = Notifier.from_env()
+        self.watchdog = WatchdogFeeder(self.notifier)
+        self.process = psutil.Process()
+        self.process.cpu_percent(None)  # prime: the first call always returns 0
+        self.last_frame: Frame | None = None
+        self._last_result: tuple[int, float] = (-1, 0.0)
+
+    # -- messages -----------------------------------------------------------------------
+
+    def birth(self) -> Status:
+        """The retained status published on every (re)connect."""
+        m = self.model.manifest
+        return Status(
+            device_id=self.cfg.device_id,
+            online=True,
+            ts=time.time(),
+            agent_version=__version__,
+            model_id=m.model_id,
+            model_version=m.version,
+            operating_point=self.operating_point if m.operating_points else None,
+            group=self.cfg.group,
+            hardware=self.hardware,
+            boot_id=self.boot_id,
+        )
+
+    def event(self, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
+        """Queue an event (QoS 1 through the outbox) with the next persisted event number."""
+        level = (
+            "error"
+            if kind in ("error", "rollback")
+            else "warning"
+            if kind.endswith("lost")
+            else "info"
+        )
+        ev = Event(
+            device_id=self.cfg.device_id,
+            ts=time.time(),
+            seq=self.outbox.next_seq("events"),
+            kind=kind,
+            level=level,
+            message=message[:1000],
+            details={
+                k: v
+                for k, v in (details or {}).items()
+                if isinstance(v, (str, int, float, bool)) or v is None
+            },
+        )
+        self.link.send("events", encode(ev))
+
+    # -- command target -----------------------------------------------------------------
+
+    def set_operating_point(self, index: int, pin: bool) -> dict[str, JsonValue]:
+        """Apply an operating point's thresholds (and pin it if asked)."""
+        points = self.model.manifest.operating_points
+        if not points:
+            raise ValueError("this bundle has no operating points (no early exits)")
+        if not 0 <= index < len(points):
+            raise ValueError(f"operating point {index} does not exist (0..{len(points) - 1})")
+        self.model.set_thresholds(points[index].thresholds)
+        previous, self.operating_point = self.operating_point, index
+        if pin:
+            self.governor.pin(index)
+        else:
+            self.governor.current = index
+        return {"operating_point": index, "previous": previous, "pinned": pin}
+
+    def unpin_operating_point(self) -> dict[str, JsonValue]:
+        """Let the governor move again."""
+        self.governor.unpin()
+        return {"operating_point": self.operating_point, "pinned": False}
+
+    def set_thresholds(self, thresholds: list[float | None]) -> dict[str, JsonValue]:
+        """Override the exit thresholds until the next operating-point change."""
+        self.model.set_thresholds(thresholds)
+        return {"thresholds": list(thresholds)}
+
+    def set_telemetry_interval(self, seconds: float) -> dict[str, JsonValue]:
+        """Takes effect from the next window."""
+        self.interval_s = seconds
+        return {"interval_s": seconds}
+
+    def snapshot_jpeg(self, quality: int) -> bytes:
+        """The last processed frame as JPEG: the only way a frame leaves the device."""
+        if self.last_frame is None:
+            raise LookupError("no frame has been captured yet")
+        ok, buf = cv2.imencode(".jpg", self.last_frame.image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise RuntimeError("JPEG encoding failed")
+        return bytes(buf)
+
+    def reload_bundle(self) -> dict[str, JsonValue]:
+        """Verify and load the bundle again; on failure the running model stays."""
+        try:
+            model = load_model(self.cfg)
+        except AgentError as exc:
+            raise RuntimeError(str(exc)) from None
+        self.model = model
+        self.pre = Preprocessor(model.manifest.preprocessing, dtype=model.manifest.input.dtype)
+        m = model.manifest
+        self.operating_point = min(self.operating_point, max(0, len(m.operating_points) - 1))
+        if m.operating_points:
+            model.set_thresholds(m.operating_points[self.operating_point].thresholds)
+        return {"model_id": m.model_id, "version": m.version}
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Infer until stopped; returns the process exit status."""
+        m = self.model.manifest
+        self.camera.start()
+        self.link.start()
+        self.event("started", f"agent {__version__} running {m.model_id} v{m.version}")
+        window = self._new_window()
+        window_t0 = time.monotonic()
+        next_power = 0.0
+        ready = False
+        while not self.stop.is_set():
+            frame = self.camera.latest(timeout=0.5)
+            now = time.monotonic()
+            # The loop is alive (frames or not): a hung inference stops this, camera loss does not.
+            self.watchdog.progress()
+            self.watchdog.maybe_feed()
+            if self._reshape_window(window):
+                window = self._new_window()
+            if frame is not None:
+                self._infer(frame, window)
+                if not ready:
+                    self.notifier.ready(f"running {m.model_id} v{m.version}")
+                    ready = True
+            self._handle_commands()
+            if now >= next_power and self.power_reader is not None:
+                self.power.add(self.power_reader.sample())
+                next_power = now + 1.0
+            if now - window_t0 >= self.interval_s:
+                self._close_window(window, now - window_t0)
+                window_t0 = now
+        return self.shutdown(window, time.monotonic() - window_t0)
+
+    def _new_window(self) -> TelemetryWindow:
+        return TelemetryWindow(
+            len(self.model.early_exits) + 1,
+            len(self.model.manifest.stages),
+            time.time(),
+            captured_total=self.camera.stats.captured,
+            dropped_total=self.camera.stats.dropped,
+        )
+
+    def _reshape_window(self, window: TelemetryWindow) -> bool:
+        """A reloaded bundle with other stages or exits needs a window of its shape."""
+        return window.n_exits != len(self.model.early_exits) + 1 or window.n_stages != len(
+            self.model.manifest.stages
+        )
+
+    def _infer(self, frame: Frame, window: TelemetryWindow) -> None:
+        t0 = time.perf_counter()
+        pred = self.model.predict(self.pre(frame.image))
+        latency = (time.perf_counter() - t0) * 1000.0
+        window.record(latency, pred.stage_ms, pred.exit_index)
+        self.last_frame = frame
+        self._maybe_result(frame, pred.class_index, pred.confidence, pred.exit_index, latency)
+
+    def _maybe_result(
+        self, frame: Frame, cls: int, conf: float, exit_index: int, ms: float
+    ) -> None:
+        mode = self.cfg.telemetry.results
+        if mode == "off":
+            return
+        last_cls, last_ts = self._last_result
+        now = time.monotonic()
+        if now - last_ts < 1.0 / self.cfg.telemetry.results_max_hz:
+            return
+        if mode == "on_change" and cls == last_cls:
+            return
+        self._last_result = (cls, now)
+        result = Result(
+            device_id=self.cfg.device_id,
+            ts=frame.ts,
+            frame_index=frame.index,
+            class_index=cls,
+            label=self.model.manifest.labels[cls][:128],
+            confidence=min(1.0, max(0.0, conf)),
+            exit_index=exit_index,
+            latency_ms=ms,
+        )
+        self.link.publish_result(encode(result))
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                topic, payload = self.link.commands.get_nowait()
+            except Exception:  # queue.Empty
+                return
+            reply = self.commands.handle(topic, payload)
+            if reply is not None:
+                self.link.send("reply", encode(reply))
+
+    def _close_window(self, window: TelemetryWindow, elapsed: float) -> None:
+        stats = window.close(
+            time.time(),
+            captured=self.camera.stats.captured,
+            dropped=self.camera.stats.dropped,
+            elapsed_s=elapsed,
+        )
+        power = self.power.close(stats.frames_processed, elapsed)
+        thermal = self.thermal.sample()
+        m = self.model.manifest
+        telemetry = Telemetry(
+            device_id=self.cfg.device_id,
+            seq=self.outbox.next_seq("telemetry"),
+            **stats.telemetry_fields(),
+            operating_point=self.operating_point,
+            cpu_percent=self.process.cpu_percent(None),
+            rss_mb=self.process.memory_info().rss / 2**20,
+            temperature_c=thermal.temperature_c,
+            throttled=thermal.throttled,
+            power_w=power.power_w,
+            power_source=power.source if power.power_w is not None else "none",
+            energy_per_frame_mj=power.energy_per_frame_mj,
+            outbox_depth=self.outbox.depth(),
+            outbox_overflow=self.outbox.overflow().total - self._overflow_at_start,
+            model_id=m.model_id,
+            model_version=m.version,
+        )
+        self.link.send("telemetry", encode(telemetry))
+        move = self.governor.update(
+            stats.latency_ms.p95 if stats.frames_processed else None,
+            thermal.temperature_c,
+            thermal.throttled,
+        )
+        if move is not None and m.operating_points:
+            self.model.set_thresholds(m.operating_points[move.to_index].thresholds)
+            self.operating_point = move.to_index
+            self.event(
+                "operating_point_changed",
+                move.reason,
+                {"from": move.from_index, "to": move.to_index},
+            )
+
+    def shutdown(self, window: TelemetryWindow, elapsed: float) -> int:
+        """Final window into the outbox, offline status, everything closed: within seconds."""
+        self.notifier.stopping()
+        self.camera.stop(timeout=2.0)
+        self._close_window(window, max(elapsed, 1e-3))
+        self.event("stopping", "agent stopping (SIGTERM)")
+        self.link.stop(timeout=2.0)
+        self.outbox.close()
+        return EXIT_OK

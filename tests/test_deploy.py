@@ -1,0 +1,336 @@
+"""The systemd unit and the device installer, run for real into a temporary root."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.config import CREDENTIAL_FILES, DEFAULT_PATH, AgentConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = REPO / "systemd" / "edgefleet-agent.service"
+INSTALL = REPO / "deploy" / "install-agent.sh"
+VENV_PATH = "opt/edgefleet/venv"
+Unit = dict[str, dict[str, list[str]]]
+
+
+def parse_unit(text: str) -> Unit:
+    """Sections -> key -> every value, in order (systemd keys may repeat, unlike INI's)."""
+    sections: Unit = {}
+    current: dict[str, list[str]] | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        assert not line.endswith("\\"), f"line {number}: keep unit lines unwrapped"
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None, f"line {number}: not KEY=VALUE in a section: {raw!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    values = section.get(key)
+    assert values, f"{key}= missing"
+    assert len(values) == 1, f"{key}= given {len(values)} times"
+    return values[0]
+
+
+def check_unit(text: str) -> None:
+    """The settings the agent, the installer and the hardening rely on."""
+    unit = parse_unit(text)
+    assert set(unit) == {"Unit", "Service", "Install"}
+    u, s = unit["Unit"], unit["Service"]
+    assert int(one(u, "StartLimitBurst")) >= 3
+    assert int(one(u, "StartLimitIntervalSec")) >= 60
+
+    assert one(s, "Type") == "notify"
+    assert one(s, "NotifyAccess") == "main"
+    # The same paths the installer and the agent's config defaults use.
+    assert one(s, "ExecStart") == (f"/{VENV_PATH}/bin/edgefleet-agent run --config {DEFAULT_PATH}")
+    assert one(s, "User") == one(s, "Group") == "edgefleet"
+    assert "video" in one(s, "SupplementaryGroups").split()
+    assert one(s, "WatchdogSec") == "30"
+    assert one(s, "TimeoutStartSec") == "120"
+    assert one(s, "TimeoutStopSec") == "10"
+    assert one(s, "Restart") == "on-failure"
+    assert one(s, "RestartSec") == "5"
+    from agent.service import EXIT_CONFIG  # imports the runtime: only where it is needed
+
+    assert one(s, "RestartPreventExitStatus") == str(EXIT_CONFIG)
+    state_default = AgentConfig.model_fields["state_dir"].default
+    assert Path("/var/lib") / one(s, "StateDirectory") == state_default
+    assert Path("/etc") / one(s, "ConfigurationDirectory") == DEFAULT_PATH.parent
+    credential = CREDENTIAL_FILES["mqtt_password"]
+    assert one(s, "LoadCredential") == f"{credential}:/etc/edgefleet/credentials/{credential}"
+
+    for key in (
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "RestrictSUIDSGID",
+    ):
+        assert one(s, key) == "yes", key
+    assert one(s, "ProtectSystem") == "strict"
+    assert one(s, "DevicePolicy") == "closed"
+    assert "char-video4linux rw" in s["DeviceAllow"]
+    # The camera and the GPU must stay reachable; psutil needs all of /proc.
+    assert "PrivateDevices" not in s
+    assert "ProcSubset" not in s
+    assert one(unit["Install"], "WantedBy") == "multi-user.target"
+
+
+def test_unit_has_the_required_settings() -> None:
+    check_unit(UNIT.read_text())
+
+
+@dataclass
+class Installed:
+    root: Path
+    key: Path
+    source: Path
+    first: subprocess.CompletedProcess[str]
+
+
+def make_keys(where: Path) -> tuple[Path, Path]:
+    key = Ed25519PrivateKey.generate()
+    pub, priv = where / "fleet.pub", where / "fleet.key"
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    priv.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pub, priv
+
+
+def run_install(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    return subprocess.run(
+        ["bash", str(INSTALL), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=280,
+        check=False,
+    )
+
+
+def install_args(root: Path, key: Path, source: Path) -> list[str | Path]:
+    return [
+        "--root",
+        root,
+        "--device-id",
+        "pi-7",
+        "--broker",
+        "localhost:1884",
+        "--fleet-key",
+        key,
+        "--camera",
+        "/dev/video0",
+        "--group",
+        "lab",
+        "--no-enable",
+        "--wheel",
+        source,
+        # Reuse this test's packages (onnxruntime, OpenCV, ...) instead of downloading them.
+        "--python",
+        sys.executable,
+        "--reuse-site-packages",
+        sys.executable,
+    ]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    base = tmp_path_factory.mktemp("deploy")
+    key, _ = make_keys(base)
+    # A snapshot, so both runs install the same package even while the checkout is edited.
+    source = base / "src"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".*", "out", "build", "dist", "*.egg-info", "__pycache__", "tests"
+        ),
+    )
+    root = base / "root"
+    result = run_install(*install_args(root, key, source))
+    assert result.returncode == 0, result.stderr
+    return Installed(root, key, source, result)
+
+
+def test_install_tree(installed: Installed) -> None:
+    root, log = installed.root, installed.first.stderr
+    venv = root / VENV_PATH
+    agent = venv / "bin" / "edgefleet-agent"
+    assert os.access(agent, os.X_OK)
+    version = subprocess.run([agent, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("edgefleet-agent ")
+    where = subprocess.run(
+        [venv / "bin" / "python", "-I", "-c", "import agent; print(agent.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.startswith(str(venv)), "the virtualenv runs its own copy of the agent"
+    site = Path(
+        subprocess.run(
+            [
+                venv / "bin" / "python",
+                "-I",
+                "-c",
+                "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    assert not list(site.glob("onnxruntime*")), "pip downloaded what it could reuse"
+
+    etc = root / "etc" / "edgefleet"
+    config = load_config(etc / "agent.toml", env={})
+    assert config.device_id == "pi-7"
+    assert config.group == "lab"
+    assert config.mqtt.host == "localhost"
+    assert config.mqtt.port == 1884
+    assert config.mqtt.password is None
+    assert config.camera.source == "/dev/video0"
+    assert config.model.trusted_keys == [Path("/etc/edgefleet/fleet.pub")]  # the device's path
+    assert (etc / "fleet.pub").read_bytes() == installed.key.read_bytes()
+
+    creds = etc / "credentials"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o700
+    password = creds / "mqtt-password"
+    assert password.read_bytes() == b""
+    assert stat.S_IMODE(password.stat().st_mode) == 0o600
+
+    unit = root / "etc" / "systemd" / "system" / "edgefleet-agent.service"
+    assert unit.read_text() == UNIT.read_text()
+    # --root: nothing outside the tree was touched, and the log says what was left out.
+    assert "skipped: useradd" in log
+    assert "skipped: systemctl" in log
+
+
+def test_installed_unit_verifies(installed: Installed, tmp_path: Path) -> None:
+    """The installed unit: the key checks everywhere, and systemd-analyze where it exists."""
+    unit_text = (installed.root / "etc/systemd/system/edgefleet-agent.service").read_text()
+    check_unit(unit_text)
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return
+    # verify insists that ExecStart's binary exists: point it at the one just installed.
+    exe = installed.root / VENV_PATH / "bin" / "edgefleet-agent"
+    local = tmp_path / "edgefleet-agent.service"
+    exec_start = f"ExecStart=/{VENV_PATH}/bin/edgefleet-agent"
+    local.write_text(unit_text.replace(exec_start, f"ExecStart={exe}"))
+    assert str(exe) in local.read_text()
+    verify = subprocess.run(
+        [analyze, "verify", local], capture_output=True, text=True, timeout=60, check=False
+    )
+    # verify exits 0 on unknown keys and bad values too: any output is a finding.
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), (
+        verify.stdout + verify.stderr
+    )
+    security = subprocess.run(
+        [analyze, "security", "--offline=yes", local],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    level = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
+    if level is not None:  # systemd >= 250
+        assert float(level.group(1)) <= 3.0, security.stdout
+
+
+def test_second_run_changes_nothing_and_keeps_the_owners_config(installed: Installed) -> None:
+    root = installed.root
+    etc = root / "etc" / "edgefleet"
+    config = etc / "agent.toml"
+    owned = config.read_text() + "\n# tuned by the owner\n[telemetry]\ninterval_s = 30.0\n"
+    config.write_text(owned)
+    (etc / "credentials" / "mqtt-password").write_text("s3cret\n")
+    watched = [
+        etc / "fleet.pub",
+        etc / "credentials" / "mqtt-password",
+        root / "etc/systemd/system/edgefleet-agent.service",
+        root / VENV_PATH / "pyvenv.cfg",  # the virtualenv was not recreated
+    ]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched}
+
+    again = run_install(*install_args(root, installed.key, installed.source))
+    assert again.returncode == 0, again.stderr
+    assert config.read_text() == owned
+    assert "kept" in again.stderr
+    assert "unchanged" in again.stderr  # the same package: a running agent is not restarted
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched} == before
+    assert load_config(config, env={}).telemetry.interval_s == 30.0
+
+
+def test_missing_device_id_is_a_clear_error(tmp_path: Path) -> None:
+    key, _ = make_keys(tmp_path)
+    root = tmp_path / "root"
+    result = run_install("--root", root, "--broker", "localhost", "--fleet-key", key)
+    assert result.returncode != 0
+    assert "missing required argument(s): --device-id" in result.stderr
+    assert not root.exists(), "nothing is installed before the arguments are checked"
+
+
+def test_missing_fleet_key_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "fleet.pub"
+    result = run_install(
+        "--root",
+        tmp_path / "root",
+        "--device-id",
+        "pi-7",
+        "--broker",
+        "localhost",
+        "--fleet-key",
+        missing,
+    )
+    assert result.returncode != 0
+    assert f"fleet key '{missing}' not found" in result.stderr
+
+
+def test_private_key_and_bad_arguments_are_refused(tmp_path: Path) -> None:
+    _, private = make_keys(tmp_path)
+    root = tmp_path / "root"
+    base: list[str | Path] = ["--root", root, "--device-id", "pi-7", "--broker", "localhost"]
+    result = run_install(*base, "--fleet-key", private)
+    assert result.returncode != 0 and "PRIVATE key" in result.stderr
+
+    pub, _ = make_keys(tmp_path)
+    for args, message in [
+        (["--device-id", "pi/7"], "is not a valid id"),
+        (["--broker", "mqtt://broker"], "not a URL"),
+        (["--broker", "broker:99999"], "not in 1-65535"),
+        (["--broker", "broker:mqtt"], "port must be a number"),
+        (["--frobnicate"], "unknown argument"),
+    ]:
+        result = run_install(*base, "--fleet-key", pub, *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+    assert not root.exists()
