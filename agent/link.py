@@ -13,6 +13,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,9 @@ class Link:
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox entry id
         self._queued: set[int] = set()  # outbox ids published on this connection
+        # mids acknowledged before the drainer recorded them, with when; QoS 0 results land here
+        # too, so entries expire long before paho's 16-bit mids could come round again.
+        self._early_acks: dict[int, float] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
@@ -139,23 +143,34 @@ class Link:
                     log.exception("outbox drain failed; will retry")
 
     def _drain_once(self) -> None:
+        # paho calls on_publish while holding its own message lock, so client.publish must
+        # never run under self._lock (that order deadlocks); bookkeeping alone is locked.
         with self._lock:
             room = MAX_INFLIGHT - len(self._inflight)
             if room <= 0:
                 return
-            entries = [
-                e for e in self.outbox.peek(room + len(self._queued)) if e.id not in self._queued
-            ]
-            for entry in entries[:room]:
-                if not self.connected.is_set():
-                    return
-                info = self.client.publish(
-                    entry.topic, entry.payload, qos=entry.qos, retain=entry.retain
-                )
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    return  # not connected after all; the entry stays queued in the outbox
-                self._inflight[info.mid] = entry.id
+            queued = set(self._queued)
+        head = self.outbox.peek(room + len(queued))
+        for entry in [e for e in head if e.id not in queued][:room]:
+            if not self.connected.is_set():
+                return
+            info = self.client.publish(
+                entry.topic, entry.payload, qos=entry.qos, retain=entry.retain
+            )
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return  # not connected after all; the entry stays queued in the outbox
+            with self._lock:
                 self._queued.add(entry.id)
+                seen_at = self._early_acks.pop(info.mid, None)
+                if seen_at is not None and time.monotonic() - seen_at < 5:  # PUBACK came first
+                    acked = True
+                else:
+                    self._inflight[info.mid] = entry.id
+                    acked = False
+            if acked:
+                self.outbox.ack([entry.id])
+                with self._lock:
+                    self._queued.discard(entry.id)
 
     # -- paho callbacks (network thread) ------------------------------------------------
 
@@ -175,6 +190,7 @@ class Link:
             # A new connection: whatever was in flight is re-sent from the outbox, in order.
             self._inflight.clear()
             self._queued.clear()
+            self._early_acks.clear()
         status = self.tree.device(self.device_id, "status")
         client.publish(status, encode(self.birth()), qos=1, retain=True)
         subs = [(self.tree.device(self.device_id, "cmd"), 1)]
@@ -209,9 +225,14 @@ class Link:
         with self._lock:
             entry_id = self._inflight.pop(mid, None)
             if entry_id is None:
+                now = time.monotonic()
+                self._early_acks[mid] = now
+                if len(self._early_acks) > 256:
+                    self._early_acks = {m: t for m, t in self._early_acks.items() if now - t < 5}
                 return
-            self._queued.discard(entry_id)
         self.outbox.ack([entry_id])
+        with self._lock:
+            self._queued.discard(entry_id)
         self._wake.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
