@@ -1,0 +1,34 @@
+"""The README's main job runs end to end (fewer video frames, same path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_runs_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    res = subprocess.run(
+        [sys.executable, "-m", "server.cli", "demo", "--out", str(out), "--frames", "60"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["split_sizes"] == {
+        "train": 3000,
+        "calibration": 500,
+        "validation": 500,
+        "test": 1000,
+    }
+    assert report["bundles"]["fp32"]["accuracy"] >= 0.97
+    assert (
+        report["bundles"]["int8+exits"]["accuracy"] >= report["bundles"]["fp32"]["accuracy"] - 0.015
+    )
+    assert report["video"]["frames"] == 60
+    assert report["mqtt"]["last_will_seen"] is True
+    assert (out / "bundles" / "mnist-cnn-int8-exits" / "report.png").exists()
+    assert "OFFLINE (last will)" in res.stdout
