@@ -64,6 +64,27 @@ def _check(args: argparse.Namespace) -> int:
     return check(args.config)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.benchmark import as_json, bench_bundle, read_frames
+
+    verified = verify_bundle(args.bundle, [load_public_key(p) for p in args.key])
+    source: str | int = int(args.source) if args.source.isdigit() else args.source
+    try:
+        frames = read_frames(source, args.frames)
+    except ValueError as exc:
+        print(f"edgefleet-agent bench: error: {exc}", file=sys.stderr)
+        return 1
+    m = verified.manifest
+    say = (lambda _m: None) if args.json else print
+    say(f"{m.model_id} v{m.version}: {len(frames)} frames of {args.source}, {args.threads} thr")
+    results = bench_bundle(verified, frames, threads=args.threads, rounds=args.rounds, say=say)
+    if args.json:
+        print(json.dumps(as_json(results), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Commands available on a device."""
     parser = argparse.ArgumentParser(prog="edgefleet-agent", description=__doc__)
@@ -80,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check config, bundle, camera and broker; say what is wrong")
     c.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     c.set_defaults(func=_check)
+    b = sub.add_parser("bench", help="latency, fps and energy per frame of a bundle on this device")
+    b.add_argument("bundle", type=Path)
+    b.add_argument("--key", type=Path, action="append", required=True, help="trusted public key")
+    b.add_argument("--source", required=True, help="video file or camera index/path")
+    b.add_argument("--frames", type=int, default=200)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_bench)
     return parser
 
 
