@@ -105,6 +105,10 @@ class AgentProcess:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # never leave a stuck agent behind a failed test
+            self.proc.wait(10)
+            raise
         finally:
             self._fh.close()
 
