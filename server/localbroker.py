@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from server.netutil import free_port, wait_closed, wait_listening
@@ -18,6 +19,16 @@ INSTALL_HINT = (
     "Install it with `sudo apt-get install -y mosquitto` "
     "or run `bash deploy/quickstart.sh` / `bash deploy/test.sh`, which install what is missing."
 )
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """Server certificate, its key and the CA that signs (and verifies) client certificates."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    require_client_cert: bool = True
 
 
 class MosquittoNotFound(RuntimeError):
@@ -35,7 +46,9 @@ def find_mosquitto() -> str:
 class MosquittoBroker:
     """One mosquitto process on 127.0.0.1 with persistence in its own directory."""
 
-    def __init__(self, workdir: Path, max_queued_messages: int = 100_000) -> None:
+    def __init__(
+        self, workdir: Path, max_queued_messages: int = 100_000, tls: TlsListener | None = None
+    ) -> None:
         self.binary = find_mosquitto()
         self.host = "127.0.0.1"
         self.port = free_port()
@@ -44,6 +57,7 @@ class MosquittoBroker:
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self.tls_port: int | None = None
         self.config_path.write_text(
             "\n".join(
                 [
@@ -59,10 +73,22 @@ class MosquittoBroker:
                     "log_type warning",
                     "log_type notice",
                     "log_timestamp true",
+                    *(self._tls_lines(tls) if tls else []),
                     "",
                 ]
             )
         )
+
+    def _tls_lines(self, tls: TlsListener) -> list[str]:
+        """A second listener on its own port: TLS, optionally requiring a client certificate."""
+        self.tls_port = free_port()
+        return [
+            f"listener {self.tls_port} {self.host}",
+            f"cafile {tls.ca}",
+            f"certfile {tls.cert}",
+            f"keyfile {tls.key}",
+            f"require_certificate {'true' if tls.require_client_cert else 'false'}",
+        ]
 
     @property
     def running(self) -> bool:

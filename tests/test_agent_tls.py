@@ -1,0 +1,71 @@
+"""The agent over mutual TLS to a real mosquitto; without its client certificate it is refused."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from agent.protocol import TopicTree
+from server.localbroker import MosquittoBroker, TlsListener
+from tests.agent_harness import AgentProcess, Collector, reference_bundle, write_config
+from tests.harness.certs import issue, make_ca
+
+
+def _tls_config(path: Path, broker: MosquittoBroker, tls_block: str) -> None:
+    text = path.read_text().replace(f"port = {broker.port}", f"port = {broker.tls_port}")
+    path.write_text(text + tls_block)
+
+
+def test_agent_reports_over_mutual_tls_and_is_refused_without_a_client_cert(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    ca, ca_key, ca_cert = make_ca(tmp_path / "pki")
+    server = issue(tmp_path / "pki", "broker", ca_key, ca_cert, server=True)
+    device = issue(tmp_path / "pki", "pi-tls", ca_key, ca_cert, server=False)
+    broker = MosquittoBroker(tmp_path / "mq", tls=TlsListener(ca.cert, server.cert, server.key))
+    broker.start()
+    root = f"{topic_prefix}/edgefleet/v1"
+    col = Collector(broker, TopicTree(root))  # the coordinator side, on the plain listener
+    try:
+        bundle, key = reference_bundle(tmp_path / "a")
+        cfg = write_config(
+            tmp_path / "a",
+            device_id="pi-tls",
+            broker=broker,
+            topic_root=root,
+            bundle=bundle,
+            key=key,
+        )
+        _tls_config(
+            cfg,
+            broker,
+            f'[mqtt.tls]\nca = "{ca.cert}"\ncert = "{device.cert}"\nkey = "{device.key}"\n',
+        )
+        agent = AgentProcess(cfg, tmp_path / "a.log")
+        try:
+            assert col.wait(lambda c: len(c.telemetry) >= 2, 60), agent.output()[-3000:]
+            assert col.status and col.status[0].online
+        finally:
+            agent.terminate()
+
+        # Same agent, CA only, no client certificate: the broker refuses; inference goes on.
+        bundle2, key2 = reference_bundle(tmp_path / "b")
+        cfg2 = write_config(
+            tmp_path / "b",
+            device_id="pi-nocert",
+            broker=broker,
+            topic_root=root,
+            bundle=bundle2,
+            key=key2,
+        )
+        _tls_config(cfg2, broker, f'[mqtt.tls]\nca = "{ca.cert}"\n')
+        agent = AgentProcess(cfg2, tmp_path / "b.log")
+        try:
+            time.sleep(8)
+            assert agent.alive(), agent.output()[-3000:]
+            assert not [t for t in col.telemetry if t.device_id == "pi-nocert"]
+        finally:
+            agent.terminate()
+    finally:
+        col.close()
+        broker.stop()
