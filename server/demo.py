@@ -6,11 +6,9 @@ Every number it prints is measured in this run on this machine.
 from __future__ import annotations
 
 import json
-import queue
 import shutil
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,29 +17,13 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
-import paho.mqtt.client as mqtt
-import psutil
-from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import __version__
 from agent.bundle import Metrics, VerifiedBundle, verify_bundle
-from agent.hardware import describe
-from agent.protocol import (
-    Percentiles,
-    ProtocolError,
-    Result,
-    Status,
-    Telemetry,
-    TopicTree,
-    decode_topic,
-    encode,
-    offline_will,
-)
 from agent.runtime.preprocess import Preprocessor
 from agent.runtime.staged import StagedModel
 from server.bundles.plain import plain_body, write_plain_bundle
+from server.demo_device import run_device
 from server.keystore import init_key
-from server.localbroker import MosquittoBroker
 from server.optimize.latency import compare
 from server.optimize.options import OptimizeOptions
 from server.optimize.pipeline import optimize
@@ -77,13 +59,6 @@ def ascii_digit(img: npt.NDArray[np.uint8]) -> list[str]:
     return ["".join(ramp[min(9, int(v) * 10 // 256)] * 2 for v in row) for row in small]
 
 
-def _percentiles(values: list[float]) -> Percentiles:
-    if not values:
-        return Percentiles(p50=0, p95=0, p99=0)
-    p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return Percentiles(p50=float(p50), p95=float(p95), p99=float(p99))
-
-
 def run_video(model: StagedModel, pre: Preprocessor, max_frames: int | None) -> VideoRun:
     """Decode the reference video and classify every frame the way a device does."""
     labels = json.loads(VIDEO_LABELS_PATH.read_text())["labels"]
@@ -108,138 +83,6 @@ def run_video(model: StagedModel, pre: Preprocessor, max_frames: int | None) -> 
         cap.release()
     run.seconds = time.perf_counter() - t0
     return run
-
-
-def mqtt_slice(
-    out: Path, device_id: str, model: StagedModel, run: VideoRun, say: Say
-) -> dict[str, Any]:
-    """Start a private broker; a device publishes birth, telemetry and results; decode them."""
-    broker = MosquittoBroker(out / "broker")
-    broker.start()
-    tree = TopicTree()
-    seen: queue.Queue[tuple[str, Any]] = queue.Queue()
-    try:
-        coord = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="demo-coordinator", protocol=mqtt.MQTTv5
-        )
-        coord.on_message = lambda c, u, msg: seen.put(
-            (msg.topic, decode_topic(tree, msg.topic, bytes(msg.payload)))
-        )
-        coord.connect(broker.host, broker.port)
-        coord.subscribe(
-            [
-                (tree.all_devices("status"), 1),
-                (tree.all_devices("telemetry"), 1),
-                (tree.all_devices("results"), 0),
-            ]
-        )
-        coord.loop_start()
-
-        m = model.manifest
-        birth = Status(
-            device_id=device_id,
-            online=True,
-            ts=time.time(),
-            agent_version=__version__,
-            model_id=m.model_id,
-            model_version=m.version,
-            operating_point=None,
-            hardware=describe(),
-            boot_id=str(uuid.uuid4()),
-        )
-        dev = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
-        dev.will_set(
-            tree.device(device_id, "status"), encode(offline_will(birth)), qos=1, retain=True
-        )
-        dev.connect(broker.host, broker.port, keepalive=2)
-        dev.loop_start()
-        time.sleep(0.2)
-        dev.publish(tree.device(device_id, "status"), encode(birth), qos=1, retain=True)
-        now = time.time()
-        proc = psutil.Process()
-        hist = [run.exits.count(i) for i in range(len(m.early_exits) + 1)]
-        telemetry = Telemetry(
-            device_id=device_id,
-            seq=0,
-            window_start=now - run.seconds,
-            window_end=now,
-            frames_captured=run.frames,
-            frames_processed=run.frames,
-            frames_dropped=0,
-            fps=run.frames / run.seconds if run.seconds else 0.0,
-            latency_ms=_percentiles(run.latency_ms),
-            stage_latency_ms=[],
-            exit_histogram=hist,
-            operating_point=0,
-            cpu_percent=proc.cpu_percent(interval=None),
-            rss_mb=proc.memory_info().rss / 2**20,
-            temperature_c=None,
-            throttled=None,
-            power_w=None,
-            power_source="none",
-            energy_per_frame_mj=None,
-            outbox_depth=0,
-            outbox_overflow=0,
-            model_id=m.model_id,
-            model_version=m.version,
-        )
-        dev.publish(tree.device(device_id, "telemetry"), encode(telemetry), qos=1).wait_for_publish(
-            5
-        )
-        for i, (cls, conf, ex) in enumerate(run.predictions[:3]):
-            res = Result(
-                device_id=device_id,
-                ts=time.time(),
-                frame_index=i,
-                class_index=cls,
-                label=m.labels[cls],
-                confidence=conf,
-                exit_index=ex,
-                latency_ms=run.latency_ms[i],
-            )
-            dev.publish(tree.device(device_id, "results"), encode(res), qos=0)
-        time.sleep(0.3)
-        # Drop the device's connection without DISCONNECT: the broker publishes its Last Will.
-        dev.loop_stop()
-        sock = dev.socket()
-        if sock is not None:
-            sock.close()
-        lines: list[str] = []
-        deadline = time.monotonic() + 10
-        got_offline = False
-        while time.monotonic() < deadline and not got_offline:
-            try:
-                topic, msg = seen.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if isinstance(msg, ProtocolError):
-                lines.append(f"rejected {topic}: {msg}")
-            elif isinstance(msg, Status):
-                lines.append(
-                    f"{topic}: {'online' if msg.online else 'OFFLINE (last will)'}"
-                    f" {msg.model_id}@{msg.model_version}"
-                )
-                got_offline = not msg.online
-            elif isinstance(msg, Telemetry):
-                lines.append(
-                    f"{topic}: seq {msg.seq}, {msg.frames_processed} frames, {msg.fps:.0f} fps, "
-                    f"p95 {msg.latency_ms.p95:.2f} ms"
-                )
-            elif isinstance(msg, Result):
-                lines.append(
-                    f"{topic}: frame {msg.frame_index} -> {msg.label} ({msg.confidence:.2f})"
-                )
-        for line in lines:
-            say(f"    {line}")
-        coord.loop_stop()
-        coord.disconnect()
-        return {
-            "messages_decoded": len(lines),
-            "last_will_seen": got_offline,
-            "broker_port": broker.port,
-        }
-    finally:
-        broker.stop()
 
 
 def _export_npz(splits: dict[str, tuple[Any, Any]], path: Path) -> Path:
@@ -356,8 +199,8 @@ def run_demo(out: Path, *, max_frames: int | None = None, say: Say = print) -> d
         "fps": fps,
     }
 
-    say("[6/6] MQTT: a private mosquitto, one device reporting, the coordinator decoding")
-    report["mqtt"] = mqtt_slice(out, "demo-device-1", opt_model, run, say)
+    say("[6/6] a real edgefleet-agent on the video with the INT8 bundle, over a private mosquitto")
+    report["device"] = run_device(out / "device", opt_dir / "bundle", key, say)
 
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     say(f"report: {out / 'report.json'}")

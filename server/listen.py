@@ -32,9 +32,14 @@ def describe(msg: Message) -> str:
         state = "online" if msg.online else "offline"
         return f"status {msg.device_id} {state} model={msg.model_id}@{msg.model_version}"
     if isinstance(msg, Telemetry):
+        energy = (
+            f" {msg.power_w:.1f}W {msg.energy_per_frame_mj:.0f}mJ/frame ({msg.power_source})"
+            if msg.power_w is not None and msg.energy_per_frame_mj is not None
+            else ""
+        )
         return (
             f"telemetry {msg.device_id} seq={msg.seq} fps={msg.fps:.1f} "
-            f"p95={msg.latency_ms.p95:.2f}ms exits={msg.exit_histogram}"
+            f"p95={msg.latency_ms.p95:.2f}ms exits={msg.exit_histogram}{energy}"
         )
     if isinstance(msg, Result):
         return f"result {msg.device_id} frame={msg.frame_index} {msg.label} ({msg.confidence:.2f})"

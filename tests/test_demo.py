@@ -29,6 +29,9 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
         report["bundles"]["int8+exits"]["accuracy"] >= report["bundles"]["fp32"]["accuracy"] - 0.015
     )
     assert report["video"]["frames"] == 60
-    assert report["mqtt"]["last_will_seen"] is True
+    device = report["device"]
+    assert device["agent_exit_code"] == 0
+    assert device["telemetry_windows"] >= 2 and device["results"] >= 1 and device["rejected"] == 0
+    assert device["offline_seen"] is True
     assert (out / "bundles" / "mnist-cnn-int8-exits" / "report.png").exists()
-    assert "OFFLINE (last will)" in res.stdout
+    assert "telemetry demo-pi-1 seq=0" in res.stdout
