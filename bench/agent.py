@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shutil
 import signal
 import statistics
@@ -45,7 +44,7 @@ from agent.protocol import Result, Telemetry, TopicTree, decode_topic
 from agent.runtime.preprocess import Preprocessor
 from agent.runtime.staged import StagedModel
 from agent.window import TelemetryWindow
-from bench.optimize import load_avg, machine_info, rounded_floats, run_optimizer, say
+from bench.optimize import emit_report, load_avg, machine_info, rounded_floats, run_optimizer, say
 from server.keystore import FleetKey
 from server.localbroker import MosquittoBroker
 from server.optimize.runner import make_session
@@ -491,12 +490,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
     """Run the benchmark, print the JSON, write it to --out."""
     args = parse_args(argv)
-    result = build_report(args)
-    text = json.dumps(result, indent=2, sort_keys=False)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    emit(text)
-    say(f"written to {args.out}")
+    emit_report(build_report(args), args.out, emit)
     return 0
 
 

@@ -39,6 +39,7 @@ from agent.bundle import verify_bundle
 from agent.runtime.preprocess import Preprocessor
 from agent.runtime.staged import StagedModel
 from server.keystore import FleetKey, init_key
+from server.optimize.data import write_splits_npz
 from server.optimize.latency import Runner, time_runner
 from server.optimize.options import OptimizeOptions, cpu_has_vnni, use_reduce_range
 from server.optimize.pipeline import optimize
@@ -115,9 +116,7 @@ def load_avg() -> list[float]:
 def write_reference_npz(path: Path) -> dict[str, Any]:
     """The reference split as <split>_images / <split>_labels; returns the test split."""
     splits = load_reference_split()
-    arrays: dict[str, Any] = {f"{k}_images": v[0] for k, v in splits.items()}
-    arrays |= {f"{k}_labels": v[1] for k, v in splits.items()}
-    np.savez(path, **arrays)
+    write_splits_npz(splits, path)
     return {"images": splits["test"][0], "labels": splits["test"][1]}
 
 
@@ -727,15 +726,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def emit_report(result: dict[str, Any], out: Path, emit: Callable[[str], None]) -> None:
+    """Print the JSON report and write the same text to out."""
+    text = json.dumps(result, indent=2, sort_keys=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    emit(text)
+    say(f"written to {out}")
+
+
 def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
     """Run the benchmark, print the JSON, write it to --out."""
     args = parse_args(argv)
-    result = build_report(args)
-    text = json.dumps(result, indent=2, sort_keys=False)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    emit(text)
-    say(f"written to {args.out}")
+    emit_report(build_report(args), args.out, emit)
     return 0
 
 

@@ -24,6 +24,7 @@ from agent.runtime.staged import StagedModel
 from server.bundles.plain import plain_body, write_plain_bundle
 from server.demo_device import run_device
 from server.keystore import init_key
+from server.optimize.data import write_splits_npz
 from server.optimize.latency import compare
 from server.optimize.options import OptimizeOptions
 from server.optimize.pipeline import optimize
@@ -85,13 +86,6 @@ def run_video(model: StagedModel, pre: Preprocessor, max_frames: int | None) -> 
     return run
 
 
-def _export_npz(splits: dict[str, tuple[Any, Any]], path: Path) -> Path:
-    arrays = {f"{k}_images": v[0] for k, v in splits.items()}
-    arrays |= {f"{k}_labels": v[1] for k, v in splits.items()}
-    np.savez(path, **arrays)
-    return path
-
-
 def run_demo(out: Path, *, max_frames: int | None = None, say: Say = print) -> dict[str, Any]:
     """Run the demo end to end; returns the report that is also written to out/report.json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +123,7 @@ def run_demo(out: Path, *, max_frames: int | None = None, say: Say = print) -> d
     opt_dir = bundles / "mnist-cnn-int8-exits"
     opt_report = optimize(
         MODEL_PATH,
-        _export_npz(splits, bundles / "mnist5k.npz"),
+        write_splits_npz(splits, bundles / "mnist5k.npz"),
         opt_dir,
         reference_preprocessing(),
         key,

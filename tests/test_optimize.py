@@ -17,6 +17,7 @@ from agent.bundle import Preprocessing, verify_bundle
 from agent.runtime.preprocess import Preprocessor
 from agent.runtime.staged import StagedModel
 from server.keystore import FleetKey, init_key
+from server.optimize.data import write_splits_npz
 from server.optimize.errors import BudgetError, DataError, ModelError, OutputExistsError
 from server.optimize.options import OptimizeOptions
 from server.optimize.pipeline import optimize
@@ -33,11 +34,7 @@ FAST = {"latency_samples": 20}
 @pytest.fixture(scope="module")
 def mnist_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "mnist.npz"
-    splits = load_reference_split()
-    arrays = {f"{k}_images": v[0] for k, v in splits.items()}
-    arrays |= {f"{k}_labels": v[1] for k, v in splits.items()}
-    np.savez(path, **arrays)
-    return path
+    return write_splits_npz(load_reference_split(), path)
 
 
 @pytest.fixture(scope="module")

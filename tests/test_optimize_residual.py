@@ -21,6 +21,7 @@ from agent.bundle import Preprocessing, verify_bundle
 from agent.runtime.preprocess import Preprocessor
 from agent.runtime.staged import StagedModel
 from server.keystore import FleetKey, init_key
+from server.optimize.data import write_splits_npz
 from server.optimize.options import OptimizeOptions
 from server.optimize.pipeline import optimize
 from server.optimize.prepare import prepare_model
@@ -52,10 +53,7 @@ def card() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def digits_npz(tmp_path_factory: pytest.TempPathFactory, splits: Splits) -> Path:
     path = tmp_path_factory.mktemp("data") / "digits_rgb.npz"
-    arrays: dict[str, Any] = {f"{k}_images": v[0] for k, v in splits.items()}
-    arrays |= {f"{k}_labels": v[1] for k, v in splits.items()}
-    np.savez(path, **arrays)
-    return path
+    return write_splits_npz(splits, path)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from .options import OptimizeOptions
 from .split import StageGraph
 
 
-def _point_names(n: int) -> list[str]:
+def point_names(n: int) -> list[str]:
+    """Operating point names from accurate to fast."""
     if n == 1:
         return ["only"]
     return ["accurate", *[f"balanced-{i}" for i in range(1, n - 1)], "fast"]
@@ -81,7 +82,7 @@ def assemble_bundle(
     points = []
     default = 0
     if plan is not None:
-        names = _point_names(len(plan.points))
+        names = point_names(len(plan.points))
         points = [p.to_operating_point(n) for p, n in zip(plan.points, names, strict=True)]
         default = plan.default
     optimizer: dict[str, str | int | float | bool | list[str] | None] = {

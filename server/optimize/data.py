@@ -6,6 +6,7 @@ the agent's own preprocessing, so calibration sees exactly what devices will com
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,14 @@ def _carve(labels: npt.NDArray[np.int64], wanted: list[str]) -> dict[str, npt.ND
     first = wanted[0]
     counts[first] += n - sum(counts.values())
     return stratified_split(labels, counts, seed=CARVE_SEED)
+
+
+def write_splits_npz(splits: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]], path: Path) -> Path:
+    """Write splits in the layout load_labelled reads: <split>_images, <split>_labels."""
+    arrays: dict[str, Any] = {f"{k}_images": v[0] for k, v in splits.items()}
+    arrays |= {f"{k}_labels": v[1] for k, v in splits.items()}
+    np.savez(path, **arrays)
+    return path
 
 
 def load_labelled(path: Path, names: list[str] | None = None) -> LabelledData:

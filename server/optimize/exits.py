@@ -14,7 +14,7 @@ from agent.runtime.confidence import Rule, confidence, softmax
 from .errors import ModelError
 from .heads import LinearHead, fit_softmax_regression, select_l2
 from .macs import cumulative_macs_at, total_macs
-from .runner import make_session
+from .runner import make_session, run_outputs
 from .split import add_exit_features, articulation_tensors, quantized_alias
 from .thresholds import PointStats, choose_default, pareto_operating_points
 
@@ -110,17 +110,14 @@ def collect_features(
     """Run the model once per sample with pooled exit features exposed as outputs."""
     with_exits, names = add_exit_features(model, [c.tensor for c in cuts], grid)
     sess = make_session(with_exits, threads)
-    input_name = sess.get_inputs()[0].name
-    final = model.graph.output[0].name
-    fetch = [*names, final]
+    fetch = [*names, model.graph.output[0].name]
     feats: dict[str, list[F32]] = {}
     logits: dict[str, F32] = {}
     for split, x in data.items():
-        rows: list[list[F32]] = [[] for _ in fetch]
-        for i in range(x.shape[0]):
-            for store, value in zip(rows, sess.run(fetch, {input_name: x[i : i + 1]}), strict=True):
-                store.append(np.asarray(value, dtype=np.float32).reshape(1, -1))
-        stacked = [np.concatenate(r) for r in rows]
+        stacked = [
+            np.asarray(v, dtype=np.float32).reshape(x.shape[0], -1)
+            for v in run_outputs(sess, x, fetch)
+        ]
         feats[split], logits[split] = stacked[:-1], stacked[-1]
     return ExitFeatures(feats, logits)
 

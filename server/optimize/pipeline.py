@@ -25,7 +25,7 @@ from agent.runtime.staged import StagedModel
 from server.keystore import FleetKey
 
 from .accuracy_control import quantize_within_budget
-from .assemble import _point_names, assemble_bundle
+from .assemble import assemble_bundle, point_names
 from .compress import run_passes
 from .data import LabelledData, load_labelled
 from .errors import BudgetError, ModelError, OutputExistsError
@@ -301,7 +301,7 @@ def _exits_report(plan: ExitPlan | None, total: int) -> dict[str, Any]:
         "val_exit_accuracy": plan.val_exit_accuracy,
         "operating_points": [
             p.to_operating_point(name).model_dump()
-            for p, name in zip(plan.points, _point_names(len(plan.points)), strict=True)
+            for p, name in zip(plan.points, point_names(len(plan.points)), strict=True)
         ],
         "default": plan.default,
     }
