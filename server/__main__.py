@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from agent import __version__
 from agent.protocol import DEFAULT_ROOT, TopicTree
 from server.listen import Listener
+
+TOKEN_ENV = "EDGEFLEET_API_TOKEN"
 
 
 def _listen(args: argparse.Namespace) -> int:
@@ -29,6 +33,63 @@ def _listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_token(path: str | None) -> str | None:
+    """The API token: --token-file, then systemd's credential, then the environment."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path is None and cred_dir and (Path(cred_dir) / "api-token").is_file():
+        path = str(Path(cred_dir) / "api-token")
+    if path is not None:
+        token = Path(path).read_text().strip()
+        if not token:
+            raise ValueError(f"token file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from server.fleet.ingest import IngestConfig
+    from server.fleet.service import Coordinator, CoordinatorConfig
+
+    host, _, port = args.broker.rpartition(":")
+    http_host, _, http_port = args.http.rpartition(":")
+    try:
+        cfg = CoordinatorConfig(
+            store=args.store,
+            mqtt=IngestConfig(
+                host=host or "127.0.0.1",
+                port=int(port),
+                root=args.root,
+                client_id=args.client_id,
+                share_group=args.share_group,
+                registration_open=not args.closed_registration,
+            ),
+            http_host=http_host or "127.0.0.1",
+            http_port=int(http_port),
+            token=_read_token(args.token_file),
+            loss_grace_s=args.loss_grace,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"edgefleet-server run: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def _stop(_sig: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    coordinator = Coordinator(cfg)
+    try:
+        coordinator.start()
+    except Exception as exc:
+        print(f"edgefleet-server run: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"coordinator ready: {coordinator.url}", flush=True)
+    stop.wait()
+    coordinator.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Coordinator commands."""
     parser = argparse.ArgumentParser(prog="edgefleet-server", description=__doc__)
@@ -39,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--root", default=DEFAULT_ROOT, help="topic root")
     p.set_defaults(func=_listen)
+    p = sub.add_parser("run", help="ingest the fleet's traffic and serve the HTTP API")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the MQTT broker")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="topic root")
+    p.add_argument(
+        "--store",
+        default="sqlite:///var/lib/edgefleet/coordinator.db",
+        help="sqlite:///PATH or a PostgreSQL URL/DSN (several coordinators need PostgreSQL)",
+    )
+    p.add_argument("--http", default="127.0.0.1:8080", help="HOST:PORT of the HTTP API")
+    p.add_argument("--token-file", help=f"API token for actions (else ${TOKEN_ENV})")
+    p.add_argument("--client-id", default="edgefleet-coordinator-1",
+                   help="MQTT client id: unique per coordinator, stable across restarts")
+    p.add_argument("--share-group", default="edgefleet-coordinators",
+                   help="coordinators in one share group split the device traffic")
+    p.add_argument("--closed-registration", action="store_true",
+                   help="refuse devices that were not registered beforehand")
+    p.add_argument("--loss-grace", type=float, default=300.0,
+                   help="seconds a sequence gap may stay open before it counts as lost")
+    p.set_defaults(func=_run)
     return parser
 
 

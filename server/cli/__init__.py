@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from agent.bundle import BundleError, KeyFileError
+from server.fleet.client import ApiError
 
-from . import bundle, demo, keys, optimize
+from . import bundle, demo, fleet, keys, optimize, simulate
 
 
 class CliError(Exception):
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.register(sub)
     optimize.register(sub)
     demo.register(sub)
+    fleet.register(sub)
+    simulate.register(sub)
     return parser
 
 
@@ -38,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (CliError, BundleError, KeyFileError, FileNotFoundError, ValueError) as exc:
+    except (
+        CliError, ApiError, BundleError, KeyFileError, FileNotFoundError, ValueError
+    ) as exc:
         print(f"edgefleet {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,1 @@
+"""The coordinator's fleet side: registry, telemetry ingestion, store, HTTP API, simulator."""

@@ -1,0 +1,84 @@
+"""The operator CLI's side of the HTTP API (stdlib urllib: a few JSON calls need no more)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from server.fleet.views import CommandOutcome, DeviceDetail, DeviceView, GroupView
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+URL_ENV = "EDGEFLEET_URL"
+TOKEN_ENV = "EDGEFLEET_API_TOKEN"
+
+_devices = TypeAdapter(list[DeviceView])
+_groups = TypeAdapter(list[GroupView])
+
+
+class ApiError(RuntimeError):
+    """The coordinator answered with an error, or could not be reached."""
+
+
+class FleetClient:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
+        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        self.token = token or os.environ.get(TOKEN_ENV)
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("detail", exc.reason)
+            except (ValueError, AttributeError):
+                detail = exc.reason
+            raise ApiError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ApiError(f"cannot reach the coordinator at {self.url}: {exc}") from None
+
+    def devices(self, group: str | None = None) -> list[DeviceView]:
+        q = f"?{urllib.parse.urlencode({'group': group})}" if group else ""
+        return _devices.validate_python(self._call("GET", f"/devices{q}"))
+
+    def device(self, device_id: str, windows: int = 10, events: int = 10) -> DeviceDetail:
+        path = f"/devices/{urllib.parse.quote(device_id)}?windows={windows}&events={events}"
+        return DeviceDetail.model_validate(self._call("GET", path))
+
+    def groups(self) -> list[GroupView]:
+        return _groups.validate_python(self._call("GET", "/groups"))
+
+    def assign_group(self, device_id: str, group: str | None) -> DeviceView:
+        path = f"/devices/{urllib.parse.quote(device_id)}/group"
+        return DeviceView.model_validate(self._call("PUT", path, {"group": group}))
+
+    def command(
+        self,
+        command: dict[str, Any],
+        *,
+        device: str | None = None,
+        group: str | None = None,
+        timeout_s: float = 5.0,
+    ) -> CommandOutcome:
+        if device is not None:
+            path = f"/devices/{urllib.parse.quote(device)}/commands"
+        elif group is not None:
+            path = f"/groups/{urllib.parse.quote(group)}/commands"
+        else:
+            raise ValueError("give a device or a group")
+        body = {"command": command, "timeout_s": timeout_s}
+        return CommandOutcome.model_validate(self._call("POST", path, body))

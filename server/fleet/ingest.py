@@ -1,0 +1,404 @@
+"""Lossless telemetry ingestion: MQTT 5 shared subscriptions in, one store transaction per batch.
+
+Why it cannot lose a message:
+* The session is persistent (clean_start False, a session expiry), so while this coordinator
+  is down the broker queues what its subscriptions match and delivers it on reconnect.
+* Acks are manual: a QoS 1 message is acknowledged only after the batch holding it was
+  committed. A crash between commit and ack makes the broker deliver it again, and the
+  store's (device_id, seq) key turns that into a counted duplicate, not a second row.
+* Decoding and writing happen on a writer thread that takes whatever accumulated (up to
+  batch_max), so the network thread only appends to a queue and never stalls: a slow
+  consumer would make mosquitto drop QoS 1 messages once max_queued_messages is reached.
+
+Device statuses are subscribed without $share by every coordinator: status is state, not a
+log, so each coordinator applying it is idempotent, and mosquitto (2.0) hands retained
+messages to shared subscribers unevenly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.protocol import (
+    DEFAULT_ROOT,
+    Event,
+    ProtocolError,
+    Reply,
+    Status,
+    Telemetry,
+    TopicError,
+    TopicTree,
+    decode,
+)
+from agent.protocol.codec import TOPIC_PAYLOADS
+from agent.protocol.topics import DeviceKind
+from server.fleet.store.base import (
+    EventIn,
+    IngestBatch,
+    IngestOutcome,
+    Reject,
+    RejectReason,
+    ReplyIn,
+    StatusIn,
+    Store,
+    TelemetryIn,
+)
+
+log = logging.getLogger(__name__)
+
+_REASONS: dict[str, RejectReason] = {
+    "too_large": "oversized",
+    "unknown_topic": "invalid_topic",
+}
+_SHARED_KINDS: tuple[DeviceKind, ...] = ("telemetry", "events", "reply")
+# How long a reason keeps being logged at warning level before it is only counted.
+_LOG_EVERY_S = 10.0
+
+
+class IngestConfig(BaseModel):
+    """Where to read from and how to batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    root: str = DEFAULT_ROOT
+    client_id: str = Field("edgefleet-coordinator-1", min_length=1, max_length=128)
+    share_group: str = Field(
+        "edgefleet-coordinators", description="Coordinators with the same group split the load."
+    )
+    username: str | None = None
+    password: str | None = None
+    session_expiry_s: int = Field(
+        7 * 24 * 3600, ge=0, description="How long the broker queues for us while we are down."
+    )
+    batch_max: int = Field(1000, ge=1, le=100_000)
+    batch_wait_s: float = Field(
+        0.05, ge=0, le=5, description="How long a batch may wait to fill before it is written."
+    )
+    registration_open: bool = Field(True, description="Register unknown devices on first sight.")
+    keepalive_s: int = Field(30, ge=5, le=3600)
+
+
+@dataclass
+class IngestStats:
+    """Counters since this ingestor started."""
+
+    received: int = 0
+    batches: int = 0
+    telemetry_inserted: int = 0
+    telemetry_duplicates: int = 0
+    events_inserted: int = 0
+    events_duplicates: int = 0
+    statuses: int = 0
+    replies: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+    unregistered: int = 0
+    id_conflicts: int = 0
+    clock_skewed: int = 0
+    store_errors: int = 0
+    # Seconds from a window's end on the device to its commit here, newest last.
+    lags: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+
+
+@dataclass(frozen=True)
+class _Raw:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float
+
+
+class Ingestor:
+    """One coordinator's MQTT consumer writing into a Store."""
+
+    def __init__(self, cfg: IngestConfig, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.tree = TopicTree(cfg.root)
+        self.stats = IngestStats()
+        self.connected = threading.Event()
+        self._queue: deque[_Raw] = deque()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._last_logged: dict[str, float] = {}
+        self._listeners: list[_ReplyListener] = []
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        self.client = self._make_client()
+
+    # -- MQTT -----------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, self.cfg.password)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        # Unacked messages wait for their batch's commit; a small window would throttle us.
+        props.ReceiveMaximum = 65535
+        return props
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        subs = [(self.tree.all_devices("status"), 1)]
+        subs += [
+            (TopicTree.shared(self.cfg.share_group, self.tree.all_devices(kind)), 1)
+            for kind in _SHARED_KINDS
+        ]
+        return subs
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: object,
+        _props: object,
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker %s:%s refused %s: %s", self.cfg.host, self.cfg.port,
+                      self.cfg.client_id, reason)
+            return
+        # Subscribing again on a resumed session is harmless and covers an expired one.
+        client.subscribe(self._subscriptions())
+        log.info(
+            "coordinator %s connected to %s:%s (session %s), ingesting %s/dev/+",
+            self.cfg.client_id,
+            self.cfg.host,
+            self.cfg.port,
+            "resumed" if flags.session_present else "new",
+            self.cfg.root,
+        )
+        self.connected.set()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object
+    ) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("coordinator %s lost the broker %s:%s (%s); reconnecting",
+                        self.cfg.client_id, self.cfg.host, self.cfg.port, reason)
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        # Network thread: only enqueue. Decoding and the store happen on the writer.
+        raw = _Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time())
+        with self._cond:
+            self._queue.append(raw)
+            if len(self._queue) >= self.cfg.batch_max:
+                self._cond.notify()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background and start writing; paho retries while the broker is away."""
+        self.client.connect_async(
+            self.cfg.host,
+            self.cfg.port,
+            keepalive=self.cfg.keepalive_s,
+            clean_start=False,
+            properties=self._connect_properties(),
+        )
+        self.client.loop_start()
+        self._writer.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what was received, ack it, then disconnect keeping the session."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify()
+        self._writer.join(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def kill(self) -> None:
+        """Drop the connection without writing what is queued (tests: a crashing coordinator)."""
+        self._stop.set()
+        with self._cond:
+            self._queue.clear()
+            self._cond.notify()
+        self._writer.join(5)
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+        self.client.loop_stop()
+
+    def backlog(self) -> int:
+        """Messages received and not yet written."""
+        with self._cond:
+            return len(self._queue)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _take(self) -> list[_Raw]:
+        with self._cond:
+            if len(self._queue) < self.cfg.batch_max and not self._stop.is_set():
+                self._cond.wait(self.cfg.batch_wait_s)
+            n = min(len(self._queue), self.cfg.batch_max)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _write_loop(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            raws = self._take()
+            if raws:
+                self._write(raws)
+            elif stopping:
+                return
+
+    def _write(self, raws: list[_Raw]) -> None:
+        batch = self.build_batch(raws)
+        try:
+            outcome = self.store.ingest(batch, registration_open=self.cfg.registration_open)
+        except Exception as exc:  # the store is down or broken: keep the messages, retry
+            self.stats.store_errors += 1
+            log.error("store write of %d messages failed, retrying: %s", len(raws), exc)
+            with self._cond:
+                self._queue.extendleft(reversed(raws))
+            time.sleep(1.0)
+            return
+        committed = time.time()
+        for raw in raws:
+            if raw.qos > 0:
+                self.client.ack(raw.mid, raw.qos)
+        self._account(batch, outcome, committed)
+        for reply in batch.replies:
+            for listener in list(self._listeners):
+                listener.offer(reply.reply)
+
+    def build_batch(self, raws: list[_Raw]) -> IngestBatch:
+        """Decode each raw message into the batch, or into a reject naming what was wrong."""
+        batch = IngestBatch()
+        for raw in raws:
+            msg = self._decode(raw, batch)
+            if msg is None:
+                continue
+            if isinstance(msg, Telemetry):
+                batch.telemetry.append(TelemetryIn(raw.received_at, msg))
+            elif isinstance(msg, Status):
+                batch.statuses.append(StatusIn(raw.received_at, msg))
+            elif isinstance(msg, Event):
+                batch.events.append(EventIn(raw.received_at, msg))
+            elif isinstance(msg, Reply):
+                batch.replies.append(ReplyIn(raw.received_at, msg))
+        return batch
+
+    def _decode(self, raw: _Raw, batch: IngestBatch) -> Telemetry | Status | Event | Reply | None:
+        try:
+            parsed = self.tree.parse(raw.topic)
+        except TopicError as exc:
+            self._reject(batch, raw, None, "invalid_topic", str(exc))
+            return None
+        kind = TOPIC_PAYLOADS.get(parsed.kind)
+        if kind not in ("status", "telemetry", "events", "reply"):
+            self._reject(batch, raw, parsed.device_id, "invalid_topic",
+                         f"topic {raw.topic!r} is not one a device publishes")
+            return None
+        msg = decode(kind, raw.payload, topic=raw.topic)
+        if isinstance(msg, ProtocolError):
+            self._reject(batch, raw, parsed.device_id, _REASONS.get(msg.reason, "invalid_payload"),
+                         msg.message)
+            return None
+        assert isinstance(msg, Telemetry | Status | Event | Reply)
+        if msg.device_id != parsed.device_id:
+            self._reject(
+                batch, raw, parsed.device_id, "device_mismatch",
+                f"payload device_id {msg.device_id!r} differs from the topic's "
+                f"{parsed.device_id!r}",
+            )
+            return None
+        return msg
+
+    def _reject(
+        self, batch: IngestBatch, raw: _Raw, device: str | None, reason: RejectReason, detail: str
+    ) -> None:
+        batch.rejects.append(Reject(raw.received_at, raw.topic, device, reason, detail[:1000]))
+        now = time.monotonic()
+        # One warning per reason every few seconds: a flood of garbage must not flood the log.
+        if now - self._last_logged.get(reason, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._last_logged[reason] = now
+            log.warning("rejected %s from %s (%s): %s", raw.topic, device or "?", reason, detail)
+
+    def _account(self, batch: IngestBatch, outcome: IngestOutcome, committed: float) -> None:
+        s = self.stats
+        s.received += len(batch)
+        s.batches += 1
+        s.telemetry_inserted += outcome.telemetry_inserted
+        s.telemetry_duplicates += outcome.telemetry_duplicates
+        s.events_inserted += outcome.events_inserted
+        s.events_duplicates += outcome.events_duplicates
+        s.statuses += len(batch.statuses)
+        s.replies += len(batch.replies)
+        s.unregistered += outcome.unregistered
+        s.clock_skewed += outcome.clock_skewed
+        s.id_conflicts += len(outcome.id_conflicts)
+        for r in batch.rejects:
+            s.rejects[r.reason] += 1
+        for t in batch.telemetry:
+            s.lags.append(committed - t.telemetry.window_end)
+        for device in outcome.devices_registered:
+            log.info("registered device %s on first sight", device)
+        for device in outcome.id_conflicts:
+            log.warning("device %s: two agents claim this id (a replaced boot_id came back)",
+                        device)
+
+    # -- replies --------------------------------------------------------------------------
+
+    def listen_replies(self) -> _ReplyListener:
+        """Collect replies this coordinator ingests; close() it when done."""
+        listener = _ReplyListener(self)
+        self._listeners.append(listener)
+        return listener
+
+
+class _ReplyListener:
+    """Replies seen by one ingestor while a command waits for them."""
+
+    def __init__(self, owner: Ingestor) -> None:
+        self._owner = owner
+        self._cond = threading.Condition()
+        self.replies: dict[tuple[str, str], Reply] = {}
+
+    def offer(self, reply: Reply) -> None:
+        with self._cond:
+            self.replies[(reply.id, reply.device_id)] = reply
+            self._cond.notify_all()
+
+    def wait(self, command_id: str, devices: set[str], timeout: float) -> dict[str, Reply]:
+        """Replies to command_id from these devices, as many as came before the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = {d: r for (cid, d), r in self.replies.items() if cid == command_id}
+                left = deadline - time.monotonic()
+                if devices <= got.keys() or left <= 0:
+                    return got
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        if self in self._owner._listeners:
+            self._owner._listeners.remove(self)

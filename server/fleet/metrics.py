@@ -1,0 +1,104 @@
+"""Prometheus metrics of the fleet, computed from the store at scrape time."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.fleet.ingest import IngestStats
+from server.fleet.store.base import Store
+
+NO_GROUP = "none"  # label value for devices outside any group
+
+
+class FleetCollector(Collector):
+    """Reads the registry on every scrape, so several coordinators report the same fleet."""
+
+    def __init__(self, store: Store, stats: IngestStats | None = None) -> None:
+        self.store = store
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        devices = self.store.devices()
+        by_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        p95s: dict[str, list[float]] = defaultdict(list)
+        power: dict[str, float] = defaultdict(float)
+        for d in devices:
+            g = d.group or NO_GROUP
+            by_group[g][0] += 1
+            tm = d.last_telemetry
+            if d.online:
+                by_group[g][1] += 1
+                if tm is not None:
+                    p95s[g].append(tm.latency_ms.p95)
+                    if tm.power_w is not None:
+                        power[g] += tm.power_w
+
+        size = GaugeMetricFamily("edgefleet_devices", "Registered devices.", labels=["group"])
+        online = GaugeMetricFamily("edgefleet_devices_online", "Devices online.", labels=["group"])
+        for g, (n, on) in sorted(by_group.items()):
+            size.add_metric([g], n)
+            online.add_metric([g], on)
+        yield size
+        yield online
+
+        p95 = GaugeMetricFamily(
+            "edgefleet_latency_p95_ms",
+            "Median over a group's online devices of their last window's p95 latency.",
+            labels=["group"],
+        )
+        for g, values in sorted(p95s.items()):
+            p95.add_metric([g], statistics.median(values))
+        yield p95
+        watts = GaugeMetricFamily(
+            "edgefleet_power_watts", "Power drawn by a group's online devices.", labels=["group"]
+        )
+        for g, w in sorted(power.items()):
+            watts.add_metric([g], w)
+        yield watts
+
+        reports = self.store.sequence_reports()
+        yield CounterMetricFamily(
+            "edgefleet_telemetry_lost",
+            "Telemetry sequence numbers declared lost.",
+            value=sum(r.lost for r in reports),
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_telemetry_missing",
+            "Sequence numbers not (yet) received; pending gaps may still fill by replay.",
+            value=sum(r.missing for r in reports),
+        )
+        yield CounterMetricFamily(
+            "edgefleet_telemetry_windows",
+            "Telemetry windows stored (raw, within retention).",
+            value=self.store.telemetry_count(),
+        )
+        rejects = CounterMetricFamily(
+            "edgefleet_rejected_messages", "Messages rejected, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(self.store.reject_counts().items()):
+            rejects.add_metric([reason], n)
+        yield rejects
+        if self.stats is not None:
+            yield CounterMetricFamily(
+                "edgefleet_ingested_messages",
+                "Messages this coordinator ingested; rate() of it is the ingest rate.",
+                value=self.stats.received,
+            )
+            yield CounterMetricFamily(
+                "edgefleet_duplicate_messages",
+                "Telemetry and events received again (replay, redelivery).",
+                value=self.stats.telemetry_duplicates + self.stats.events_duplicates,
+            )
+
+
+def render(store: Store, stats: IngestStats | None = None) -> bytes:
+    """The exposition text of one scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(store, stats))
+    return generate_latest(registry)

@@ -1,0 +1,108 @@
+"""`edgefleet-server run`: ingestion, the HTTP API and store maintenance in one process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.fleet.api import create_app
+from server.fleet.commander import Commander
+from server.fleet.ingest import IngestConfig, Ingestor
+from server.fleet.store import open_store
+from server.fleet.store.base import RetentionPolicy, Store
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorConfig(BaseModel):
+    """Everything one coordinator process needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: str = Field(description="sqlite:///path.db, a path, or a PostgreSQL DSN/URL.")
+    mqtt: IngestConfig = IngestConfig()
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535, description="0 picks a free port.")
+    token: str | None = Field(None, description="Bearer token for actions; None disables them.")
+    loss_grace_s: float = Field(
+        300.0, ge=1, description="A gap open this long after newer windows arrived is a loss."
+    )
+    maintenance_every_s: float = Field(30.0, gt=0)
+    retention_every_s: float = Field(3600.0, gt=0)
+    retention: RetentionPolicy = RetentionPolicy()
+
+
+@dataclass
+class Coordinator:
+    """A running coordinator; stop() ends it cleanly."""
+
+    cfg: CoordinatorConfig
+    store: Store = field(init=False)
+    ingestor: Ingestor = field(init=False)
+    http: uvicorn.Server = field(init=False)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.store = open_store(self.cfg.store)
+        self.ingestor = Ingestor(self.cfg.mqtt, self.store)
+        app = create_app(
+            self.store,
+            token=self.cfg.token,
+            commander=Commander(self.ingestor),
+            stats=self.ingestor.stats,
+        )
+        self.http = uvicorn.Server(
+            uvicorn.Config(
+                app, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning"
+            )
+        )
+        self.ingestor.start()
+        self._spawn(self.http.run, "http")
+        self._spawn(self._maintain, "maintenance")
+        deadline = time.monotonic() + 10
+        while not self.http.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("coordinator %s: HTTP on %s, store %s", self.cfg.mqtt.client_id, self.url,
+                 self.cfg.store.split("@")[-1])
+
+    @property
+    def url(self) -> str:
+        """Base URL of the HTTP API (with the real port when 0 was asked)."""
+        port = self.cfg.http_port
+        for server in getattr(self.http, "servers", []):
+            for sock in server.sockets:
+                port = sock.getsockname()[1]
+        return f"http://{self.cfg.http_host}:{port}"
+
+    def _spawn(self, target: object, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self._threads.append(t)
+
+    def _maintain(self) -> None:
+        last_retention = time.monotonic()
+        while not self._stop.wait(self.cfg.maintenance_every_s):
+            try:
+                lost = self.store.declare_losses(time.time(), self.cfg.loss_grace_s)
+                if lost:
+                    log.warning("declared %d telemetry sequence numbers lost", lost)
+                if time.monotonic() - last_retention >= self.cfg.retention_every_s:
+                    last_retention = time.monotonic()
+                    out = self.store.apply_retention(time.time(), self.cfg.retention)
+                    log.info("retention: %s", out)
+            except Exception as exc:  # the store may be briefly unreachable; try next round
+                log.error("store maintenance failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.http.should_exit = True
+        self.ingestor.stop()
+        for t in self._threads:
+            t.join(10)
+        self.store.close()

@@ -1,0 +1,282 @@
+"""One store interface for the coordinator; SQLite and PostgreSQL implement it.
+
+The ingestor hands the store one IngestBatch per transaction. The store is the single
+authority for "exactly once": telemetry and events are keyed by (device_id, seq), so a
+replayed or redelivered message is a counted duplicate, never a second row, whichever
+coordinator wrote it first.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent.protocol import Event, Reply, Status, Telemetry
+
+# Why a message was not stored; counted per reason and kept in the rejects log.
+RejectReason = Literal[
+    "invalid_topic",
+    "invalid_payload",
+    "oversized",
+    "device_mismatch",  # device id in the payload differs from the topic's
+    "unregistered",  # unknown device while registration is closed
+]
+
+
+@dataclass(frozen=True)
+class Received:
+    """A decoded message and when this coordinator received it (Unix seconds)."""
+
+    received_at: float
+
+
+@dataclass(frozen=True)
+class StatusIn(Received):
+    status: Status
+
+
+@dataclass(frozen=True)
+class TelemetryIn(Received):
+    telemetry: Telemetry
+
+
+@dataclass(frozen=True)
+class EventIn(Received):
+    event: Event
+
+
+@dataclass(frozen=True)
+class ReplyIn(Received):
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Reject(Received):
+    """A message that failed validation; device_id is None when the topic named none."""
+
+    topic: str
+    device_id: str | None
+    reason: RejectReason
+    detail: str
+
+
+@dataclass
+class IngestBatch:
+    """Everything one ingest transaction writes, in arrival order within each list."""
+
+    statuses: list[StatusIn] = field(default_factory=list)
+    telemetry: list[TelemetryIn] = field(default_factory=list)
+    events: list[EventIn] = field(default_factory=list)
+    replies: list[ReplyIn] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return (
+            len(self.statuses)
+            + len(self.telemetry)
+            + len(self.events)
+            + len(self.replies)
+            + len(self.rejects)
+        )
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What one ingest did; duplicates are messages whose (device, seq) was already stored."""
+
+    telemetry_inserted: int = 0
+    telemetry_duplicates: int = 0
+    events_inserted: int = 0
+    events_duplicates: int = 0
+    devices_registered: tuple[str, ...] = ()
+    # Messages of unknown devices while registration is closed (stored as rejects instead).
+    unregistered: int = 0
+    # Births whose boot_id had already been replaced by another one: two agents, one id.
+    id_conflicts: tuple[str, ...] = ()
+    # Telemetry whose window_end is more than the clock tolerance away from received_at.
+    clock_skewed: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """The registry's view of one device."""
+
+    device_id: str
+    group: str | None
+    online: bool
+    first_seen: float
+    last_seen: float  # received_at of the newest message of any kind
+    status: Status | None  # newest status (birth or will)
+    last_telemetry: Telemetry | None
+    id_conflicts: int  # times two agents claimed this id
+
+
+@dataclass(frozen=True)
+class TelemetryRecord:
+    device_id: str
+    seq: int
+    received_at: float
+    telemetry: Telemetry
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    device_id: str
+    seq: int
+    received_at: float
+    event: Event
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """A command sent by an operator and, once it came, its reply."""
+
+    command_id: str
+    target: str  # "dev/{device_id}" or "group/{group}"
+    name: str  # the command's name, e.g. "ping"
+    body_json: str  # the Command payload as sent
+    sent_at: float
+    replies: tuple[Reply, ...]  # one per answering device (a group command has many)
+
+
+@dataclass(frozen=True)
+class SequenceReport:
+    """Sequence accounting of one device's telemetry since the coordinator first saw it.
+
+    missing = expected - received, where expected = max_seq - first_seq + 1. A gap is
+    pending while it may still fill through outbox replay; declare_losses() turns gaps older
+    than a grace period into lost, recorded for good (a later arrival still un-loses it).
+    """
+
+    device_id: str
+    first_seq: int
+    max_seq: int
+    received: int
+    duplicates: int
+    missing: int
+    lost: int
+    reported_overflow: int  # outbox_overflow the device itself reported (dropped on device)
+
+
+@dataclass(frozen=True)
+class RollupRecord:
+    """Downsampled telemetry of one device over one bucket (an hour by default)."""
+
+    device_id: str
+    bucket_start: float
+    windows: int
+    frames_processed: int
+    fps_mean: float
+    p95_ms_max: float
+    power_w_mean: float | None
+    energy_j: float | None  # sum over windows of power * duration, when power was known
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Raw windows for raw_days, hourly rollups for rollup_days (a year by default)."""
+
+    raw_days: float = 7.0
+    rollup_days: float = 366.0
+    bucket_s: float = 3600.0
+    events_days: float = 90.0
+
+
+@dataclass(frozen=True)
+class RetentionOutcome:
+    windows_rolled_up: int
+    windows_deleted: int
+    rollups_deleted: int
+    events_deleted: int
+
+
+class Store(ABC):
+    """The coordinator's persistent state; every method is one transaction."""
+
+    # Telemetry whose device clock is further than this from ours is flagged (kept, counted).
+    CLOCK_TOLERANCE_S = 300.0
+
+    @abstractmethod
+    def migrate(self) -> int:
+        """Bring the schema to the newest version; return that version. Idempotent."""
+
+    @abstractmethod
+    def schema_version(self) -> int:
+        """The version the database is at (0 when empty)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- writing -------------------------------------------------------------------------
+
+    @abstractmethod
+    def ingest(self, batch: IngestBatch, *, registration_open: bool = True) -> IngestOutcome:
+        """Write one batch atomically.
+
+        Unknown devices are registered on any message when registration_open, else their
+        messages become 'unregistered' rejects. Statuses update the registry (online/offline,
+        model, operating point, group when the device reports one). A status older than the
+        stored one for the same boot_id never overrides it.
+        """
+
+    @abstractmethod
+    def register(self, device_id: str, group: str | None = None) -> None:
+        """Pre-register a device (for closed registration)."""
+
+    @abstractmethod
+    def set_group(self, device_id: str, group: str | None) -> None:
+        """Assign a device to a group (None removes it); KeyError for an unknown device."""
+
+    @abstractmethod
+    def log_command(self, record: CommandRecord) -> None:
+        """Remember a command sent to a device or group."""
+
+    @abstractmethod
+    def declare_losses(self, now: float, grace_s: float) -> int:
+        """Record gaps that stayed open longer than grace_s as lost; return how many seqs."""
+
+    @abstractmethod
+    def apply_retention(self, now: float, policy: RetentionPolicy) -> RetentionOutcome:
+        """Roll raw windows older than raw_days into buckets, delete what is past keeping."""
+
+    # -- reading -------------------------------------------------------------------------
+
+    @abstractmethod
+    def devices(self, group: str | None = None) -> list[DeviceRecord]:
+        """Every device (of one group), sorted by device id."""
+
+    @abstractmethod
+    def device(self, device_id: str) -> DeviceRecord | None: ...
+
+    @abstractmethod
+    def groups(self) -> dict[str, int]:
+        """Group name -> number of devices."""
+
+    @abstractmethod
+    def telemetry(self, device_id: str, limit: int = 100) -> list[TelemetryRecord]:
+        """Newest raw windows of a device first."""
+
+    @abstractmethod
+    def rollups(self, device_id: str, since: float = 0.0) -> list[RollupRecord]:
+        """Downsampled buckets of a device, oldest first."""
+
+    @abstractmethod
+    def events(self, device_id: str | None = None, limit: int = 100) -> list[EventRecord]:
+        """Newest events first, of one device or of all."""
+
+    @abstractmethod
+    def commands(self, limit: int = 100) -> list[CommandRecord]:
+        """Newest commands first, with the replies received so far."""
+
+    @abstractmethod
+    def sequence_reports(self, device_id: str | None = None) -> list[SequenceReport]:
+        """Sequence accounting per device, sorted by device id."""
+
+    @abstractmethod
+    def reject_counts(self) -> dict[str, int]:
+        """Rejected messages since the store was created, by reason."""
+
+    @abstractmethod
+    def telemetry_count(self) -> int:
+        """Raw telemetry windows stored (for ingest-rate metrics and benchmarks)."""

@@ -1,0 +1,323 @@
+"""Versioned schema of the coordinator's store, one SQL text per backend and version.
+
+Migrations are applied in order, each in its own transaction together with its row in
+schema_version, so a crash leaves the database at a whole version. To change the schema,
+append Migration(2, ...) with both dialects; never edit a migration that has shipped.
+
+Disk arithmetic behind the layout: a year of 10 s windows from 1,000 devices is
+1,000 * 8,640/day * 365 = ~3.2e9 raw rows (several TB of JSON). Keeping raw windows for
+7 days (~60 M rows) and hourly rollups for a year (1,000 * 8,760 = ~8.8 M small rows) keeps
+the store bounded whatever the fleet's age; apply_retention() moves rows from the first to
+the second.
+
+Notes on the layout:
+- Payloads are stored as the JSON their pydantic model writes and re-validated on reading.
+  Telemetry also keeps the few numbers the rollups aggregate in columns, so retention is one
+  GROUP BY in SQL instead of parsing millions of JSON documents.
+- No foreign keys: every writer creates the device row earlier in the same transaction, and
+  devices are never deleted; a key check per telemetry row would only cost ingest time.
+- Timestamps are Unix seconds as doubles, by the coordinator's clock unless named ts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import NamedTuple
+
+
+class Migration(NamedTuple):
+    """One schema step: the SQL that brings version - 1 to version, per dialect."""
+
+    version: int
+    description: str
+    sqlite_sql: str
+    postgres_sql: str
+
+
+_V1_SQLITE = """
+CREATE TABLE devices (
+    device_id TEXT PRIMARY KEY,
+    device_group TEXT,
+    registered_at REAL NOT NULL,
+    first_seen REAL,
+    last_seen REAL,
+    online INTEGER NOT NULL DEFAULT 0,
+    status_json TEXT,
+    status_ts REAL,
+    boot_id TEXT,
+    last_telemetry_json TEXT,
+    last_telemetry_seq INTEGER,
+    id_conflicts INTEGER NOT NULL DEFAULT 0,
+    first_seq INTEGER,
+    max_seq INTEGER,
+    received INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0,
+    reported_overflow INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX devices_group ON devices (device_group);
+
+CREATE TABLE boot_ids (
+    device_id TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (device_id, boot_id)
+);
+
+CREATE TABLE telemetry (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    window_start REAL NOT NULL,
+    window_end REAL NOT NULL,
+    frames_processed INTEGER NOT NULL,
+    fps REAL NOT NULL,
+    p95_ms REAL NOT NULL,
+    power_w REAL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX telemetry_received_at ON telemetry (received_at);
+
+CREATE TABLE lost_ranges (
+    device_id TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    declared_at REAL NOT NULL,
+    PRIMARY KEY (device_id, first_seq)
+);
+
+CREATE TABLE events (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX events_received_at ON events (received_at);
+
+CREATE TABLE rollups (
+    device_id TEXT NOT NULL,
+    bucket_start REAL NOT NULL,
+    windows INTEGER NOT NULL,
+    frames_processed INTEGER NOT NULL,
+    fps_sum REAL NOT NULL,
+    p95_max REAL NOT NULL,
+    power_sum REAL NOT NULL,
+    power_n INTEGER NOT NULL,
+    energy_j REAL NOT NULL,
+    PRIMARY KEY (device_id, bucket_start)
+);
+CREATE INDEX rollups_bucket_start ON rollups (bucket_start);
+
+CREATE TABLE commands (
+    command_id TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body_json TEXT NOT NULL,
+    sent_at REAL NOT NULL
+);
+CREATE INDEX commands_sent_at ON commands (sent_at);
+
+CREATE TABLE replies (
+    command_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (command_id, device_id)
+);
+
+CREATE TABLE rejects (
+    id INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    topic TEXT NOT NULL,
+    device_id TEXT,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+
+CREATE TABLE reject_counts (
+    reason TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+);
+"""
+
+_V1_POSTGRES = """
+CREATE TABLE devices (
+    device_id TEXT PRIMARY KEY,
+    device_group TEXT,
+    registered_at DOUBLE PRECISION NOT NULL,
+    first_seen DOUBLE PRECISION,
+    last_seen DOUBLE PRECISION,
+    online BOOLEAN NOT NULL DEFAULT FALSE,
+    status_json TEXT,
+    status_ts DOUBLE PRECISION,
+    boot_id TEXT,
+    last_telemetry_json TEXT,
+    last_telemetry_seq BIGINT,
+    id_conflicts BIGINT NOT NULL DEFAULT 0,
+    first_seq BIGINT,
+    max_seq BIGINT,
+    received BIGINT NOT NULL DEFAULT 0,
+    duplicates BIGINT NOT NULL DEFAULT 0,
+    lost BIGINT NOT NULL DEFAULT 0,
+    reported_overflow BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX devices_group ON devices (device_group);
+
+CREATE TABLE boot_ids (
+    device_id TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    first_seen DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (device_id, boot_id)
+);
+
+CREATE TABLE telemetry (
+    device_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    window_start DOUBLE PRECISION NOT NULL,
+    window_end DOUBLE PRECISION NOT NULL,
+    frames_processed BIGINT NOT NULL,
+    fps DOUBLE PRECISION NOT NULL,
+    p95_ms DOUBLE PRECISION NOT NULL,
+    power_w DOUBLE PRECISION,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX telemetry_received_at ON telemetry (received_at);
+
+CREATE TABLE lost_ranges (
+    device_id TEXT NOT NULL,
+    first_seq BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    declared_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (device_id, first_seq)
+);
+
+CREATE TABLE events (
+    device_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX events_received_at ON events (received_at);
+
+CREATE TABLE rollups (
+    device_id TEXT NOT NULL,
+    bucket_start DOUBLE PRECISION NOT NULL,
+    windows BIGINT NOT NULL,
+    frames_processed BIGINT NOT NULL,
+    fps_sum DOUBLE PRECISION NOT NULL,
+    p95_max DOUBLE PRECISION NOT NULL,
+    power_sum DOUBLE PRECISION NOT NULL,
+    power_n BIGINT NOT NULL,
+    energy_j DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (device_id, bucket_start)
+);
+CREATE INDEX rollups_bucket_start ON rollups (bucket_start);
+
+CREATE TABLE commands (
+    command_id TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body_json TEXT NOT NULL,
+    sent_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX commands_sent_at ON commands (sent_at);
+
+CREATE TABLE replies (
+    command_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (command_id, device_id)
+);
+
+CREATE TABLE rejects (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    received_at DOUBLE PRECISION NOT NULL,
+    topic TEXT NOT NULL,
+    device_id TEXT,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+
+CREATE TABLE reject_counts (
+    reason TEXT PRIMARY KEY,
+    n BIGINT NOT NULL
+);
+"""
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "initial schema", _V1_SQLITE, _V1_POSTGRES),
+]
+
+# Created outside the versions: it is how a database says which versions it has.
+VERSION_TABLE_SQLITE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)
+"""
+VERSION_TABLE_POSTGRES = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied_at DOUBLE PRECISION NOT NULL
+)
+"""
+
+
+def latest_version() -> int:
+    """The version this code brings a database to."""
+    return MIGRATIONS[-1].version
+
+
+def pending(current: int) -> list[Migration]:
+    """Migrations after version current, in order.
+
+    A database newer than this code is refused rather than used: old code writing a newer
+    schema could silently drop what the new columns mean.
+    """
+    if current > latest_version():
+        raise RuntimeError(
+            f"the store's schema is at version {current}, newer than this coordinator's "
+            f"{latest_version()}: upgrade the coordinator"
+        )
+    return [m for m in MIGRATIONS if m.version > current]
+
+
+def check_migrations(migrations: list[Migration]) -> None:
+    """Versions must count 1, 2, 3...: a gap or a reorder would skip or repeat a step."""
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migration versions must be 1..n in order, got {versions}")
+
+
+def split_statements(sql: str) -> list[str]:
+    """The statements of a SQLite script, for running them inside one open transaction.
+
+    executescript() would commit the open transaction first, which would break applying a
+    version and recording it atomically. sqlite3.complete_statement knows string literals
+    and trigger bodies, so a ';' inside them does not split.
+    """
+    statements: list[str] = []
+    current = ""
+    for line in sql.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {current!r}")
+    return statements
+
+
+check_migrations(MIGRATIONS)

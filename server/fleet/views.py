@@ -1,0 +1,142 @@
+"""What the HTTP API and the CLI show: pydantic views built from store records."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.protocol import Event, Reply, Telemetry
+from agent.protocol.commands import AnyCommand
+from server.fleet.store.base import DeviceRecord, EventRecord, SequenceReport, TelemetryRecord
+
+
+class View(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceView(View):
+    """One row of `fleet ls`."""
+
+    device_id: str
+    group: str | None
+    online: bool
+    model_id: str | None
+    model_version: int | None
+    operating_point: int | None
+    agent_version: str | None
+    fps: float | None
+    p95_ms: float | None
+    power_w: float | None
+    power_source: str | None
+    energy_per_frame_mj: float | None
+    temperature_c: float | None
+    first_seen: float
+    last_seen: float
+    id_conflicts: int
+
+    @classmethod
+    def of(cls, rec: DeviceRecord) -> DeviceView:
+        st, tm = rec.status, rec.last_telemetry
+        return cls(
+            device_id=rec.device_id,
+            group=rec.group,
+            online=rec.online,
+            model_id=(tm.model_id if tm and tm.model_id else st.model_id if st else None),
+            model_version=(
+                tm.model_version if tm and tm.model_version else st.model_version if st else None
+            ),
+            operating_point=tm.operating_point if tm else st.operating_point if st else None,
+            agent_version=st.agent_version if st else None,
+            fps=tm.fps if tm else None,
+            p95_ms=tm.latency_ms.p95 if tm else None,
+            power_w=tm.power_w if tm else None,
+            power_source=tm.power_source if tm else None,
+            energy_per_frame_mj=tm.energy_per_frame_mj if tm else None,
+            temperature_c=tm.temperature_c if tm else None,
+            first_seen=rec.first_seen,
+            last_seen=rec.last_seen,
+            id_conflicts=rec.id_conflicts,
+        )
+
+
+class SequenceView(View):
+    """Sequence accounting of one device: what arrived, what is still missing, what is lost."""
+
+    first_seq: int
+    max_seq: int
+    received: int
+    duplicates: int
+    missing: int
+    lost: int
+    reported_overflow: int
+
+    @classmethod
+    def of(cls, rep: SequenceReport) -> SequenceView:
+        return cls(
+            first_seq=rep.first_seq,
+            max_seq=rep.max_seq,
+            received=rep.received,
+            duplicates=rep.duplicates,
+            missing=rep.missing,
+            lost=rep.lost,
+            reported_overflow=rep.reported_overflow,
+        )
+
+
+class WindowView(View):
+    seq: int
+    received_at: float
+    telemetry: Telemetry
+
+    @classmethod
+    def of(cls, rec: TelemetryRecord) -> WindowView:
+        return cls(seq=rec.seq, received_at=rec.received_at, telemetry=rec.telemetry)
+
+
+class EventView(View):
+    device_id: str
+    seq: int
+    received_at: float
+    event: Event
+
+    @classmethod
+    def of(cls, rec: EventRecord) -> EventView:
+        return cls(
+            device_id=rec.device_id, seq=rec.seq, received_at=rec.received_at, event=rec.event
+        )
+
+
+class DeviceDetail(View):
+    """`fleet show DEVICE`: the device, its recent windows and events, its sequence account."""
+
+    device: DeviceView
+    sequence: SequenceView | None
+    windows: list[WindowView]
+    events: list[EventView]
+
+
+class GroupView(View):
+    group: str
+    devices: int
+
+
+class CommandRequest(View):
+    """Body of POST .../commands."""
+
+    command: AnyCommand
+    timeout_s: float = Field(5.0, ge=0, le=120, description="How long to wait for replies.")
+    expires_s: float | None = Field(
+        60.0, ge=1, le=86_400, description="Devices ignore the command after this long."
+    )
+
+
+class CommandOutcome(View):
+    """Replies that came within the timeout, and who stayed silent."""
+
+    command_id: str
+    target: str
+    replies: list[Reply]
+    missing: list[str]
+
+
+class GroupAssignment(View):
+    group: str | None = Field(description="New group, or null to remove the device from its group.")

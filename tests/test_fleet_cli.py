@@ -1,0 +1,124 @@
+"""End to end: `edgefleet-server run` as a process, a real agent, and `edgefleet fleet ...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from server.cli.fleet import device_rows, parse_fields
+from server.fleet.client import ApiError, FleetClient
+from server.localbroker import MosquittoBroker
+from server.netutil import free_port
+from tests.agent_harness import AgentProcess, reference_bundle, write_config
+from tests.fleet_helpers import wait_until
+
+TOKEN = "operator-token"
+
+
+def _fleet(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "fleet", "--url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EDGEFLEET_API_TOKEN": TOKEN},
+    )
+
+
+def test_coordinator_agent_and_operator_cli(
+    mqtt_broker: MosquittoBroker, topic_prefix: str, tmp_path: Path
+) -> None:
+    root = f"{topic_prefix}/edgefleet/v1"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "coordinator.log").open("wb")
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "server", "run",
+         "--broker", f"{mqtt_broker.host}:{mqtt_broker.port}",
+         "--root", root, "--store", f"sqlite:///{tmp_path / 'fleet.db'}",
+         "--http", f"127.0.0.1:{port}", "--loss-grace", "5"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "EDGEFLEET_API_TOKEN": TOKEN},
+    )
+    client = FleetClient(url, TOKEN)
+
+    def answers() -> bool:
+        try:
+            return bool(client._call("GET", "/healthz")["status"] == "ok")
+        except ApiError:
+            return False
+
+    # The coordinator's session must exist before the agent speaks, or its first events
+    # (published before anyone subscribed) go nowhere, as MQTT intends.
+    wait_until(answers, 60, "the coordinator's API")
+    bundle, key = reference_bundle(tmp_path)
+    cfg = write_config(tmp_path, device_id="pi-e2e", broker=mqtt_broker, topic_root=root,
+                       bundle=bundle, key=key)
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+
+    def has_windows() -> bool:
+        try:
+            devs = client.devices()
+        except ApiError:
+            return False
+        return bool(devs) and devs[0].online and devs[0].fps is not None
+
+    try:
+        wait_until(has_windows, 90, "the agent's telemetry in the coordinator")
+
+        ls = _fleet(url, "ls")
+        assert ls.returncode == 0, ls.stderr
+        assert "pi-e2e" in ls.stdout and "mnist-cnn@1" in ls.stdout and "yes" in ls.stdout
+        as_json = json.loads(_fleet(url, "ls", "--json").stdout)
+        assert as_json[0]["device_id"] == "pi-e2e" and as_json[0]["fps"] > 0
+
+        assign = _fleet(url, "assign", "pi-e2e", "lobby")
+        assert assign.returncode == 0, assign.stderr
+        assert _fleet(url, "groups", "--json").stdout.count("lobby") == 1
+
+        ping = _fleet(url, "cmd", "pi-e2e", "ping", "--json")
+        assert ping.returncode == 0, ping.stderr + ping.stdout
+        assert json.loads(ping.stdout)["replies"][0]["ok"] is True
+
+        snap = _fleet(url, "cmd", "pi-e2e", "snapshot", "quality=70", "--out",
+                      str(tmp_path / "frame.jpg"))
+        assert snap.returncode == 0, snap.stderr + snap.stdout
+        assert (tmp_path / "frame.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG
+
+        bad = _fleet(url, "cmd", "pi-e2e", "set_operating_point", "index=99")
+        assert bad.returncode == 1 and "error" in bad.stdout  # the agent refused it
+
+        show = _fleet(url, "show", "pi-e2e")
+        assert show.returncode == 0 and "missing 0, lost 0" in show.stdout, show.stdout
+        assert "started" in show.stdout  # the agent's start event
+
+        unknown = _fleet(url, "show", "nobody")
+        assert unknown.returncode == 1 and "unknown device 'nobody'" in unknown.stderr
+
+        metrics = client._call("GET", "/devices/pi-e2e/telemetry?limit=1")
+        assert metrics[0]["telemetry"]["device_id"] == "pi-e2e"
+
+        assert agent.terminate() == 0
+        wait_until(lambda: not client.devices()[0].online, 20, "the agent's offline status")
+    finally:
+        if agent.alive():
+            agent.kill()
+        coordinator.terminate()
+        rc = coordinator.wait(20)
+        log.close()
+    assert rc == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
+
+
+def test_cli_without_coordinator_says_so(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    r = _fleet(url, "ls")
+    assert r.returncode == 1 and f"cannot reach the coordinator at {url}" in r.stderr
+
+
+def test_field_parsing_and_table() -> None:
+    assert parse_fields(["index=2", "pin=true", "thresholds=[0.9,null]", "x=abc"]) == {
+        "index": 2, "pin": True, "thresholds": [0.9, None], "x": "abc",
+    }
+    assert device_rows([])[0][0] == "DEVICE"
