@@ -112,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help=f"API token for actions (else ${TOKEN_ENV})")
     p.add_argument("--client-id", default="edgefleet-coordinator-1",
                    help="MQTT client id: unique per coordinator, stable across restarts")
-    p.add_argument("--share-group", default="edgefleet-coordinators",
-                   help="coordinators in one share group split the device traffic")
+    p.add_argument(
+        "--share-group",
+        default=None,
+        help="coordinators in one share group split the device traffic (MQTT 5 shared "
+        "subscriptions); without it this coordinator takes all of it (see docs/coordinator.md)",
+    )
     p.add_argument("--closed-registration", action="store_true",
                    help="refuse devices that were not registered beforehand")
     p.add_argument("--loss-grace", type=float, default=300.0,

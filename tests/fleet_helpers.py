@@ -26,10 +26,16 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str, poll: float 
 
 
 def start_ingestor(
-    broker: MosquittoBroker, root: str, store: Store, client_id: str = "coord-1", **kw: object
+    broker: MosquittoBroker,
+    root: str,
+    store: Store,
+    client_id: str = "coord-1",
+    writer_url: str | None = None,
+    **kw: object,
 ) -> Ingestor:
+    """An ingestor on broker; with writer_url it writes from a child process, as the service."""
     cfg = IngestConfig(host=broker.host, port=broker.port, root=root, client_id=client_id, **kw)
-    ing = Ingestor(cfg, store)
+    ing = Ingestor(cfg, store, writer_url=writer_url)
     ing.start()
     assert ing.wait_connected(10), f"{client_id} did not connect"
     # The subscriptions are in place once the broker answered them; a ping round trip is not

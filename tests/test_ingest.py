@@ -30,6 +30,21 @@ def _all_stored(store: Store, produced: dict[str, int]) -> bool:
     )
 
 
+def _shortfall(store: Store, produced: dict[str, int]) -> str:
+    """Which devices are short of windows, for the failure message."""
+    reports = {r.device_id: r for r in store.sequence_reports()}
+    short = {
+        d: (reports[d].first_seq, reports[d].max_seq, reports[d].received, n) if d in reports
+        else None
+        for d, n in produced.items()
+        if d not in reports or reports[d].received != n
+    }
+    have = sorted(t.seq for t in store.telemetry(next(iter(short)), 1000)) if short else []
+    return f"first has {have}; {len(short)} devices short (first, max, received, produced): " + str(
+        dict(list(short.items())[:5])
+    )
+
+
 def _assert_lossless(store: Store, produced: dict[str, int]) -> None:
     store.declare_losses(time.time() + 3600, grace_s=0)
     reports = {r.device_id: r for r in store.sequence_reports()}
@@ -44,7 +59,8 @@ def test_200_devices_survive_broker_and_coordinator_restarts(
 ) -> None:
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     store = open_store(db)
-    ing = start_ingestor(mqtt_broker, topic_prefix, store)
+    # As `edgefleet-server run` does: a child process decodes and writes.
+    ing = start_ingestor(mqtt_broker, topic_prefix, store, writer_url=db)
     sim = Simulator(
         SimConfig(host=mqtt_broker.host, port=mqtt_broker.port, devices=200, rate=2.0,
                   root=topic_prefix, prefix="cam")
@@ -65,12 +81,15 @@ def test_200_devices_survive_broker_and_coordinator_restarts(
         # same client id: its persistent session hands over what arrived meanwhile.
         ing.kill()
         time.sleep(3)
-        ing = start_ingestor(mqtt_broker, topic_prefix, store)
+        ing = start_ingestor(mqtt_broker, topic_prefix, store, writer_url=db)
 
         sim.pause()
         assert sim.wait_drained(60), "simulated devices could not deliver their backlog"
         produced = _produced(sim)
-        wait_until(lambda: _all_stored(store, produced), 60, "every window stored")
+        try:
+            wait_until(lambda: _all_stored(store, produced), 60, "every window stored")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {_shortfall(store, produced)}") from None
         _assert_lossless(store, produced)
         assert sum(produced.values()) > 200 * 10  # the run was long enough to mean something
 
@@ -96,7 +115,7 @@ def test_two_coordinators_share_the_load_and_store_each_window_once(
 ) -> None:
     stores = [open_store(postgres_dsn), open_store(postgres_dsn)]
     ings = [
-        start_ingestor(mqtt_broker, topic_prefix, s, client_id=f"coord-{i}")
+        start_ingestor(mqtt_broker, topic_prefix, s, client_id=f"coord-{i}", share_group="c")
         for i, s in enumerate(stores)
     ]
     sim = Simulator(

@@ -10,7 +10,7 @@ from typing import Any, Final, TypeAlias, TypeVar, overload
 
 from pydantic import ValidationError
 
-from agent.protocol.base import SUPPORTED_VERSIONS, Payload, PayloadKind
+from agent.protocol.base import SCHEMA_VERSION, SUPPORTED_VERSIONS, Payload, PayloadKind
 from agent.protocol.commands import CORRELATION_ID_PATTERN, Command, Reply
 from agent.protocol.errors import PayloadTooLargeError, ProtocolError, TopicError
 from agent.protocol.messages import Event, Result, Status, Telemetry
@@ -61,6 +61,7 @@ Decoded: TypeAlias = _T | ProtocolError
 
 _FROM_DEVICE = (Status, Telemetry, Result, Event, Reply)
 _MAX_REPORTED_ERRORS = 5
+_FAST_PREFIX = '{"v":%d,' % SCHEMA_VERSION
 _CORRELATION_ID = re.compile(CORRELATION_ID_PATTERN[1:-1])
 
 
@@ -126,6 +127,14 @@ def _decode(
         text = bytes(payload).decode("utf-8")
     except UnicodeDecodeError as exc:
         return ProtocolError("not_utf8", f"{where}: payload is not UTF-8 ({exc})", kind, topic)
+    # Fast path for what encode() writes (v first, compact): one parse, by pydantic, which
+    # refuses NaN/Infinity as the slow path does. Anything else, or anything it refuses, goes
+    # the slow way, which says precisely what is wrong.
+    if text.startswith(_FAST_PREFIX):
+        try:
+            return model.model_validate_json(text, strict=True)
+        except ValidationError:
+            pass
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:

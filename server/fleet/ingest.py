@@ -9,6 +9,13 @@ Why it cannot lose a message:
 * Decoding and writing happen on a writer thread that takes whatever accumulated (up to
   batch_max), so the network thread only appends to a queue and never stalls: a slow
   consumer would make mosquitto drop QoS 1 messages once max_queued_messages is reached.
+  With writer_url, that work moves to a child process (see writer.py), on another core.
+
+Shared subscriptions are opt-in (share_group): mosquitto 2.0 restores a persistent session's
+plain subscriptions from its persistence file after a broker restart but not its shared ones,
+so until the coordinator reconnects and subscribes again, what devices publish is queued for
+nobody. One coordinator with plain subscriptions loses nothing across broker restarts; several
+coordinators with a share group split the load and carry that window (it shows as lost seqs).
 
 Device statuses are subscribed without $share by every coordinator: status is state, not a
 log, so each coordinator applying it is idempotent, and mosquitto (2.0) hands retained
@@ -17,6 +24,7 @@ messages to shared subscribers unevenly.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -29,40 +37,28 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.protocol import (
-    DEFAULT_ROOT,
-    Event,
-    ProtocolError,
-    Reply,
-    Status,
-    Telemetry,
-    TopicError,
-    TopicTree,
-    decode,
-)
-from agent.protocol.codec import TOPIC_PAYLOADS
+from agent.protocol import DEFAULT_ROOT, Reply, TopicTree
 from agent.protocol.topics import DeviceKind
-from server.fleet.store.base import (
-    EventIn,
-    IngestBatch,
-    IngestOutcome,
-    Reject,
-    RejectReason,
-    ReplyIn,
-    StatusIn,
-    Store,
-    TelemetryIn,
-)
+from server.fleet.store.base import Store
+from server.fleet.writer import ProcessWriter, StoreWriteError, ThreadWriter, Writer, Written
 
 log = logging.getLogger(__name__)
 
-_REASONS: dict[str, RejectReason] = {
-    "too_large": "oversized",
-    "unknown_topic": "invalid_topic",
-}
 _SHARED_KINDS: tuple[DeviceKind, ...] = ("telemetry", "events", "reply")
-# How long a reason keeps being logged at warning level before it is only counted.
-_LOG_EVERY_S = 10.0
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a process that ingests all day.
+
+    Every message allocates a few tracked objects (the queued message, the pydantic model),
+    so with default thresholds the collector runs every few hundred messages and walks
+    everything the process imported: measured here, that doubled the per-message decode
+    cost. Freezing what exists after start-up and collecting the young generation less
+    often keeps collection (nothing here makes reference cycles on purpose).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 class IngestConfig(BaseModel):
@@ -74,8 +70,10 @@ class IngestConfig(BaseModel):
     port: int = Field(1883, ge=1, le=65535)
     root: str = DEFAULT_ROOT
     client_id: str = Field("edgefleet-coordinator-1", min_length=1, max_length=128)
-    share_group: str = Field(
-        "edgefleet-coordinators", description="Coordinators with the same group split the load."
+    share_group: str | None = Field(
+        None,
+        description="Coordinators with the same share group split the device traffic (MQTT 5 "
+        "shared subscriptions); None: this coordinator subscribes to all of it.",
     )
     username: str | None = None
     password: str | None = None
@@ -107,8 +105,8 @@ class IngestStats:
     id_conflicts: int = 0
     clock_skewed: int = 0
     store_errors: int = 0
-    # Seconds from a window's end on the device to its commit here, newest last.
-    lags: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    # (window end on the device, seconds from then to its commit here), newest last.
+    lags: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200_000))
 
 
 @dataclass(frozen=True)
@@ -123,18 +121,27 @@ class _Raw:
 class Ingestor:
     """One coordinator's MQTT consumer writing into a Store."""
 
-    def __init__(self, cfg: IngestConfig, store: Store) -> None:
+    def __init__(self, cfg: IngestConfig, store: Store, *, writer_url: str | None = None) -> None:
+        """store serves reads (commands); writes go through it too unless writer_url is given,
+        in which case a child process opens that store URL and does decoding and writing."""
         self.cfg = cfg
         self.store = store
         self.tree = TopicTree(cfg.root)
+        # The writer process starts here, not in start(): it takes a second or two to import.
+        self._writer: Writer = (
+            ThreadWriter(store, cfg.root, cfg.registration_open)
+            if writer_url is None
+            else ProcessWriter(writer_url, cfg.root, cfg.registration_open)
+        )
         self.stats = IngestStats()
         self.connected = threading.Event()
         self._queue: deque[_Raw] = deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._last_logged: dict[str, float] = {}
         self._listeners: list[_ReplyListener] = []
-        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        self._write_thread = threading.Thread(
+            target=self._write_loop, name="ingest-writer", daemon=True
+        )
         self.client = self._make_client()
 
     # -- MQTT -----------------------------------------------------------------------------
@@ -163,8 +170,14 @@ class Ingestor:
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         subs = [(self.tree.all_devices("status"), 1)]
+        group = self.cfg.share_group
         subs += [
-            (TopicTree.shared(self.cfg.share_group, self.tree.all_devices(kind)), 1)
+            (
+                TopicTree.shared(group, self.tree.all_devices(kind))
+                if group
+                else self.tree.all_devices(kind),
+                1,
+            )
             for kind in _SHARED_KINDS
         ]
         return subs
@@ -221,7 +234,7 @@ class Ingestor:
             properties=self._connect_properties(),
         )
         self.client.loop_start()
-        self._writer.start()
+        self._write_thread.start()
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -231,7 +244,8 @@ class Ingestor:
         self._stop.set()
         with self._cond:
             self._cond.notify()
-        self._writer.join(timeout)
+        self._write_thread.join(timeout)
+        self._writer.close()
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -241,7 +255,8 @@ class Ingestor:
         with self._cond:
             self._queue.clear()
             self._cond.notify()
-        self._writer.join(5)
+        self._write_thread.join(5)
+        self._writer.close()
         sock = self.client.socket()
         if sock is not None:
             sock.close()
@@ -271,95 +286,38 @@ class Ingestor:
                 return
 
     def _write(self, raws: list[_Raw]) -> None:
-        batch = self.build_batch(raws)
         try:
-            outcome = self.store.ingest(batch, registration_open=self.cfg.registration_open)
-        except Exception as exc:  # the store is down or broken: keep the messages, retry
+            written = self._writer.write([(r.topic, r.payload, r.received_at) for r in raws])
+        except StoreWriteError as exc:  # the store is down or broken: keep the messages, retry
             self.stats.store_errors += 1
             log.error("store write of %d messages failed, retrying: %s", len(raws), exc)
             with self._cond:
                 self._queue.extendleft(reversed(raws))
             time.sleep(1.0)
             return
-        committed = time.time()
         for raw in raws:
             if raw.qos > 0:
                 self.client.ack(raw.mid, raw.qos)
-        self._account(batch, outcome, committed)
-        for reply in batch.replies:
+        self._account(written)
+        for reply in written.replies:
             for listener in list(self._listeners):
-                listener.offer(reply.reply)
+                listener.offer(reply)
 
-    def build_batch(self, raws: list[_Raw]) -> IngestBatch:
-        """Decode each raw message into the batch, or into a reject naming what was wrong."""
-        batch = IngestBatch()
-        for raw in raws:
-            msg = self._decode(raw, batch)
-            if msg is None:
-                continue
-            if isinstance(msg, Telemetry):
-                batch.telemetry.append(TelemetryIn(raw.received_at, msg))
-            elif isinstance(msg, Status):
-                batch.statuses.append(StatusIn(raw.received_at, msg))
-            elif isinstance(msg, Event):
-                batch.events.append(EventIn(raw.received_at, msg))
-            elif isinstance(msg, Reply):
-                batch.replies.append(ReplyIn(raw.received_at, msg))
-        return batch
-
-    def _decode(self, raw: _Raw, batch: IngestBatch) -> Telemetry | Status | Event | Reply | None:
-        try:
-            parsed = self.tree.parse(raw.topic)
-        except TopicError as exc:
-            self._reject(batch, raw, None, "invalid_topic", str(exc))
-            return None
-        kind = TOPIC_PAYLOADS.get(parsed.kind)
-        if kind not in ("status", "telemetry", "events", "reply"):
-            self._reject(batch, raw, parsed.device_id, "invalid_topic",
-                         f"topic {raw.topic!r} is not one a device publishes")
-            return None
-        msg = decode(kind, raw.payload, topic=raw.topic)
-        if isinstance(msg, ProtocolError):
-            self._reject(batch, raw, parsed.device_id, _REASONS.get(msg.reason, "invalid_payload"),
-                         msg.message)
-            return None
-        assert isinstance(msg, Telemetry | Status | Event | Reply)
-        if msg.device_id != parsed.device_id:
-            self._reject(
-                batch, raw, parsed.device_id, "device_mismatch",
-                f"payload device_id {msg.device_id!r} differs from the topic's "
-                f"{parsed.device_id!r}",
-            )
-            return None
-        return msg
-
-    def _reject(
-        self, batch: IngestBatch, raw: _Raw, device: str | None, reason: RejectReason, detail: str
-    ) -> None:
-        batch.rejects.append(Reject(raw.received_at, raw.topic, device, reason, detail[:1000]))
-        now = time.monotonic()
-        # One warning per reason every few seconds: a flood of garbage must not flood the log.
-        if now - self._last_logged.get(reason, -_LOG_EVERY_S) >= _LOG_EVERY_S:
-            self._last_logged[reason] = now
-            log.warning("rejected %s from %s (%s): %s", raw.topic, device or "?", reason, detail)
-
-    def _account(self, batch: IngestBatch, outcome: IngestOutcome, committed: float) -> None:
-        s = self.stats
-        s.received += len(batch)
+    def _account(self, w: Written) -> None:
+        s, outcome = self.stats, w.outcome
+        s.received += w.size
         s.batches += 1
         s.telemetry_inserted += outcome.telemetry_inserted
         s.telemetry_duplicates += outcome.telemetry_duplicates
         s.events_inserted += outcome.events_inserted
         s.events_duplicates += outcome.events_duplicates
-        s.statuses += len(batch.statuses)
-        s.replies += len(batch.replies)
+        s.statuses += w.statuses
+        s.replies += len(w.replies)
         s.unregistered += outcome.unregistered
         s.clock_skewed += outcome.clock_skewed
         s.id_conflicts += len(outcome.id_conflicts)
-        for r in batch.rejects:
-            s.rejects[r.reason] += 1
-        for t in batch.telemetry:
-            s.lags.append(committed - t.telemetry.window_end)
+        s.rejects.update(w.rejects)
+        s.lags.extend(w.lags)
         for device in outcome.devices_registered:
             log.info("registered device %s on first sight", device)
         for device in outcome.id_conflicts:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.fleet.api import create_app
 from server.fleet.commander import Commander
-from server.fleet.ingest import IngestConfig, Ingestor
+from server.fleet.ingest import IngestConfig, Ingestor, tune_gc
 from server.fleet.store import open_store
 from server.fleet.store.base import RetentionPolicy, Store
 
@@ -50,7 +50,7 @@ class Coordinator:
 
     def start(self) -> None:
         self.store = open_store(self.cfg.store)
-        self.ingestor = Ingestor(self.cfg.mqtt, self.store)
+        self.ingestor = Ingestor(self.cfg.mqtt, self.store, writer_url=self.cfg.store)
         app = create_app(
             self.store,
             token=self.cfg.token,
@@ -62,6 +62,7 @@ class Coordinator:
                 app, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning"
             )
         )
+        tune_gc()
         self.ingestor.start()
         self._spawn(self.http.run, "http")
         self._spawn(self._maintain, "maintenance")

@@ -39,6 +39,9 @@ class StatusIn(Received):
 @dataclass(frozen=True)
 class TelemetryIn(Received):
     telemetry: Telemetry
+    # The payload's JSON as received (it validated as this model): stored as is, which spares
+    # serializing every window again on the ingest path.
+    raw: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ lock in SQLite), ask these functions what a batch means, and write the answer.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -472,8 +472,9 @@ class DeviceDelta:
     overflow: int | None  # highest outbox_overflow reported; None without telemetry
     newest: Telemetry | None  # the inserted window with the highest seq
 
-    def params(self) -> dict[str, object]:
+    def params(self, json_of: JsonOf | None = None) -> dict[str, object]:
         """Named parameters for the backends' UPDATE statements."""
+        dump = json_of or _dump
         return {
             "device_id": self.device_id,
             "first_seen": self.first_seen,
@@ -491,8 +492,28 @@ class DeviceDelta:
             "unlost": self.unlost,
             "overflow": self.overflow,
             "newest_seq": None if self.newest is None else self.newest.seq,
-            "newest_json": None if self.newest is None else self.newest.model_dump_json(),
+            "newest_json": None if self.newest is None else dump(self.newest),
         }
+
+
+JsonOf = Callable[[Telemetry], str]
+
+
+def _dump(t: Telemetry) -> str:
+    return t.model_dump_json()
+
+
+class TelemetryJson:
+    """JSON of the batch's windows: the received text where there is one, else serialized."""
+
+    def __init__(self, items: Iterable[TelemetryIn]) -> None:
+        # By identity: the models live as long as the batch, and equal windows may differ in
+        # their received text only by formatting.
+        self._raw = {id(i.telemetry): i.raw for i in items if i.raw is not None}
+
+    def __call__(self, t: Telemetry) -> str:
+        raw = self._raw.get(id(t))
+        return raw if raw is not None else t.model_dump_json()
 
 
 def device_deltas(

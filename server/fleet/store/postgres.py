@@ -272,7 +272,8 @@ class PostgresStore(Store):
 
         deltas = logic.device_deltas(span, states.keys(), folds, tallies, unlost)
         if deltas:
-            params = [d.params() for d in deltas]
+            json_of = logic.TelemetryJson(accepted.telemetry)
+            params = [d.params(json_of) for d in deltas]
             cur.execute(_UPDATE_DEVICES, {k: [p[k] for p in params] for k in params[0]})
         _write_rejects(cur, accepted.rejects)
 
@@ -332,7 +333,7 @@ class PostgresStore(Store):
                 m.telemetry.fps,
                 m.telemetry.latency_ms.p95,
                 m.telemetry.power_w,
-                m.telemetry.model_dump_json(),
+                m.raw if m.raw is not None else m.telemetry.model_dump_json(),
             )
             for m in accepted.telemetry
         ]

@@ -241,7 +241,7 @@ class SqliteStore(Store):
                         t.fps,
                         t.latency_ms.p95,
                         t.power_w,
-                        t.model_dump_json(),
+                        item.raw if item.raw is not None else t.model_dump_json(),
                     ),
                 )
                 if c.rowcount == 1:
@@ -277,7 +277,8 @@ class SqliteStore(Store):
             )
 
             deltas = logic.device_deltas(span, states.keys(), folds, tallies, unlost)
-            c.executemany(_UPDATE_DEVICE, [d.params() for d in deltas])
+            json_of = logic.TelemetryJson(accepted.telemetry)
+            c.executemany(_UPDATE_DEVICE, [d.params(json_of) for d in deltas])
             _write_rejects(c, accepted.rejects)
 
         return IngestOutcome(
