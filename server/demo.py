@@ -193,7 +193,7 @@ def run_demo(out: Path, *, max_frames: int | None = None, say: Say = print) -> d
         "fps": fps,
     }
 
-    say("[6/6] a real edgefleet-agent on the video with the INT8 bundle, over a private mosquitto")
+    say("[6/6] a local fleet: mosquitto, a coordinator, real agents with the INT8 bundle")
     report["device"] = run_device(out / "device", opt_dir / "bundle", key, say)
 
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -82,7 +82,7 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
 
-def _table(rows: list[list[str]]) -> str:
+def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
@@ -126,7 +126,7 @@ def _ls(args: argparse.Namespace) -> int:
     elif not devices:
         print("no devices")
     else:
-        print(_table(device_rows(devices)))
+        print(table(device_rows(devices)))
         online = sum(d.online for d in devices)
         print(f"{len(devices)} devices, {online} online")
     return 0
@@ -134,7 +134,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _show_text(d: DeviceDetail) -> str:
     v = d.device
-    lines = [_table(device_rows([v]))]
+    lines = [table(device_rows([v]))]
     if d.sequence is not None:
         s = d.sequence
         lines.append(
@@ -160,7 +160,7 @@ def _show_text(d: DeviceDetail) -> str:
                 _fmt(t.power_w, ".2f", "W"),
                 _fmt(t.energy_per_frame_mj, ".1f"),
             ])
-        lines += ["", _table(rows)]
+        lines += ["", table(rows)]
     if d.events:
         lines.append("")
         for e in d.events:
@@ -184,7 +184,7 @@ def _groups(args: argparse.Namespace) -> int:
     if args.json:
         _dump(groups)
     else:
-        print(_table([["GROUP", "DEVICES"], *([g.group, str(g.devices)] for g in groups)]))
+        print(table([["GROUP", "DEVICES"], *([g.group, str(g.devices)] for g in groups)]))
     return 0
 
 

@@ -318,8 +318,12 @@ class Ingestor:
         s.id_conflicts += len(outcome.id_conflicts)
         s.rejects.update(w.rejects)
         s.lags.extend(w.lags)
-        for device in outcome.devices_registered:
-            log.info("registered device %s on first sight", device)
+        new = outcome.devices_registered
+        if len(new) <= 3:
+            for device in new:
+                log.info("registered device %s on first sight", device)
+        else:  # a fleet coming up at once: one line, not hundreds
+            log.info("registered %d devices on first sight: %s ... %s", len(new), new[0], new[-1])
         for device in outcome.id_conflicts:
             log.warning("device %s: two agents claim this id (a replaced boot_id came back)",
                         device)
