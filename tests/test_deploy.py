@@ -334,3 +334,34 @@ def test_private_key_and_bad_arguments_are_refused(tmp_path: Path) -> None:
         result = run_install(*base, "--fleet-key", pub, *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
     assert not root.exists()
+
+
+COORDINATOR_UNIT = Path(__file__).resolve().parents[1] / "systemd/edgefleet-coordinator.service"
+
+
+def test_coordinator_unit_verifies(tmp_path: Path) -> None:
+    """The coordinator's unit: hardened, credentials by LoadCredential, clean verify."""
+    text = COORDINATOR_UNIT.read_text()
+    assert "LoadCredential=api-token:" in text and "DynamicUser=yes" in text
+    assert "edgefleet-server run" in text
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return
+    # verify insists that ExecStart's binary exists: point it at this interpreter's script.
+    exe = Path(sys.executable).parent / "edgefleet-server"
+    assert exe.exists()
+    local = tmp_path / "edgefleet-coordinator.service"
+    local.write_text(text.replace("/opt/edgefleet/venv/bin/edgefleet-server", str(exe)))
+    verify = subprocess.run(
+        [analyze, "verify", local], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), (
+        verify.stdout + verify.stderr
+    )
+    security = subprocess.run(
+        [analyze, "security", "--offline=yes", local],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    level = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
+    if level is not None:  # systemd >= 250
+        assert float(level.group(1)) <= 2.5, security.stdout
