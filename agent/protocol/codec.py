@@ -61,7 +61,7 @@ Decoded: TypeAlias = _T | ProtocolError
 
 _FROM_DEVICE = (Status, Telemetry, Result, Event, Reply)
 _MAX_REPORTED_ERRORS = 5
-_FAST_PREFIX = '{"v":%d,' % SCHEMA_VERSION
+_FAST_PREFIX = f'{{"v":{SCHEMA_VERSION},'
 _CORRELATION_ID = re.compile(CORRELATION_ID_PATTERN[1:-1])
 
 
