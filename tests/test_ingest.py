@@ -120,7 +120,7 @@ def test_two_coordinators_share_the_load_and_store_each_window_once(
     ]
     sim = Simulator(
         SimConfig(host=mqtt_broker.host, port=mqtt_broker.port, devices=50, rate=5.0,
-                  root=topic_prefix, prefix="pg")
+                  root=topic_prefix, prefix="pg", group="pg")
     )
     sim.start()
     try:
@@ -135,6 +135,13 @@ def test_two_coordinators_share_the_load_and_store_each_window_once(
         # The shared subscription split the work; together they wrote each window once.
         assert all(n > 0 for n in inserted), inserted
         assert sum(inserted) == sum(produced.values())
+
+        # Replies reach every coordinator, so the one that sent the command hears them all.
+        from agent.protocol import Ping
+        from server.fleet.commander import Commander
+
+        outcome = Commander(ings[1]).send(Ping(), group="pg", timeout_s=15)
+        assert outcome.missing == [] and len(outcome.replies) == 50
     finally:
         sim.stop()
         for i in ings:

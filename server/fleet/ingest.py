@@ -44,7 +44,10 @@ from server.fleet.writer import ProcessWriter, StoreWriteError, ThreadWriter, Wr
 
 log = logging.getLogger(__name__)
 
-_SHARED_KINDS: tuple[DeviceKind, ...] = ("telemetry", "events", "reply")
+_SHARED_KINDS: tuple[DeviceKind, ...] = ("telemetry", "events")
+# Replies go to every coordinator: the one whose command waits for them may not be the one a
+# shared subscription would pick. Storing them is idempotent (command id, device id).
+_EVERY_COORDINATOR: tuple[DeviceKind, ...] = ("status", "reply")
 
 
 def tune_gc() -> None:
@@ -169,7 +172,7 @@ class Ingestor:
         return props
 
     def _subscriptions(self) -> list[tuple[str, int]]:
-        subs = [(self.tree.all_devices("status"), 1)]
+        subs = [(self.tree.all_devices(kind), 1) for kind in _EVERY_COORDINATOR]
         group = self.cfg.share_group
         subs += [
             (
