@@ -46,25 +46,33 @@ def _read_token(path: str | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def _host_port(value: str, option: str) -> tuple[str, int]:
+    """HOST:PORT (HOST may be empty for 127.0.0.1), or ValueError naming the option."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{option} {value!r}: expected HOST:PORT with a port in 0..65535")
+    return host or "127.0.0.1", int(port)
+
+
 def _run(args: argparse.Namespace) -> int:
     from server.fleet.ingest import IngestConfig
     from server.fleet.service import Coordinator, CoordinatorConfig
 
-    host, _, port = args.broker.rpartition(":")
-    http_host, _, http_port = args.http.rpartition(":")
     try:
+        host, port = _host_port(args.broker, "--broker")
+        http_host, http_port = _host_port(args.http, "--http")
         cfg = CoordinatorConfig(
             store=args.store,
             mqtt=IngestConfig(
-                host=host or "127.0.0.1",
-                port=int(port),
+                host=host,
+                port=port,
                 root=args.root,
                 client_id=args.client_id,
                 share_group=args.share_group,
                 registration_open=not args.closed_registration,
             ),
-            http_host=http_host or "127.0.0.1",
-            http_port=int(http_port),
+            http_host=http_host,
+            http_port=http_port,
             token=_read_token(args.token_file),
             loss_grace_s=args.loss_grace,
         )
