@@ -62,7 +62,8 @@ def test_actions_need_the_token(store: Store) -> None:
     assert client.put("/devices/pi-1/group", json=body).status_code == 401
     wrong = {"Authorization": "Bearer nope"}
     assert client.put("/devices/pi-1/group", json=body, headers=wrong).status_code == 401
-    ok = client.put("/devices/pi-1/group", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ok = client.put("/devices/pi-1/group", json=body, headers=auth)
     assert ok.status_code == 200 and ok.json()["group"] == "lab-b"
     assert store.device("pi-1").group == "lab-b"  # type: ignore[union-attr]
     bad = client.put("/devices/pi-1/group", json={"group": "a/b"},
@@ -72,12 +73,19 @@ def test_actions_need_the_token(store: Store) -> None:
                        headers={"Authorization": f"Bearer {TOKEN}"})
     assert extra.status_code == 422
 
+    # Pre-registration (for closed registration): a new device with its group.
+    reg = client.post("/devices", json={"device_id": "cam-9", "group": "lab-a"}, headers=auth)
+    assert reg.status_code == 201 and reg.json()["group"] == "lab-a"
+    assert not reg.json()["online"] and store.device("cam-9") is not None
+    assert client.post("/devices", json={"device_id": "cam-10"}).status_code == 401
+    bad_id = client.post("/devices", json={"device_id": "a b"}, headers=auth)
+    assert bad_id.status_code == 422
+
     # No token configured: actions are refused outright, never open.
     closed = TestClient(create_app(store, token=None))
     assert closed.put("/devices/pi-1/group", json=body).status_code == 403
     # Commands without a broker connection: a clear 503, after auth.
     cmd = {"command": {"name": "ping"}}
-    auth = {"Authorization": f"Bearer {TOKEN}"}
     r = client.post("/devices/pi-1/commands", json=cmd, headers=auth)
     assert r.status_code == 503
     r = client.post("/devices/pi-1/commands", json={"command": {"name": "reboot"}},

@@ -77,6 +77,10 @@ def test_coordinator_agent_and_operator_cli(
         assign = _fleet(url, "assign", "pi-e2e", "lobby")
         assert assign.returncode == 0, assign.stderr
         assert _fleet(url, "groups", "--json").stdout.count("lobby") == 1
+        reg = _fleet(url, "register", "cam-later", "--group", "lobby")
+        assert reg.returncode == 0 and "cam-later: registered, group lobby" in reg.stdout
+        later = {d["device_id"]: d for d in json.loads(_fleet(url, "ls", "--json").stdout)}
+        assert later["cam-later"]["online"] is False and later["cam-later"]["group"] == "lobby"
 
         ping = _fleet(url, "cmd", "pi-e2e", "ping", "--json")
         assert ping.returncode == 0, ping.stderr + ping.stdout
@@ -101,7 +105,11 @@ def test_coordinator_agent_and_operator_cli(
         assert metrics[0]["telemetry"]["device_id"] == "pi-e2e"
 
         assert agent.terminate() == 0
-        wait_until(lambda: not client.devices()[0].online, 20, "the agent's offline status")
+        wait_until(
+            lambda: not {d.device_id: d for d in client.devices()}["pi-e2e"].online,
+            20,
+            "the agent's offline status",
+        )
     finally:
         if agent.alive():
             agent.kill()

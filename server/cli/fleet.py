@@ -21,7 +21,7 @@ class _Error(Exception):
 
 
 def register(sub: Any) -> None:
-    """Add `fleet ls|show|groups|assign|cmd`."""
+    """Add `fleet ls|show|groups|register|assign|cmd`."""
     p = sub.add_parser("fleet", help="devices, groups and commands (via the coordinator)")
     p.add_argument("--url", help=f"coordinator API (default ${URL_ENV} or http://127.0.0.1:8080)")
     p.add_argument("--token", help="API token for actions (default $EDGEFLEET_API_TOKEN)")
@@ -42,6 +42,13 @@ def register(sub: Any) -> None:
     groups = fs.add_parser("groups", help="groups and their sizes")
     groups.add_argument("--json", action="store_true")
     groups.set_defaults(func=_groups)
+
+    reg = fs.add_parser(
+        "register", help="admit a device before it connects (for --closed-registration)"
+    )
+    reg.add_argument("device")
+    reg.add_argument("--group", help="put it in this group")
+    reg.set_defaults(func=_register)
 
     assign = fs.add_parser("assign", help="put a device in a group ('-' removes it)")
     assign.add_argument("device")
@@ -185,6 +192,12 @@ def _groups(args: argparse.Namespace) -> int:
         _dump(groups)
     else:
         print(table([["GROUP", "DEVICES"], *([g.group, str(g.devices)] for g in groups)]))
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    view = _client(args).register(args.device, args.group)
+    print(f"{view.device_id}: registered, group {view.group or '-'}")
     return 0
 
 

@@ -27,6 +27,7 @@ from server.fleet.views import (
     EventView,
     GroupAssignment,
     GroupView,
+    Registration,
     SequenceView,
     WindowView,
 )
@@ -111,6 +112,17 @@ def create_app(
         if device is not None:
             known_device(device)
         return [EventView.of(e) for e in store.events(device, limit)]
+
+    @app.post("/devices", tags=["actions"], dependencies=[Depends(require_token)],
+              status_code=201)
+    def register_device(body: Registration) -> DeviceView:
+        for value, what in ((body.device_id, "device id"), (body.group, "group name")):
+            if value is not None and not is_valid_id(value):
+                raise HTTPException(422, f"invalid {what} {value!r}")
+        store.register(body.device_id, body.group)
+        rec = store.device(body.device_id)
+        assert rec is not None
+        return DeviceView.of(rec)
 
     @app.put(
         "/devices/{device_id}/group", tags=["actions"], dependencies=[Depends(require_token)]

@@ -62,6 +62,10 @@ class FleetClient:
     def groups(self) -> list[GroupView]:
         return _groups.validate_python(self._call("GET", "/groups"))
 
+    def register(self, device_id: str, group: str | None = None) -> DeviceView:
+        body = {"device_id": device_id, "group": group}
+        return DeviceView.model_validate(self._call("POST", "/devices", body))
+
     def assign_group(self, device_id: str, group: str | None) -> DeviceView:
         path = f"/devices/{urllib.parse.quote(device_id)}/group"
         return DeviceView.model_validate(self._call("PUT", path, {"group": group}))

@@ -140,3 +140,10 @@ class CommandOutcome(View):
 
 class GroupAssignment(View):
     group: str | None = Field(description="New group, or null to remove the device from its group.")
+
+
+class Registration(View):
+    """Body of POST /devices: admit a device before it first speaks (closed registration)."""
+
+    device_id: str
+    group: str | None = None
