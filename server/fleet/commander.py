@@ -20,7 +20,11 @@ class UnknownTarget(LookupError):
 
 
 class Commander:
-    """Publishes on the ingestor's connection; replies come back through its subscription."""
+    """Publishes on the ingestor's connection; replies come back through its subscription.
+
+    Every coordinator subscribes to replies without $share (see ingest.py), so the one that
+    sent a command sees each reply itself and need not look for it in the store.
+    """
 
     def __init__(self, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
@@ -76,11 +80,6 @@ class Commander:
             got = listener.wait(cmd.id, expected, timeout_s)
         finally:
             listener.close()
-        # Another coordinator of the shared subscription may have ingested some replies.
-        if not expected <= got.keys():
-            for rec in self.store.commands(limit=1000):
-                if rec.command_id == cmd.id:
-                    got.update({r.device_id: r for r in rec.replies})
         return CommandOutcome(
             command_id=cmd.id,
             target=target,

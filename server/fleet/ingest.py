@@ -265,11 +265,6 @@ class Ingestor:
             sock.close()
         self.client.loop_stop()
 
-    def backlog(self) -> int:
-        """Messages received and not yet written."""
-        with self._cond:
-            return len(self._queue)
-
     # -- writing --------------------------------------------------------------------------
 
     def _take(self) -> list[_Raw]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.protocol import Event, Reply, Telemetry
@@ -71,15 +73,9 @@ class SequenceView(View):
 
     @classmethod
     def of(cls, rep: SequenceReport) -> SequenceView:
-        return cls(
-            first_seq=rep.first_seq,
-            max_seq=rep.max_seq,
-            received=rep.received,
-            duplicates=rep.duplicates,
-            missing=rep.missing,
-            lost=rep.lost,
-            reported_overflow=rep.reported_overflow,
-        )
+        fields = dataclasses.asdict(rep)
+        del fields["device_id"]  # the view sits under its device
+        return cls(**fields)
 
 
 class WindowView(View):
