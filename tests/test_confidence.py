@@ -57,3 +57,18 @@ def test_threshold_boundary_is_inclusive() -> None:
 def test_decide_exits_length_mismatch() -> None:
     with pytest.raises(ValueError, match="1 confidence arrays for 2 thresholds"):
         decide_exits([np.array([0.5])], [0.5, 0.5])
+
+
+def test_exit_decision_equals_softmax_then_confidence() -> None:
+    from agent.runtime.staged import exit_decision
+
+    rng = np.random.default_rng(3)
+    for scale in (0.1, 1.0, 10.0, 100.0):
+        for _ in range(200):
+            z = (rng.standard_normal(10) * scale).astype(np.float32)
+            probs = softmax(z[None, :])
+            for rule in ("max_softmax", "margin", "entropy"):
+                cls, top1, score = exit_decision(z[None, :], rule)
+                assert cls == int(probs[0].argmax())
+                assert top1 == float(probs[0].max())
+                assert score == float(confidence(probs, rule)[0])

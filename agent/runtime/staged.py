@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ import onnxruntime as ort
 from agent.bundle import VerifiedBundle
 from agent.bundle.manifest import ExitHead
 
-from .confidence import confidence, decide_exits, softmax
+from .chain import make_chain
+from .confidence import Rule, confidence, decide_exits, softmax
 from .session import choose_providers, session_options
 
 
@@ -47,6 +49,34 @@ class _Head:
             return flat
         out: npt.NDArray[np.float32] = flat @ self.weight.T + self.bias
         return out
+
+
+def exit_decision(logits: npt.NDArray[np.generic], rule: Rule) -> tuple[int, float, float]:
+    """(class, top-1 probability, the rule's confidence) of one row of logits.
+
+    For max_softmax the top-1 probability is 1 / sum(exp(z - max z)), the same float64
+    value softmax() then confidence() give, without the intermediate arrays: this runs once
+    per frame per evaluated exit.
+    """
+    if rule == "max_softmax":
+        z = np.asarray(logits, dtype=np.float64).reshape(-1)
+        i = int(z.argmax())
+        p = float(1.0 / np.exp(z - z[i]).sum())
+        return i, p, p
+    probs = softmax(np.asarray(logits).reshape(1, -1))
+    return int(probs[0].argmax()), float(probs[0].max()), float(confidence(probs, rule)[0])
+
+
+def top1_probability(logits: npt.NDArray[np.generic]) -> tuple[int, float]:
+    """(class, softmax probability of it) of one row of logits, in plain Python floats.
+
+    For the final head, where nothing is compared with a threshold and the probability is
+    only reported: ~3 us against ~9 us for the numpy route on 10 classes. Equal to
+    softmax() up to rounding in the last bits (summation order).
+    """
+    values = np.asarray(logits).ravel().tolist()
+    top = max(values)
+    return values.index(top), 1.0 / math.fsum(math.exp(v - top) for v in values)
 
 
 def _session(
@@ -108,8 +138,11 @@ class StagedModel:
             for stage in m.stages
         ]
         self._pass = [list(stage.outputs) for stage in m.stages]
-        self._input_name = m.input.name
-        self._last = len(m.stages) - 1
+        last = len(m.stages) - 1
+        self._layout = [(head, k == last) for k, head in enumerate(self.heads)]
+        self._chain = make_chain(
+            m.input.name, self.sessions, self.branches, self._fetch, self._pass
+        )
         ops = m.operating_points
         self.thresholds: list[float | None] = (
             list(ops[m.default_operating_point].thresholds) if ops else []
@@ -125,32 +158,35 @@ class StagedModel:
         self.thresholds = list(thresholds)
 
     def predict(self, x: npt.NDArray[np.generic]) -> Prediction:
-        """Run one preprocessed input (batch of one) through the stages until an exit fires."""
-        feeds: dict[str, npt.NDArray[np.generic]] = {self._input_name: x}
+        """Run one preprocessed input (batch of one) through the stages until an exit fires.
+
+        This is the per-frame hot path: microseconds here are percents of an INT8 model's
+        time, so stages pass tensors through bound buffers (chain.py), per-stage data is
+        looked up once, and a max-softmax exit is decided without a probability vector.
+        Not for concurrent use: the buffers are shared from frame to frame.
+        """
+        chain = self._chain
+        chain.load(x)
         stage_ms: list[float] = []
         exit_pos = 0
-        for k, sess in enumerate(self.sessions):
-            stage = self.manifest.stages[k]
-            head = self.heads[k]
-            if k == self._last:
-                assert head is not None  # the manifest guarantees a final exit
-                t0 = time.perf_counter()
-                outs = sess.run(self._fetch[k], feeds)
-                stage_ms.append((time.perf_counter() - t0) * 1000.0)
-                return self._prediction(softmax(head.logits(outs[-1])), exit_pos, stage_ms)
-            threshold = self.thresholds[exit_pos] if head is not None else None
-            # A disabled exit is not even fetched: no pooling output copied, no head maths.
-            fetch = self._fetch[k] if threshold is not None else self._pass[k]
-            t0 = time.perf_counter()
-            outs = sess.run(fetch, feeds)
-            stage_ms.append((time.perf_counter() - t0) * 1000.0)
-            if head is not None and threshold is not None:
-                probs = softmax(head.logits(self._exit_value(k, outs)))
-                if float(confidence(probs, head.spec.rule)[0]) >= threshold:
-                    return self._prediction(probs, exit_pos, stage_ms)
-            if head is not None:
-                exit_pos += 1
-            feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
+        clock = time.perf_counter
+        thresholds = self.thresholds
+        for k, (head, last) in enumerate(self._layout):
+            threshold = None if head is None or last else thresholds[exit_pos]
+            t0 = clock()
+            outs = chain.stage(k, last or threshold is not None)
+            stage_ms.append((clock() - t0) * 1000.0)
+            if head is None:
+                continue
+            if last:
+                cls, top1 = top1_probability(head.logits(outs[-1]))
+                return Prediction(cls, top1, exit_pos, stage_ms)
+            if threshold is not None:
+                value = chain.exit_value(k, outs)
+                cls, top1, score = exit_decision(head.logits(value), head.spec.rule)
+                if score >= threshold:
+                    return Prediction(cls, top1, exit_pos, stage_ms)
+            exit_pos += 1
         raise AssertionError("unreachable: the last stage always has an exit")
 
     def _exit_value(self, k: int, outs: list[npt.NDArray[np.generic]]) -> npt.NDArray[np.generic]:
@@ -162,17 +198,6 @@ class StagedModel:
         feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
         (value,) = branch.run([stage.exit.output], feeds)  # type: ignore[union-attr]
         return np.asarray(value)
-
-    @staticmethod
-    def _prediction(
-        probs: npt.NDArray[np.float64], exit_index: int, stage_ms: list[float]
-    ) -> Prediction:
-        return Prediction(
-            class_index=int(probs[0].argmax()),
-            confidence=float(probs[0].max()),
-            exit_index=exit_index,
-            stage_ms=stage_ms,
-        )
 
     def all_exit_logits(self, x: npt.NDArray[np.generic]) -> list[npt.NDArray[np.float32]]:
         """Logits of every exit (early exits, then the final head) for a batch; no early stop."""

@@ -55,6 +55,12 @@ def register(sub: Any) -> None:
     e.add_argument(
         "--exit-grid", type=int, default=2, help="pool exit features to GxG (1 = global)"
     )
+    e.add_argument(
+        "--stage-layout",
+        choices=["auto", "nchw", "nhwc"],
+        default="auto",
+        help="layout of uint8 tensors between stages (auto: nhwc for INT8, the CPU's own)",
+    )
     c = p.add_argument_group("compression passes (each kept only within budget)")
     c.add_argument("--prune", type=float, default=0.0, help="fraction of conv channels (L1)")
     c.add_argument("--low-rank", type=float, default=None, help="SVD energy to keep, e.g. 0.95")
@@ -102,6 +108,7 @@ def _optimize(args: argparse.Namespace) -> int:
             exits=args.exits if args.exits in ("auto", "none") else args.exits.split(","),
             exit_rule=args.exit_rule,
             exit_grid=args.exit_grid,
+            stage_layout=args.stage_layout,
             prune=args.prune,
             low_rank=args.low_rank,
             share=args.share,

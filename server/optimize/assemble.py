@@ -93,6 +93,7 @@ def assemble_bundle(
         "exits": "auto" if isinstance(opts.exits, str) else ",".join(opts.exits),
         "exit_rule": opts.exit_rule,
         "exit_grid": opts.exit_grid,
+        "stage_layout": opts.stage_layout,
         "prune": opts.prune,
         "low_rank": opts.low_rank,
         "share": opts.share,

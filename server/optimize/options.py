@@ -28,6 +28,9 @@ class OptimizeOptions(BaseModel):
     exit_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
     exit_rule: Rule = "max_softmax"
     exit_grid: int = Field(2, ge=1, le=8, description="exit features pooled to grid x grid")
+    stage_layout: Literal["auto", "nchw", "nhwc"] = Field(
+        "auto", description="layout of 4-D uint8 tensors between stages; auto = nhwc for QDQ"
+    )
     prune: float = Field(0.0, ge=0, lt=1, description="fraction of conv channels to prune")
     low_rank: float | None = Field(None, gt=0, le=1, description="SVD energy kept")
     share: int | None = Field(None, ge=2, le=256, description="k-means clusters per channel")

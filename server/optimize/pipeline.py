@@ -210,7 +210,9 @@ def optimize(
             )
     else:
         progress("      none (disabled or no valid cut point)")
-    stages = split_stages(qmodel, [c.tensor for c in cuts], opts.exit_grid)
+    stages = split_stages(
+        qmodel, [c.tensor for c in cuts], opts.exit_grid, layout=opts.stage_layout
+    )
     identical = _check_split_identical(
         [s.model for s in stages], [s.outputs for s in stages], qmodel, x["validation"][:64]
     )
