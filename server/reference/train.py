@@ -52,6 +52,10 @@ BLOCK_NAMES = ("stem", "block1", "block2", "block3")
 # pool. Its stem is ~2% of the MACs but ~20% of the INT8 time (a 3x3x1 GEMM over 131k outputs),
 # so the first early exit saves little, and the bag-of-local-features head caps accuracy.
 # v2: stride-2 stem (32x32), block1 at stride 1, and a 2x2-pooled head (1024 features).
+# v3 (shipped): v2 with block1 at stride 2 and block2 at stride 1, so the first exit comes
+# after 12% of the MACs instead of 34% (the early-exit design rule: make the first stages
+# cheap), the last two blocks see a larger receptive field, and the model is 25% smaller in
+# MACs; it is also more accurate (98.8% test against 98.2%).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "v1": {
         "widths": (32, 64, 128, 256),
@@ -74,8 +78,19 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "flatten (1024); linear 1024->10. BatchNorm folded into convs."
         ),
     },
+    "v3": {
+        "widths": (32, 64, 128, 256),
+        "strides": (2, 2, 1, 2),
+        "head_pool": 4,
+        "description": (
+            "conv3x3 1->32 s2 +BN+ReLU (stem_out, 32x32); conv3x3 32->64 s2 +BN+ReLU "
+            "(block1_out, 16x16); conv3x3 64->128 s1 +BN+ReLU (block2_out, 16x16); "
+            "conv3x3 128->256 s2 +BN+ReLU (block3_out, 8x8); average pool 4x4 stride 4 (2x2); "
+            "flatten (1024); linear 1024->10. BatchNorm folded into convs."
+        ),
+    },
 }
-DEFAULT_ARCH = "v2"
+DEFAULT_ARCH = "v3"
 
 # Chosen on the validation split only. Batch 128 is the fastest on 2 CPU cores.
 DEFAULTS: dict[str, Any] = {
@@ -94,10 +109,11 @@ DEFAULTS: dict[str, Any] = {
 }
 # Per-architecture overrides of DEFAULTS. v1's GAP head learns slowly and was still improving
 # at 30 epochs, hence 45. v2 converges much faster (91% validation after a 2-epoch schedule),
-# so 30 epochs fit the CPU budget.
+# so 30 epochs fit the CPU budget; v3 kept v2's schedule.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "v1": {},
     "v2": {"epochs": 30},
+    "v3": {"epochs": 30},
 }
 
 
