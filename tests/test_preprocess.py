@@ -42,6 +42,34 @@ def test_formula_is_scale_then_mean_then_std_in_float32() -> None:
     assert np.array_equal(x[0, 0], want)
 
 
+@pytest.mark.parametrize(
+    ("color", "mean", "std", "layout"),
+    [
+        ("GRAY", [0.1307], [0.3081], "NCHW"),
+        ("GRAY", [0.5], [0.25], "NHWC"),
+        ("RGB", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], "NCHW"),
+        ("BGR", [0.3, 0.2, 0.1], [0.7, 0.9, 1.3], "NHWC"),
+    ],
+)
+def test_table_lookup_equals_the_formula_for_every_pixel_value(
+    color: str, mean: list[float], std: list[float], layout: str
+) -> None:
+    # Every uint8 value in every channel: a 16x16 frame holds 0..255 once per channel.
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    channels = len(mean)
+    frame = values if channels == 1 else np.stack([values] * channels, axis=-1)
+    spec = _spec(height=16, width=16, color=color, mean=mean, std=std, layout=layout)
+    x = Preprocessor(spec)(frame)
+    rgb = frame if channels == 1 or color == "BGR" else frame[..., ::-1]
+    hwc = rgb.reshape(16, 16, channels).astype(np.float32)
+    hwc *= np.float32(spec.scale)
+    hwc -= np.asarray(mean, np.float32)
+    hwc /= np.asarray(std, np.float32)
+    want = hwc.transpose(2, 0, 1) if layout == "NCHW" else hwc
+    assert x.dtype == np.float32 and x.flags.c_contiguous
+    assert np.array_equal(x[0], want)
+
+
 def test_nhwc_and_gray_input_expanded_to_colour() -> None:
     frame = np.full((8, 12), 100, np.uint8)
     x = Preprocessor(_spec(layout="NHWC", color="BGR"))(frame)
