@@ -65,6 +65,26 @@ def test_reference_bundle_verifies_and_has_exits(reference_run: Path, key: Fleet
     assert (reference_run / "report.png").stat().st_size > 10_000
 
 
+def test_classifier_head_stays_float(reference_run: Path) -> None:
+    report = json.loads((reference_run / "report.json").read_text())
+    head = report["quantization"]["float_head"]
+    assert sorted(head) == ["/head/fc/Gemm", "/head/pool/AveragePool"]
+    q = onnx.load(reference_run / "models" / "static.onnx")
+    fc = next(n for n in q.graph.node if n.name == "/head/fc/Gemm")
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert producers[fc.input[0]] == "Flatten"  # float features, not a DequantizeLinear
+    assert all(producers.get(i) != "DequantizeLinear" for i in fc.input[1:])
+
+
+def test_float_head_nodes_stop_at_a_large_linear_layer() -> None:
+    from server.optimize.quantize import float_head_nodes
+    from tests.optimize_models import mlp_model, residual_model
+
+    assert float_head_nodes(mlp_model()) == []  # its MatMuls are all the MACs: keep INT8
+    # GAP -> Flatten -> Gemm after the last conv; the walk stops at the residual Relu.
+    assert sorted(float_head_nodes(residual_model())) == ["gap", "logits"]
+
+
 def test_budget_holds_on_validation(reference_run: Path) -> None:
     report = json.loads((reference_run / "report.json").read_text())
     ref = report["budget"]["reference_val_accuracy"]

@@ -47,6 +47,12 @@ def register(sub: Any) -> None:
     )
     q.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], default="minmax")
     q.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto")
+    p.add_argument(
+        "--head-precision",
+        choices=["float", "int8"],
+        default="float",
+        help="float (default): pooling and a small final linear layer stay fp32",
+    )
     e = p.add_argument_group("early exits")
     e.add_argument("--exits", default="auto", help="auto, none, or comma-separated tensor names")
     e.add_argument(
@@ -108,6 +114,7 @@ def _optimize(args: argparse.Namespace) -> int:
             exits=args.exits if args.exits in ("auto", "none") else args.exits.split(","),
             exit_rule=args.exit_rule,
             exit_grid=args.exit_grid,
+            head_precision=args.head_precision,
             stage_layout=args.stage_layout,
             prune=args.prune,
             low_rank=args.low_rank,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +56,13 @@ def quantize_within_budget(
     max_drop: float,
     method: Method = "minmax",
     reduce_range: bool = False,
+    keep_float: Sequence[str] = (),
     progress: Progress = lambda _m: None,
 ) -> QuantOutcome:
-    """Quantize; if validation accuracy falls more than max_drop, fall back layer by layer."""
+    """Quantize; if validation accuracy falls more than max_drop, fall back layer by layer.
+
+    keep_float names nodes that stay float in every attempt (the classifier head).
+    """
     with tempfile.TemporaryDirectory(prefix="edgefleet-calib-") as tmp:
         cache = Path(tmp) / "ranges.json"
 
@@ -68,7 +72,7 @@ def quantize_within_budget(
                 input_name,
                 calibration,
                 method=method,
-                exclude=exclude,
+                exclude=[*keep_float, *exclude],
                 reduce_range=reduce_range,
                 cache=cache,
             )
@@ -82,7 +86,7 @@ def quantize_within_budget(
         if reference_accuracy - acc <= max_drop:
             return outcome
 
-        nodes = quantizable_nodes(model)
+        nodes = [n for n in quantizable_nodes(model) if n not in keep_float]
         progress(
             f"INT8 drop {100 * (reference_accuracy - acc):.2f} pt > budget "
             f"{100 * max_drop:.2f} pt: measuring sensitivity of {len(nodes)} layers"

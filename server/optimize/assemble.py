@@ -89,6 +89,7 @@ def assemble_bundle(
         "quantization": opts.quantization,
         "calibration": opts.calibration,
         "reduce_range": opts.reduce_range,
+        "head_precision": opts.head_precision,
         "max_drop": opts.max_drop,
         "exits": "auto" if isinstance(opts.exits, str) else ",".join(opts.exits),
         "exit_rule": opts.exit_rule,

@@ -24,6 +24,9 @@ class OptimizeOptions(BaseModel):
     reduce_range: Literal["auto", "on", "off"] = Field(
         "auto", description="7-bit weights; auto = on for x86 CPUs without VNNI"
     )
+    head_precision: Literal["float", "int8"] = Field(
+        "float", description="float: pooling and a small final linear layer stay fp32"
+    )
     exits: Literal["auto", "none"] | list[str] = "auto"
     exit_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
     exit_rule: Rule = "max_softmax"

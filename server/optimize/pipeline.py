@@ -34,7 +34,7 @@ from .latency import compare
 from .macs import total_macs
 from .options import OptimizeOptions, use_reduce_range
 from .prepare import prepare_model
-from .quantize import quantize_dynamic_matmul, to_fp16
+from .quantize import float_head_nodes, quantize_dynamic_matmul, to_fp16
 from .report import write_json, write_plot
 from .runner import accuracy, logits_of, make_session
 from .split import split_stages
@@ -83,7 +83,9 @@ def _quantize(
         q = quantize_dynamic_matmul(model)
     else:
         rr = use_reduce_range(opts.reduce_range)
+        head = float_head_nodes(model) if opts.head_precision == "float" else []
         info.update(
+            float_head=head,
             method=opts.calibration,
             reduce_range=rr,
             per_channel=True,
@@ -100,6 +102,7 @@ def _quantize(
             max_drop=opts.max_drop / 2,
             method=opts.calibration,
             reduce_range=rr,
+            keep_float=head,
             progress=progress,
         )
         info.update(
