@@ -114,6 +114,34 @@ def test_agent_runtime_reproduces_reported_test_accuracy(
     assert correct / len(labels) == pytest.approx(report["test"]["accuracy"])
 
 
+def test_bound_buffers_and_plain_runs_give_the_same_predictions(
+    reference_run: Path, key: FleetKey
+) -> None:
+    from agent.runtime.chain import BoundChain, PlainChain, StageSessions
+
+    staged = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
+    assert isinstance(staged._chain, BoundChain)  # the optimizer fixes every shape
+    m = staged.manifest
+    plain = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
+    plain._chain = PlainChain(
+        StageSessions(m.input.name, plain.sessions, plain.branches, plain._fetch, plain._pass)
+    )
+    images, _ = load_reference_split()["test"]
+    pre = Preprocessor(SPEC)
+    frames = [pre(img) for img in images[:150]]
+    n_early = len(staged.early_exits)
+    for thresholds in (list(staged.thresholds), [None] * n_early, [0.0] * n_early):
+        staged.set_thresholds(thresholds)
+        plain.set_thresholds(thresholds)
+        for x in frames:
+            a, b = staged.predict(x), plain.predict(x)
+            assert (a.class_index, a.confidence, a.exit_index) == (
+                b.class_index,
+                b.confidence,
+                b.exit_index,
+            )
+
+
 def test_staged_int8_equals_unsplit_on_real_images() -> None:
     images, _ = load_reference_split()["validation"]
     x = Preprocessor(SPEC).batch(list(images[:100]))

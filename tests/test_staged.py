@@ -56,3 +56,11 @@ def test_default_operating_point_thresholds(model: StagedModel) -> None:
     assert model.thresholds == [0.95]
     with pytest.raises(ValueError, match="2 thresholds for 1 early exit"):
         model.set_thresholds([0.5, 0.5])
+
+
+def test_dynamic_shapes_run_through_plain_session_run(model: StagedModel) -> None:
+    from agent.runtime.chain import PlainChain
+
+    # This bundle keeps a dynamic batch dim (classify_batch feeds 40 at once): no bound
+    # buffers, and predict() still works frame by frame (the tests above).
+    assert isinstance(model._chain, PlainChain)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -47,6 +48,21 @@ def _static(arg: ort.NodeArg) -> tuple[list[int], type[np.generic]] | None:
     return [int(d) for d in shape], dtype
 
 
+@dataclass(frozen=True)
+class StageSessions:
+    """A bundle's sessions and what flows between them, as StagedModel loaded them.
+
+    fetch[k]: stage k's outputs when its exit is evaluated; passed[k]: those it passes on
+    (empty for the last stage); branches[k]: stage k's exit branch graph, if it has one.
+    """
+
+    input_name: str
+    sessions: Sequence[ort.InferenceSession]
+    branches: Sequence[ort.InferenceSession | None]
+    fetch: Sequence[Sequence[str]]
+    passed: Sequence[Sequence[str]]
+
+
 class _Bound:
     """One session with a fixed set of outputs bound to buffers."""
 
@@ -70,14 +86,8 @@ class _Bound:
 class BoundChain:
     """Every stage and exit branch of a bundle on shared, preallocated buffers."""
 
-    def __init__(
-        self,
-        input_name: str,
-        sessions: Sequence[ort.InferenceSession],
-        branches: Sequence[ort.InferenceSession | None],
-        fetch: Sequence[Sequence[str]],
-        passed: Sequence[Sequence[str]],
-    ) -> None:
+    def __init__(self, plan: StageSessions) -> None:
+        sessions, branches, fetch, passed = plan.sessions, plan.branches, plan.fetch, plan.passed
         buffers: dict[str, Array] = {}
         for sess in [*sessions, *(b for b in branches if b is not None)]:
             for arg in [*sess.get_inputs(), *sess.get_outputs()]:
@@ -90,7 +100,7 @@ class BoundChain:
                     raise ValueError(f"{arg.name}: {arg.shape} {arg.type} disagrees between graphs")
                 if known is None:
                     buffers[arg.name] = np.zeros(shape, dtype)
-        self.input = buffers[input_name]
+        self.input = buffers[plan.input_name]
         # Per stage: outputs when its exit is skipped, and when it is evaluated.
         self.skip = [_Bound(s, buffers, p) for s, p in zip(sessions, passed, strict=True)]
         self.full = [
@@ -121,17 +131,10 @@ class BoundChain:
 class PlainChain:
     """The same interface through plain session.run (any shapes; a copy per tensor)."""
 
-    def __init__(
-        self,
-        input_name: str,
-        sessions: Sequence[ort.InferenceSession],
-        branches: Sequence[ort.InferenceSession | None],
-        fetch: Sequence[Sequence[str]],
-        passed: Sequence[Sequence[str]],
-    ) -> None:
-        self.input_name = input_name
-        self.sessions, self.branches = list(sessions), list(branches)
-        self.fetch, self.passed = [list(f) for f in fetch], [list(p) for p in passed]
+    def __init__(self, plan: StageSessions) -> None:
+        self.input_name = plan.input_name
+        self.sessions, self.branches = list(plan.sessions), list(plan.branches)
+        self.fetch, self.passed = [list(f) for f in plan.fetch], [list(p) for p in plan.passed]
         self.feeds: dict[str, Array] = {}
 
     def load(self, x: Array) -> None:
@@ -160,16 +163,10 @@ class Chain(Protocol):
     def exit_value(self, k: int, outs: list[Array]) -> Array: ...
 
 
-def make_chain(
-    input_name: str,
-    sessions: Sequence[ort.InferenceSession],
-    branches: Sequence[ort.InferenceSession | None],
-    fetch: Sequence[Sequence[str]],
-    passed: Sequence[Sequence[str]],
-) -> Chain:
+def make_chain(plan: StageSessions) -> Chain:
     """A BoundChain where every shape is fixed, else a PlainChain (one log line says why)."""
     try:
-        return BoundChain(input_name, sessions, branches, fetch, passed)
+        return BoundChain(plan)
     except ValueError as exc:
         log.info("stages run through session.run, not bound buffers: %s", exc)
-        return PlainChain(input_name, sessions, branches, fetch, passed)
+        return PlainChain(plan)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from agent.bundle import VerifiedBundle
 from agent.bundle.manifest import ExitHead
 
-from .chain import make_chain
+from .chain import StageSessions, make_chain
 from .confidence import Rule, confidence, decide_exits, softmax
 from .session import choose_providers, session_options
 
@@ -141,7 +141,7 @@ class StagedModel:
         last = len(m.stages) - 1
         self._layout = [(head, k == last) for k, head in enumerate(self.heads)]
         self._chain = make_chain(
-            m.input.name, self.sessions, self.branches, self._fetch, self._pass
+            StageSessions(m.input.name, self.sessions, self.branches, self._fetch, self._pass)
         )
         ops = m.operating_points
         self.thresholds: list[float | None] = (
