@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -10,7 +11,6 @@ from onnx import TensorProto, helper, numpy_helper
 from server.optimize.exit_graph import (
     QuantParams,
     branch_model,
-    pooled_features_reference,
     pooling_cells,
     pooling_matrix,
 )
@@ -34,6 +34,20 @@ def test_pooling_matrix_marks_each_cell_once() -> None:
     cell = p[3].reshape(7, 9)  # bottom right: rows 3..5, columns 4..7
     assert cell[3:6, 4:8].all() and cell.sum() == 12
     assert p.sum(axis=0).max() == 1
+
+
+def _pooled_features_reference(
+    q: npt.NDArray[np.uint8], params: QuantParams, grid: int
+) -> npt.NDArray[np.float32]:
+    """numpy reference of the integer pooling for one NCHW uint8 map batch: (N, C*cells)."""
+    n, c, h, w = q.shape
+    pm = pooling_matrix(h, w, grid).astype(np.int64)
+    g, kh, kw = pooling_cells(h, w, grid)
+    centred = q.reshape(n, c, h * w).astype(np.int64) - params.zero_point
+    sums = centred @ pm.T  # (n, c, cells), exact
+    factor = np.float32(params.scale / (kh * kw))
+    out: npt.NDArray[np.float32] = (sums.astype(np.float32) * factor).reshape(n, c * g * g)
+    return out
 
 
 def _float_pool(q: np.ndarray, params: QuantParams, grid: int) -> np.ndarray:
@@ -75,7 +89,7 @@ def test_nchw_and_nhwc_branches_agree_bit_for_bit(shape: tuple[int, ...], grid: 
     nhwc = branch_model("t", nhwc_dims, params, grid, "nhwc", "f", OPSET, IR)
     a = make_session(nchw).run(None, {"t": q})[0]
     b = make_session(nhwc).run(None, {"t": np.ascontiguousarray(q.transpose(0, 2, 3, 1))})[0]
-    ref = pooled_features_reference(q, params, grid)
+    ref = _pooled_features_reference(q, params, grid)
     assert a.dtype == np.float32 and a.shape == ref.shape
     assert np.array_equal(a, b)
     assert np.array_equal(a, ref)

@@ -117,15 +117,12 @@ def test_agent_runtime_reproduces_reported_test_accuracy(
 def test_bound_buffers_and_plain_runs_give_the_same_predictions(
     reference_run: Path, key: FleetKey
 ) -> None:
-    from agent.runtime.chain import BoundChain, PlainChain, StageSessions
+    from agent.runtime.chain import BoundChain, PlainChain
 
     staged = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
     assert isinstance(staged._chain, BoundChain)  # the optimizer fixes every shape
-    m = staged.manifest
     plain = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
-    plain._chain = PlainChain(
-        StageSessions(m.input.name, plain.sessions, plain.branches, plain._fetch, plain._pass)
-    )
+    plain._chain = PlainChain(plain._sessions)
     images, _ = load_reference_split()["test"]
     pre = Preprocessor(SPEC)
     frames = [pre(img) for img in images[:150]]

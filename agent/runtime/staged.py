@@ -15,7 +15,7 @@ import onnxruntime as ort
 from agent.bundle import VerifiedBundle
 from agent.bundle.manifest import ExitHead
 
-from .chain import StageSessions, make_chain
+from .chain import PlainChain, StageSessions, make_chain
 from .confidence import Rule, confidence, decide_exits, softmax
 from .session import choose_providers, session_options
 
@@ -140,9 +140,10 @@ class StagedModel:
         self._pass = [list(stage.outputs) for stage in m.stages]
         last = len(m.stages) - 1
         self._layout = [(head, k == last) for k, head in enumerate(self.heads)]
-        self._chain = make_chain(
-            StageSessions(m.input.name, self.sessions, self.branches, self._fetch, self._pass)
+        self._sessions = StageSessions(
+            m.input.name, self.sessions, self.branches, self._fetch, self._pass
         )
+        self._chain = make_chain(self._sessions)
         ops = m.operating_points
         self.thresholds: list[float | None] = (
             list(ops[m.default_operating_point].thresholds) if ops else []
@@ -189,27 +190,15 @@ class StagedModel:
             exit_pos += 1
         raise AssertionError("unreachable: the last stage always has an exit")
 
-    def _exit_value(self, k: int, outs: list[npt.NDArray[np.generic]]) -> npt.NDArray[np.generic]:
-        """The exit's input: from the branch graph when there is one, else the stage's own."""
-        branch = self.branches[k]
-        if branch is None:
-            return outs[-1]
-        stage = self.manifest.stages[k]
-        feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
-        (value,) = branch.run([stage.exit.output], feeds)  # type: ignore[union-attr]
-        return np.asarray(value)
-
     def all_exit_logits(self, x: npt.NDArray[np.generic]) -> list[npt.NDArray[np.float32]]:
         """Logits of every exit (early exits, then the final head) for a batch; no early stop."""
-        feeds: dict[str, npt.NDArray[np.generic]] = {self.manifest.input.name: x}
+        chain = PlainChain(self._sessions)  # any batch size: plain session.run
+        chain.load(x)
         result: list[npt.NDArray[np.float32]] = []
-        for k, sess in enumerate(self.sessions):
-            stage = self.manifest.stages[k]
-            outs = sess.run(self._fetch[k], feeds)
-            head = self.heads[k]
+        for k, head in enumerate(self.heads):
+            outs = chain.stage(k, True)
             if head is not None:
-                result.append(head.logits(self._exit_value(k, outs)))
-            feeds = dict(zip(stage.outputs, outs[: len(stage.outputs)], strict=True))
+                result.append(head.logits(chain.exit_value(k, outs)))
         return result
 
     def classify_batch(self, x: npt.NDArray[np.generic]) -> tuple[npt.NDArray[np.int64], ...]:

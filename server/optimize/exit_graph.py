@@ -56,20 +56,6 @@ def pooling_matrix(height: int, width: int, grid: int) -> npt.NDArray[np.uint8]:
     return p.reshape(g * g, height * width)
 
 
-def pooled_features_reference(
-    q: npt.NDArray[np.uint8], params: QuantParams, grid: int
-) -> npt.NDArray[np.float32]:
-    """numpy reference of the integer pooling for one NCHW uint8 map batch: (N, C*cells)."""
-    n, c, h, w = q.shape
-    pm = pooling_matrix(h, w, grid).astype(np.int64)
-    g, kh, kw = pooling_cells(h, w, grid)
-    centred = q.reshape(n, c, h * w).astype(np.int64) - params.zero_point
-    sums = centred @ pm.T  # (n, c, cells), exact
-    factor = np.float32(params.scale / (kh * kw))
-    out: npt.NDArray[np.float32] = (sums.astype(np.float32) * factor).reshape(n, c * g * g)
-    return out
-
-
 def integer_pooling_nodes(
     source: str,
     dims: list[int],

@@ -83,27 +83,29 @@ def _producer_op(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto | None:
     return found
 
 
-def _dims(model: onnx.ModelProto, tensor: str) -> list[int] | None:
-    """Static dims of a 4-D tensor, or None."""
+def _dims_4d(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Every 4-D tensor with static C, H and W, by name (one shape inference)."""
     inferred = onnx.shape_inference.infer_shapes(model)
+    found: dict[str, list[int]] = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-        if vi.name == tensor:
-            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-            if len(dims) == 4 and all(d > 0 for d in dims[1:]):
-                return dims
-    return None
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if len(dims) == 4 and all(d > 0 for d in dims[1:]):
+            found[vi.name] = dims
+    return found
 
 
-def uint8_cut(model: onnx.ModelProto, tensor: str) -> tuple[list[int], QuantParams] | None:
-    """(NCHW dims, quantization) of a cut that is a per-tensor QuantizeLinear output."""
-    producer = _producer_op(model, tensor)
-    if producer is None or producer.op_type != "QuantizeLinear":
-        return None
-    params = quant_params(model, producer)
-    dims = _dims(model, tensor)
-    if params is None or dims is None:
-        return None
-    return dims, params
+def uint8_cuts(model: onnx.ModelProto, cuts: list[str]) -> dict[str, tuple[list[int], QuantParams]]:
+    """(NCHW dims, quantization) of the cuts that are per-tensor QuantizeLinear outputs."""
+    dims = _dims_4d(model)
+    found: dict[str, tuple[list[int], QuantParams]] = {}
+    for cut in cuts:
+        producer = _producer_op(model, cut)
+        if producer is None or producer.op_type != "QuantizeLinear" or cut not in dims:
+            continue
+        params = quant_params(model, producer)
+        if params is not None:
+            found[cut] = (dims[cut], params)
+    return found
 
 
 def add_exit_features(
@@ -115,12 +117,13 @@ def add_exit_features(
     a feature fired), which early heads need: GAP alone loses it. uint8 cuts are pooled in
     integers (exit_graph), exactly as the shipped exit branch does; float cuts by AveragePool.
     """
-    original = model
+    quantized = uint8_cuts(model, cuts)
+    shapes = _dims_4d(model) if grid > 1 else {}
     model = onnx.ModelProto.FromString(model.SerializeToString())
     names: list[str] = []
     for k, cut in enumerate(cuts):
         flat = f"edgefleet_exit{k}_features"
-        quant = uint8_cut(original, cut)
+        quant = quantized.get(cut)
         if quant is not None:
             dims, params = quant
             nodes, inits = integer_pooling_nodes(
@@ -129,17 +132,16 @@ def add_exit_features(
             model.graph.node.extend(nodes)
             model.graph.initializer.extend(inits)
         else:
-            model.graph.node.extend(_float_pooling(model, cut, grid, k, flat))
+            model.graph.node.extend(_float_pooling(cut, shapes.get(cut), grid, k, flat))
         model.graph.output.append(onnx.ValueInfoProto(name=flat))
         names.append(flat)
     return model, names
 
 
 def _float_pooling(
-    model: onnx.ModelProto, cut: str, grid: int, k: int, flat: str
+    cut: str, dims: list[int] | None, grid: int, k: int, flat: str
 ) -> list[onnx.NodeProto]:
     pooled = f"edgefleet_exit{k}_pool"
-    dims = _dims(model, cut) if grid > 1 else None
     g, kh, kw = pooling_cells(dims[2], dims[3], grid) if dims else (1, 0, 0)
     if g > 1:
         pool = helper.make_node(
@@ -228,11 +230,12 @@ def split_stages(
             )
     nhwc = resolve_layout(layout, model) == "nhwc"
     with_exits, features = add_exit_features(model, cuts, grid)
+    quantized = uint8_cuts(model, cuts)
     stages: list[StageGraph] = []
     prev, prev_quant = image, None
     for cut, feat in zip(cuts, features, strict=True):
         sub = _extract(model, [prev], [cut])
-        quant = uint8_cut(model, cut)
+        quant = quantized.get(cut)
         inputs, outputs = [prev], [cut]
         if prev_quant is not None and nhwc:
             _accept_nhwc(sub, prev, prev_quant[0])
