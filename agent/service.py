@@ -31,7 +31,7 @@ from agent.link import Link
 from agent.outbox import Outbox
 from agent.power import PowerMeter, detect, detect_temperature
 from agent.protocol import Event, Result, Status, Telemetry, encode
-from agent.runtime.preprocess import Preprocessor
+from agent.runtime.preprocess import FrameError, Preprocessor
 from agent.runtime.staged import RuntimeLoadError, StagedModel
 from agent.systemd import Notifier, WatchdogFeeder
 from agent.window import TelemetryWindow
@@ -119,6 +119,8 @@ class Agent:
         self.process.cpu_percent(None)  # prime: the first call always returns 0
         self.last_frame: Frame | None = None
         self._last_result: tuple[int, float] = (-1, 0.0)
+        self.frames_rejected = 0  # frames the camera delivered that preprocessing refused
+        self._rejected_reported_at: float | None = None
 
     # -- messages -----------------------------------------------------------------------
 
@@ -268,11 +270,37 @@ class Agent:
 
     def _infer(self, frame: Frame, window: TelemetryWindow) -> None:
         t0 = time.perf_counter()
-        pred = self.model.predict(self.pre(frame.image))
+        try:
+            pred = self.model.predict_frame(frame.image, self.pre)
+        except FrameError as exc:
+            self._reject_frame(exc)
+            return
         latency = (time.perf_counter() - t0) * 1000.0
+        self._rejected_reported_at = None  # the next bad frame starts a new report
         window.record(latency, pred.stage_ms, pred.exit_index)
         self.last_frame = frame
         self._maybe_result(frame, pred.class_index, pred.confidence, pred.exit_index, latency)
+
+    def _reject_frame(self, exc: FrameError) -> None:
+        """A frame the model cannot take (a camera switched mode, a broken decoder): skip it.
+
+        Logged and reported as an event at the first bad frame of a run, then at most once a
+        minute with the running count, so a camera stuck in a wrong mode cannot flood the
+        outbox; the loop goes on with the next frame.
+        """
+        self.frames_rejected += 1
+        now = time.monotonic()
+        last = self._rejected_reported_at
+        if last is not None and now - last < 60.0:
+            return
+        self._rejected_reported_at = now
+        message = f"camera {self.camera.name}: frame rejected: {exc}"
+        log.warning("%s (%d so far)", message, self.frames_rejected)
+        self.event(
+            "error",
+            message,
+            {"reason": "frame_rejected", "frames_rejected": self.frames_rejected},
+        )
 
     def _maybe_result(
         self, frame: Frame, cls: int, conf: float, exit_index: int, ms: float

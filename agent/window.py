@@ -132,17 +132,39 @@ class TelemetryWindow:
         self.processed = 0
         self._latency = Reservoir(self.max_samples, self._rng)
         self._stages = [Reservoir(self.max_samples, self._rng) for _ in range(self.n_stages)]
+        self._latency_values = self._latency.values
+        self._stage_values = [r.values for r in self._stages]
         self._exits = [0] * self.n_exits
 
     def record(self, prediction_latency_ms: float, stage_ms: list[float], exit_index: int) -> None:
-        """Add one processed frame: its end-to-end latency, the stages it ran, its exit."""
+        """Add one processed frame: its end-to-end latency, the stages it ran, its exit.
+
+        Runs once per frame right after inference, when the interpreter's own code and data
+        are out of the caches: one range test covers NaN, infinity and negatives, and the
+        reservoirs are only consulted once they are full.
+        """
         if not 0 <= exit_index < self.n_exits:
             raise ValueError(f"exit_index {exit_index} outside 0..{self.n_exits - 1}")
         if len(stage_ms) > self.n_stages:
             raise ValueError(f"{len(stage_ms)} stage times for {self.n_stages} stage(s)")
-        self._latency.add(_check_ms(prediction_latency_ms, "latency"))
+        if not 0.0 <= prediction_latency_ms < math.inf:
+            _check_ms(prediction_latency_ms, "latency")
         for k, ms in enumerate(stage_ms):
-            self._stages[k].add(_check_ms(ms, f"stage {k} time"))
+            if not 0.0 <= ms < math.inf:
+                _check_ms(ms, f"stage {k} time")
+        # Until max_samples frames no reservoir can be full (a stage sees at most every
+        # frame), so values are appended without asking.
+        if self.processed < self.max_samples:
+            self._latency_values.append(prediction_latency_ms)
+            for k, ms in enumerate(stage_ms):
+                self._stage_values[k].append(ms)
+            self._latency.seen += 1
+            for k in range(len(stage_ms)):
+                self._stages[k].seen += 1
+        else:
+            self._latency.add(float(prediction_latency_ms))
+            for k, ms in enumerate(stage_ms):
+                self._stages[k].add(float(ms))
         self._exits[exit_index] += 1
         self.processed += 1
 

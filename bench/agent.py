@@ -90,7 +90,7 @@ def agent_step(model: StagedModel, pre: Preprocessor, frames: list[U8]) -> Step:
 
     def run(i: int) -> object:
         t0 = time.perf_counter()
-        pred = model.predict(pre(frames[i]))
+        pred = model.predict_frame(frames[i], pre)
         window.record((time.perf_counter() - t0) * 1000.0, pred.stage_ms, pred.exit_index)
         return pred
 

@@ -139,6 +139,40 @@ def test_bound_buffers_and_plain_runs_give_the_same_predictions(
             )
 
 
+def test_video_frames_preprocessed_into_the_bound_input_predict_the_same(
+    reference_run: Path, key: FleetKey
+) -> None:
+    """The agent's path (frame -> bound input -> direct C++ runs) against plain session.run.
+
+    Real 96x96 BGR video frames, so the colour change, the resize and the planned fast path
+    are all exercised; the reference side copies a fresh tensor and calls onnxruntime's
+    public run methods.
+    """
+    from agent.runtime.chain import PlainChain
+    from server.reference import VIDEO_PATH
+
+    agent = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
+    plain = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
+    plain._chain = PlainChain(plain._sessions)
+    cap = cv2.VideoCapture(str(VIDEO_PATH))
+    frames = [cap.read()[1] for _ in range(120)]
+    cap.release()
+    assert all(f is not None and f.shape == (96, 96, 3) for f in frames)
+    pre_agent, pre_plain = Preprocessor(SPEC), Preprocessor(SPEC)
+    n_early = len(agent.early_exits)
+    for thresholds in (list(agent.thresholds), [None] * n_early, [0.0] * n_early):
+        agent.set_thresholds(thresholds)
+        plain.set_thresholds(thresholds)
+        for frame in frames:
+            a, b = agent.predict_frame(frame, pre_agent), plain.predict(pre_plain(frame))
+            assert (a.class_index, a.confidence, a.exit_index) == (
+                b.class_index,
+                b.confidence,
+                b.exit_index,
+            )
+    assert pre_agent._fast is not None  # the planned path was the one compared
+
+
 def test_staged_int8_equals_unsplit_on_real_images() -> None:
     images, _ = load_reference_split()["validation"]
     x = Preprocessor(SPEC).batch(list(images[:100]))

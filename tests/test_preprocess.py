@@ -91,10 +91,101 @@ def test_letterbox_pads_and_center_crop_cuts() -> None:
     assert cc.shape == (1, 1, 6, 6) and np.all(cc == 200)
 
 
-def test_uint8_input_is_not_normalised() -> None:
-    frame = np.full((4, 6, 3), 7, np.uint8)
-    x = Preprocessor(_spec(), dtype="uint8")(frame)
-    assert x.dtype == np.uint8 and np.all(x == 7)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_uint8_input_is_not_normalised(layout: str) -> None:
+    frame = np.zeros((4, 6, 3), np.uint8)
+    frame[..., 0], frame[..., 1], frame[..., 2] = 7, 8, 9  # B, G, R
+    x = Preprocessor(_spec(layout=layout), dtype="uint8")(frame)
+    rgb = [x[0, c] for c in range(3)] if layout == "NCHW" else [x[0, ..., c] for c in range(3)]
+    assert x.dtype == np.uint8 and [np.unique(p).tolist() for p in rgb] == [[9], [8], [7]]
+
+
+@pytest.mark.parametrize(
+    ("color", "layout", "dtype"),
+    [
+        ("GRAY", "NCHW", "float32"),
+        ("GRAY", "NHWC", "float32"),
+        ("RGB", "NCHW", "float32"),
+        ("BGR", "NHWC", "float32"),
+        ("RGB", "NCHW", "uint8"),
+        ("GRAY", "NHWC", "uint8"),
+    ],
+)
+def test_into_writes_the_same_tensor_into_the_callers_buffer(
+    color: str, layout: str, dtype: str
+) -> None:
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    channels = 1 if color == "GRAY" else 3
+    spec = _spec(color=color, layout=layout, mean=[0.2] * channels, std=[0.6] * channels)
+    pre = Preprocessor(spec, dtype=dtype)
+    buffer = np.full(pre.shape, 123, dtype=pre(frame).dtype)
+    address = buffer.ctypes.data
+    pre.into(frame, buffer)
+    assert buffer.ctypes.data == address and np.array_equal(buffer, pre(frame))
+    flipped = np.ascontiguousarray(frame[::-1])
+    assert np.array_equal(pre.batch([frame, flipped])[1:], pre(flipped))
+
+
+@pytest.mark.parametrize(
+    ("color", "layout", "resize", "planned"),
+    [
+        ("GRAY", "NCHW", "stretch", True),
+        ("GRAY", "NHWC", "stretch", True),
+        ("BGR", "NHWC", "stretch", True),
+        ("RGB", "NHWC", "stretch", True),
+        ("RGB", "NCHW", "stretch", False),  # planar colour: general path
+        ("GRAY", "NCHW", "letterbox", False),
+    ],
+)
+def test_frames_into_one_buffer_take_the_planned_path_with_the_same_result(
+    color: str, layout: str, resize: str, planned: bool
+) -> None:
+    """A camera's frames into the bound input: planned after the first, bit-identical."""
+    rng = np.random.default_rng(2)
+    channels = 1 if color == "GRAY" else 3
+    spec = _spec(
+        color=color,
+        layout=layout,
+        resize=resize,
+        height=5,
+        width=7,
+        mean=[0.3] * channels,
+        std=[0.2] * channels,
+    )
+    pre = Preprocessor(spec)
+    buffer = np.zeros(pre.shape, np.float32)
+    shapes = [(9, 13, 3)] * 4 + [(9, 13)] * 3 + [(5, 7, 3)] * 2 + [(12, 8, 3)] * 2
+    for shape in shapes:
+        frame = rng.integers(0, 256, shape, dtype=np.uint8)
+        pre.into(frame, buffer)
+        assert np.array_equal(buffer, pre(frame)), shape
+    assert (pre._fast is not None) == planned  # the path under test was really taken
+
+
+def test_a_bad_frame_after_planned_ones_is_still_named() -> None:
+    pre = Preprocessor(_spec(color="GRAY", mean=[0.1], std=[0.3]))
+    buffer = np.zeros(pre.shape, np.float32)
+    for _ in range(3):
+        pre.into(np.zeros((8, 8, 3), np.uint8), buffer)
+    with pytest.raises(FrameError, match="got float32"):
+        pre.into(np.zeros((8, 8, 3), np.float32), buffer)
+    with pytest.raises(FrameError, match="frame has 2 channels"):
+        pre.into(np.zeros((8, 8, 2), np.uint8), buffer)
+
+
+def test_into_a_float16_buffer_converts() -> None:
+    frame = np.full((4, 6, 3), 51, np.uint8)
+    pre = Preprocessor(_spec(mean=[0.1, 0.1, 0.1], std=[1, 1, 1]))
+    buffer = np.zeros(pre.shape, np.float16)
+    pre.into(frame, buffer)
+    assert np.allclose(buffer, 0.1, atol=1e-3)
+
+
+def test_into_a_buffer_of_another_shape_is_refused() -> None:
+    pre = Preprocessor(_spec())
+    with pytest.raises(ValueError, match=r"input tensor \(1, 3, 8, 8\): preprocessing makes "):
+        pre.into(np.zeros((4, 6, 3), np.uint8), np.zeros((1, 3, 8, 8), np.float32))
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
 from agent.protocol import Telemetry
 from agent.protocol.messages import Percentiles
-from agent.window import TelemetryWindow, percentiles
+from agent.window import Reservoir, TelemetryWindow, percentiles
 
 T0 = 1_700_000_000.0
 
@@ -101,6 +103,24 @@ def test_samples_are_bounded_and_still_representative() -> None:
     assert s.latency_ms.p95 == pytest.approx(95, abs=3)
 
 
+def test_window_keeps_exactly_what_plain_reservoirs_keep() -> None:
+    """record's fill-up shortcut changes no sample: same values as Reservoir.add alone."""
+    w = TelemetryWindow(n_exits=2, n_stages=2, start_ts=T0, max_samples=50, seed=5)
+    rng = random.Random(5)
+    latency, stage0, stage1 = (Reservoir(50, rng) for _ in range(3))
+    values = np.random.default_rng(3).uniform(0, 10, size=(400, 3)).tolist()
+    for i, (total, a, b) in enumerate(values):
+        stages = [a, b] if i % 3 else [a]  # every third frame exits after stage 0
+        w.record(total, stages, len(stages) - 1)
+        latency.add(total)
+        stage0.add(a)
+        if len(stages) == 2:
+            stage1.add(b)
+    assert w._latency.values == latency.values
+    assert [r.values for r in w._stages] == [stage0.values, stage1.values]
+    assert [r.seen for r in w._stages] == [400, 266]
+
+
 def test_percentiles_stay_ordered_on_equal_samples() -> None:
     p = percentiles([0.1] * 7 + [0.1 + 1e-17] * 3)
     assert p.p50 <= p.p95 <= p.p99
@@ -109,7 +129,7 @@ def test_percentiles_stay_ordered_on_equal_samples() -> None:
 @pytest.mark.parametrize(
     ("latency", "stages", "exit_index"),
     [(1.0, [1.0], 2), (1.0, [1.0], -1), (float("nan"), [1.0], 0), (1.0, [-1.0], 0),
-     (1.0, [1.0, 1.0, 1.0], 0)],
+     (float("inf"), [1.0], 0), (1.0, [float("nan")], 0), (1.0, [1.0, 1.0, 1.0], 0)],
 )  # fmt: skip
 def test_bad_records_are_refused(latency: float, stages: list[float], exit_index: int) -> None:
     w = TelemetryWindow(n_exits=2, n_stages=2, start_ts=T0)

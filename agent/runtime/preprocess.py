@@ -6,6 +6,9 @@ model is bit-for-bit what the model was calibrated and evaluated on.
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -13,6 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.bundle.manifest import Preprocessing
+
+log = logging.getLogger(__name__)
 
 # OpenCV's stubs type images loosely; a frame is any HxW or HxWxC uint8 array.
 Frame = npt.NDArray[Any]
@@ -85,39 +90,174 @@ def normalization_table(spec: Preprocessing) -> npt.NDArray[np.float32]:
     return x
 
 
+def _check_frame(frame: Frame) -> None:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim not in (2, 3):
+        got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame)
+        raise FrameError(f"frame must be a uint8 HxW or HxWxC array, got {got}")
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise FrameError(f"frame is empty: shape {frame.shape}")
+
+
+# Colour conversions that are one OpenCV call: (frame channels, model colour) -> code.
+_ONE_STEP_COLOR: dict[tuple[int, str], int | None] = {
+    (1, "GRAY"): None,
+    (1, "RGB"): cv2.COLOR_GRAY2RGB,
+    (1, "BGR"): cv2.COLOR_GRAY2BGR,
+    (3, "GRAY"): cv2.COLOR_BGR2GRAY,
+    (3, "RGB"): cv2.COLOR_BGR2RGB,
+    (3, "BGR"): None,
+}
+
+
+class _FastPath:
+    """The per-frame steps for one frame shape and one output tensor, planned once.
+
+    Colour conversion, stretch resize and table lookup, each writing into an image
+    allocated here (the last one into the tensor itself): no checks, branches or
+    allocations per frame. Built only after the general path has handled a frame of this
+    shape, and only kept when it reproduces that frame's tensor bit for bit.
+    """
+
+    def __init__(
+        self,
+        frame_shape: tuple[int, ...],
+        out: npt.NDArray[np.generic],
+        code: int | None,
+        spec: Preprocessing,
+        lut: npt.NDArray[np.float32],
+    ) -> None:
+        self.frame_shape = frame_shape
+        self.out = out
+        h, w = frame_shape[:2]
+        size = (spec.width, spec.height)
+        interp = _INTERPOLATION[spec.interpolation]
+        channels = (spec.channels,) if spec.channels > 1 else ()
+        # Gray in any layout, or NHWC colour: the HxW(xC) image is the tensor's own memory.
+        view = out.reshape(spec.height, spec.width, *channels)
+        steps: list[Callable[[Frame], Frame]] = []
+        if code is not None:
+            conv = np.empty((h, w, *channels), np.uint8)
+            steps.append(functools.partial(cv2.cvtColor, code=code, dst=conv))
+        if (h, w) != (spec.height, spec.width):
+            small = np.empty((spec.height, spec.width, *channels), np.uint8)
+            steps.append(functools.partial(cv2.resize, dsize=size, dst=small, interpolation=interp))
+        steps.append(functools.partial(cv2.LUT, lut=lut, dst=view))
+        self._steps = steps
+
+    def fits(self, frame: Frame, out: npt.NDArray[np.generic]) -> bool:
+        """True for the tensor it was planned for and a uint8 frame of its shape."""
+        return (
+            out is self.out
+            and type(frame) is np.ndarray
+            and frame.shape == self.frame_shape
+            and frame.dtype == _U8
+        )
+
+    def __call__(self, frame: Frame) -> None:
+        for step in self._steps:
+            frame = step(frame)
+
+
+_U8 = np.dtype(np.uint8)
+
+
 class Preprocessor:
-    """Precomputed preprocessing for one manifest; call with one frame, get a batch of one."""
+    """Precomputed preprocessing for one manifest; call with one frame, get a batch of one.
+
+    `into` writes the same values straight into a caller's tensor (the first stage's bound
+    input buffer), which saves an allocation and a copy per frame on the hot path.
+    """
 
     def __init__(self, spec: Preprocessing, dtype: str = "float32") -> None:
         self.spec = spec
         self.dtype = dtype
-        self._lut = normalization_table(spec)
-        self._channels = np.arange(self._lut.shape[1])
+        c, h, w = spec.channels, spec.height, spec.width
+        self.shape = (1, c, h, w) if spec.layout == "NCHW" else (1, h, w, c)
+        self._np_dtype = np.dtype(np.uint8 if dtype == "uint8" else np.float32)
+        lut = normalization_table(spec)
+        # cv2.LUT maps a uint8 image through a 256-entry table into the table's depth: one
+        # channel takes a (256, 1) table, C channels a (1, 256, C) one (a table per channel).
+        self._lut = np.ascontiguousarray(lut if c == 1 else lut[None, :, :])
+        # The one layout where the looked-up HxWxC image is not already the tensor's memory.
+        self._planar = c > 1 and spec.layout == "NCHW"
+        self._fast: _FastPath | None = None
+        self._last_out: npt.NDArray[np.generic] | None = None
 
     def __call__(self, frame: Frame) -> npt.NDArray[np.generic]:
         """One HxW or HxWxC uint8 frame -> (1, C, H, W) or (1, H, W, C) model input."""
-        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim not in (2, 3):
-            got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame)
-            raise FrameError(f"frame must be a uint8 HxW or HxWxC array, got {got}")
-        if frame.shape[0] == 0 or frame.shape[1] == 0:
-            raise FrameError(f"frame is empty: shape {frame.shape}")
+        out = np.empty(self.shape, self._np_dtype)
+        self._into(frame, out)
+        return out
+
+    def into(self, frame: Frame, out: npt.NDArray[np.generic]) -> None:
+        """Write the model input for one frame into `out` (shape `self.shape`, contiguous).
+
+        A camera delivers frames of one shape into the same tensor frame after frame: after
+        the first, such frames take a planned path (`_FastPath`) with the same result.
+        """
+        fast = self._fast
+        if fast is not None and fast.fits(frame, out):
+            fast(frame)
+            return
+        self._into(frame, out)
+        # Plan on the second frame into the same tensor: a one-off caller plans nothing.
+        if out is self._last_out:
+            self._fast = self._plan(frame, out)
+        self._last_out = out
+
+    def _plan(self, frame: Frame, out: npt.NDArray[np.generic]) -> _FastPath | None:
+        """A fast path for frames like this one into `out`, if it gives the same tensor.
+
+        Covered: float32 tensors that are the looked-up image's own memory, a colour change
+        of at most one OpenCV call, a stretch resize (or none). Anything else (raw uint8,
+        float16, planar colour, BGRA frames, letterbox, crop) keeps the general path.
+        """
+        channels = 1 if frame.ndim == 2 else frame.shape[2]
+        if (channels, self.spec.color) not in _ONE_STEP_COLOR:
+            return None
+        if self.dtype == "uint8" or out.dtype != np.float32 or self._planar:
+            return None
+        if self.spec.resize != "stretch" and frame.shape[:2] != (self.spec.height, self.spec.width):
+            return None
+        code = _ONE_STEP_COLOR[(channels, self.spec.color)]
+        scratch = np.empty_like(out)
+        _FastPath(frame.shape, scratch, code, self.spec, self._lut)(frame)
+        if not np.array_equal(scratch, out):  # never seen; would mean OpenCV ignored a dst
+            log.warning("preprocessing: planned path differs for frames %s; not used", frame.shape)
+            return None
+        return _FastPath(frame.shape, out, code, self.spec, self._lut)
+
+    def _into(self, frame: Frame, out: npt.NDArray[np.generic]) -> None:
+        _check_frame(frame)
+        if out.shape != self.shape or not out.flags.c_contiguous:
+            raise ValueError(f"input tensor {out.shape}: preprocessing makes {self.shape}")
         img = _fit(_convert_color(frame, self.spec.color), self.spec)
-        if img.ndim == 2:
-            img = img[:, :, None]
-        if self.dtype == "uint8":
-            out: npt.NDArray[np.generic] = img
-        elif img.shape[2] == 1:
-            # One table lookup per pixel instead of a float conversion and three arithmetic
-            # passes; for one channel (1, H, W) is already NCHW.
-            gray = np.take(self._lut[:, 0], img[:, :, 0])
-            out = gray[None, ...] if self.spec.layout == "NCHW" else gray[..., None]
-            return out[None, ...]
-        else:
-            out = self._lut[img, self._channels]
-        if self.spec.layout == "NCHW":
-            out = np.ascontiguousarray(out.transpose(2, 0, 1))
-        return out[None, ...]
+        if self.dtype == "uint8":  # the model takes raw pixels
+            np.copyto(out, self._as_tensor(img), casting="same_kind")
+            return
+        if out.dtype != np.float32 or self._planar:
+            # float16 models, planar colour: look up in float32, then convert/reorder.
+            hwc = cv2.LUT(img, self._lut)
+            np.copyto(out, self._as_tensor(hwc), casting="same_kind")
+            return
+        # Gray (any layout) or NHWC colour: the HxWxC result is the tensor's own memory.
+        # cv2.LUT writes into dst in place when it has the result's shape and type.
+        view = out.reshape(self._hwc if self.spec.channels > 1 else self._hwc[:2])
+        result = cv2.LUT(img, self._lut, dst=view)
+        if result is not view:  # OpenCV allocated instead (it never should here): copy over
+            np.copyto(view, result)
+
+    @property
+    def _hwc(self) -> tuple[int, int, int]:
+        return self.spec.height, self.spec.width, self.spec.channels
+
+    def _as_tensor(self, hwc: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+        arr = hwc.reshape(self._hwc)
+        return (arr.transpose(2, 0, 1) if self.spec.layout == "NCHW" else arr)[None, ...]
 
     def batch(self, frames: list[Frame]) -> npt.NDArray[np.generic]:
         """Several frames stacked along the batch axis (for evaluation and calibration)."""
-        return np.concatenate([self(f) for f in frames], axis=0)
+        out = np.empty((len(frames), *self.shape[1:]), self._np_dtype)
+        for i, f in enumerate(frames):
+            self._into(f, out[i : i + 1])
+        return out
