@@ -4,6 +4,9 @@ Inference never waits for capture and capture never queues behind inference (Fri
 pattern): the thread keeps one slot, overwrites it, and counts frames nobody took as dropped.
 A lost source is retried with capped exponential backoff and full jitter, reported once per
 outage, and the agent keeps running meanwhile.
+
+A video file with `realtime = false` is replayed instead: every frame is handed over, the
+next one read while inference runs on the current one, none dropped and none paced.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ class Camera:
         self._thread = threading.Thread(target=self._run, name="camera", daemon=True)
         self._rng = random.Random()
         self.name = describe_source(cfg.source)
+        # Replaying a file (realtime = false): every frame is handed over, one at a time.
+        self._replay = not cfg.realtime
 
     def start(self) -> None:
         """Start capturing in the background."""
@@ -99,6 +104,8 @@ class Camera:
                 self._cond.wait(remaining)
             frame = self._slot
             self._taken = frame.index
+            if self._replay:
+                self._cond.notify_all()  # the capture thread waits for this to read the next
             return frame
 
     # -- capture thread ------------------------------------------------------------------
@@ -124,8 +131,7 @@ class Camera:
         return cap
 
     def _is_file(self) -> bool:
-        src = self.cfg.source
-        return isinstance(src, str) and "://" not in src and not src.startswith("/dev/")
+        return self.cfg.kind == "file"
 
     def _lost(self, reason: str) -> None:
         if self.stats.connected or self.stats.reconnects == 0:
@@ -176,7 +182,11 @@ class Camera:
                 if not ok or image is None:
                     return
             self._publish(image)
-            if period:
+            if self._replay:
+                # Read the next frame only once this one was taken: it is decoded here while
+                # inference runs on this one, and nothing is dropped.
+                self._wait_taken(self.stats.captured)
+            elif period:
                 # A file plays at its own rate, as a camera would deliver it.
                 next_at += period
                 delay = next_at - time.monotonic()
@@ -184,6 +194,11 @@ class Camera:
                     self._stop.wait(delay)
                 else:
                     next_at = time.monotonic()
+
+    def _wait_taken(self, index: int) -> None:
+        with self._cond:
+            while self._taken < index and not self._stop.is_set():
+                self._cond.wait(0.5)
 
     def _publish(self, image: npt.NDArray[Any]) -> None:
         with self._cond:

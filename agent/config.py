@@ -43,14 +43,38 @@ class CameraConfig(_Section):
     width: int | None = Field(None, ge=16, le=8192)
     height: int | None = Field(None, ge=16, le=8192)
     fps: float | None = Field(None, gt=0, le=1000, description="request; files: pace playback")
+    realtime: bool = Field(
+        True,
+        description="files only: false hands over every frame as soon as inference took the "
+        "previous one (replaying a recording: none dropped, no pacing)",
+    )
     reconnect_initial_s: float = Field(0.5, gt=0, le=60)
     reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+
+    @property
+    def kind(self) -> Literal["device", "url", "file"]:
+        """What the source is: a V4L2 device (index or /dev path), a stream URL, or a file."""
+        return source_kind(self.source)
 
     @model_validator(mode="after")
     def _backoff(self) -> CameraConfig:
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        if not self.realtime and self.kind != "file":
+            raise ValueError(
+                f"realtime = false replays video files; source {self.source!r} is a "
+                f"{self.kind}, which delivers at its own rate"
+            )
+        if not self.realtime and self.fps is not None:
+            raise ValueError("fps paces real-time playback; with realtime = false leave it out")
         return self
+
+
+def source_kind(source: str | int) -> Literal["device", "url", "file"]:
+    """A camera source's kind: V4L2 device (index or /dev path), stream URL, or video file."""
+    if isinstance(source, int) or source.isdigit() or source.startswith("/dev/"):
+        return "device"
+    return "url" if "://" in source else "file"
 
 
 class ModelConfig(_Section):

@@ -61,6 +61,38 @@ def test_a_frame_is_handed_out_once() -> None:
         cam.stop()
 
 
+def test_replay_hands_over_every_frame_in_order_to_a_slow_consumer() -> None:
+    cam = Camera(CameraConfig(source=str(VIDEO_PATH), realtime=False))
+    cam.start()
+    try:
+        indices = []
+        for k in range(40):
+            frame = cam.latest(timeout=10)
+            assert frame is not None
+            indices.append(frame.index)
+            if k % 10 == 0:
+                time.sleep(0.2)  # a slow frame: a real-time camera would drop meanwhile
+        assert indices == list(range(1, 41))
+        assert cam.stats.dropped == 0
+        assert cam.stats.captured <= 41  # at most the one being read ahead
+    finally:
+        cam.stop()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"source": 0}, "source 0 is a device, which delivers at its own rate"),
+        ({"source": "/dev/video2"}, "is a device"),
+        ({"source": "rtsp://cam.lan/stream"}, "is a url"),
+        ({"source": "clip.mp4", "fps": 30}, "fps paces real-time playback"),
+    ],
+)
+def test_replay_is_for_files_only(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CameraConfig(realtime=False, **fields)
+
+
 def test_file_loops_when_asked(tmp_path: Path) -> None:
     cam = Camera(CameraConfig(source=str(VIDEO_PATH), loop=True, fps=1000))
     cam.start()
