@@ -77,9 +77,16 @@ def load_model(cfg: AgentConfig) -> StagedModel:
     try:
         keys = [load_public_key(p) for p in cfg.model.trusted_keys]
         verified = verify_bundle(bundle, keys)
-        return StagedModel(verified, threads=cfg.model.threads, providers=cfg.model.providers)
+        model = StagedModel(verified, threads=cfg.model.threads, providers=cfg.model.providers)
+        seconds = model.warm_up()
     except (BundleError, RuntimeLoadError, OSError, ValueError) as exc:
         raise AgentError(f"refusing to run: {exc}") from exc
+    except Exception as exc:  # onnxruntime's own untyped errors on a first run
+        raise AgentError(f"refusing to run: {bundle}: warm-up run failed: {exc}") from exc
+    m = model.manifest
+    ms = seconds * 1e3
+    log.info("model %s v%d from %s: warmed up in %.0f ms", m.model_id, m.version, bundle, ms)
+    return model
 
 
 class Agent:

@@ -64,3 +64,30 @@ def test_dynamic_shapes_run_through_plain_session_run(model: StagedModel) -> Non
     # This bundle keeps a dynamic batch dim (classify_batch feeds 40 at once): no bound
     # buffers, and predict() still works frame by frame (the tests above).
     assert isinstance(model._chain, PlainChain)
+
+
+def test_warm_up_runs_every_stage_and_changes_nothing(model: StagedModel) -> None:
+    from agent.runtime.chain import PlainChain
+
+    assert isinstance(model._chain, PlainChain)  # stages run through session.run: countable
+    calls: list[int] = []
+
+    class Counted:
+        def __init__(self, k: int, sess: object) -> None:
+            self.k, self.sess = k, sess
+
+        def run(self, *args: object) -> object:
+            calls.append(self.k)
+            return self.sess.run(*args)  # type: ignore[attr-defined]
+
+    model._chain.sessions = [Counted(k, s) for k, s in enumerate(model._chain.sessions)]  # type: ignore[misc]
+    model.set_thresholds([0.4])
+    before = [model.predict(x) for x in _inputs(6)]
+    calls.clear()
+    assert model.warm_up(runs=2) > 0
+    assert calls == [0, 1, 0, 1]  # every stage, every run: the exit never fired
+    assert model.thresholds == [0.4]
+    after = [model.predict(x) for x in _inputs(6)]
+    assert [(p.class_index, p.exit_index) for p in after] == [
+        (p.class_index, p.exit_index) for p in before
+    ]

@@ -193,7 +193,8 @@ class Preprocessor:
         """Write the model input for one frame into `out` (shape `self.shape`, contiguous).
 
         A camera delivers frames of one shape into the same tensor frame after frame: after
-        the first, such frames take a planned path (`_FastPath`) with the same result.
+        the first, such frames take a planned path (`_FastPath`) with the same result. The
+        plan is for one tensor: give each model its own Preprocessor (as the agent does).
         """
         fast = self._fast
         if fast is not None and fast.fits(frame, out):

@@ -29,7 +29,7 @@ class RuntimeLoadError(Exception):
     """A verified bundle could not be turned into runnable sessions."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
     """What one frame produced: class, top-1 probability, exit taken, time per stage run.
 
@@ -170,6 +170,7 @@ class StagedModel:
         )
         self.early_exits = m.early_exits
         self._steps = self._plan()
+        self._fits_input: Preprocessor | None = None
 
     def set_thresholds(self, thresholds: Sequence[float | None]) -> None:
         """Replace the current thresholds (one per early exit)."""
@@ -179,6 +180,31 @@ class StagedModel:
             )
         self.thresholds = list(thresholds)
         self._steps = self._plan()
+
+    def warm_up(self, runs: int = 3) -> float:
+        """Run every stage and exit branch on a blank input; returns the seconds it took.
+
+        onnxruntime allocates, packs weights and (CUDA, TensorRT) picks kernels or builds
+        engines on a session's first runs: done here at load, the first camera frame costs
+        what every later one does. Every exit is evaluated and none may fire (thresholds
+        above any confidence), so each session runs; the thresholds are put back after.
+        """
+        t0 = time.perf_counter()
+        buffer = self._chain.input_buffer
+        if buffer is not None:
+            blank = np.zeros_like(buffer)
+        else:  # dynamic dims: a batch of one at the smallest size
+            tensor = self.manifest.input
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in tensor.shape]
+            blank = np.zeros(shape, dtype=np.dtype(tensor.dtype))
+        saved = list(self.thresholds)
+        self.set_thresholds([math.inf] * len(self.early_exits))
+        try:
+            for _ in range(runs):
+                self.predict(blank)
+        finally:
+            self.set_thresholds(saved)
+        return time.perf_counter() - t0
 
     def predict(self, x: npt.NDArray[np.generic]) -> Prediction:
         """Run one preprocessed input (batch of one) through the stages until an exit fires."""
@@ -193,8 +219,12 @@ class StagedModel:
         this is `predict(pre(frame))`. Same prediction either way (tested).
         """
         buffer = self._chain.input_buffer
-        if buffer is None or buffer.shape != pre.shape:
+        if buffer is None:
             return self.predict(pre(frame))
+        if pre is not self._fits_input:
+            if buffer.shape != pre.shape:
+                return self.predict(pre(frame))
+            self._fits_input = pre  # checked once per preprocessor, not per frame
         pre.into(frame, buffer)
         return self._run_loaded()
 
