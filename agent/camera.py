@@ -46,6 +46,7 @@ class CameraStats:
     dropped: int = 0
     reconnects: int = 0
     connected: bool = False
+    last_error: str | None = None  # why the source was last lost (None once it delivers)
 
 
 def backoff_delays(initial: float, cap: float, rng: random.Random) -> Any:
@@ -134,6 +135,7 @@ class Camera:
         return self.cfg.kind == "file"
 
     def _lost(self, reason: str) -> None:
+        self.stats.last_error = reason
         if self.stats.connected or self.stats.reconnects == 0:
             log.warning("camera %s lost: %s", self.name, reason)
             self.on_event("camera_lost", reason, {"source": self.name})
@@ -153,6 +155,7 @@ class Camera:
                     "camera_restored", f"{self.name}: frames again", {"source": self.name}
                 )
             self.stats.connected = True
+            self.stats.last_error = None
             delays = backoff_delays(
                 self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s, self._rng
             )

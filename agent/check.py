@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.camera import Camera
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import DEFAULT_CREDENTIALS_DIR, AgentConfig, ConfigError, load_config
+from agent.link import TlsSetupError, apply_tls
 from agent.service import AgentError, load_model
 
 Say = Callable[[str], None]
@@ -34,11 +36,10 @@ def _broker(cfg: AgentConfig, timeout: float) -> str | None:
     if cfg.mqtt.username:
         client.username_pw_set(cfg.mqtt.username, cfg.mqtt.password)
     if cfg.mqtt.tls is not None:
-        client.tls_set(
-            ca_certs=str(cfg.mqtt.tls.ca),
-            certfile=str(cfg.mqtt.tls.cert) if cfg.mqtt.tls.cert else None,
-            keyfile=str(cfg.mqtt.tls.key) if cfg.mqtt.tls.key else None,
-        )
+        try:
+            apply_tls(client, cfg.mqtt.tls)
+        except TlsSetupError as exc:
+            return str(exc)
     client.on_connect = on_connect
     try:
         client.connect(cfg.mqtt.host, cfg.mqtt.port, keepalive=10)
@@ -56,8 +57,13 @@ def _broker(cfg: AgentConfig, timeout: float) -> str | None:
 
 def check(path: Path, say: Say = print, timeout: float = 5.0) -> int:
     """Run every check, report each; 0 when all pass."""
+    # Outside systemd there is no $CREDENTIALS_DIRECTORY: read the file the unit would hand
+    # over, so a broker that needs the password does not fail here for the wrong reason.
+    env = dict(os.environ)
+    if "CREDENTIALS_DIRECTORY" not in env and os.access(DEFAULT_CREDENTIALS_DIR, os.R_OK):
+        env["CREDENTIALS_DIRECTORY"] = str(DEFAULT_CREDENTIALS_DIR)
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, env)
     except ConfigError as exc:
         say(f"FAIL config: {exc}")
         return 1
@@ -70,12 +76,14 @@ def check(path: Path, say: Say = print, timeout: float = 5.0) -> int:
     except AgentError as exc:
         say(f"FAIL bundle: {exc}")
         failures += 1
-    camera = Camera(cfg.camera)
+    reasons: list[str] = []
+    camera = Camera(cfg.camera, on_event=lambda _kind, message, _details: reasons.append(message))
     camera.start()
     frame = camera.latest(timeout=timeout)
     camera.stop()
     if frame is None:
-        say(f"FAIL camera {camera.name}: no frame within {timeout:.0f} s")
+        why = f" ({reasons[0]})" if reasons else ""
+        say(f"FAIL camera {camera.name}: no frame within {timeout:.0f} s{why}")
         failures += 1
     else:
         say(f"ok   camera {camera.name}: {frame.image.shape[1]}x{frame.image.shape[0]} frames")

@@ -1,7 +1,8 @@
 """Coordinator commands: decode, check expiry, dispatch, and always answer with a Reply.
 
-A malformed or unknown command is answered with ok=false naming the problem (when its
-correlation id can be read at all); nothing here raises into the agent's loop.
+A malformed or unknown command is answered with ok=false naming the problem, under its
+correlation id when that can be read and under `UNCORRELATED_ID` when not; nothing here
+raises into the agent's loop.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Protocol
 from pydantic import JsonValue
 
 from agent.protocol import (
+    UNCORRELATED_ID,
     Command,
     InstallBundle,
+    PayloadTooLargeError,
     Ping,
     ProtocolError,
     ReloadBundle,
@@ -26,6 +29,7 @@ from agent.protocol import (
     Snapshot,
     UnpinOperatingPoint,
     decode,
+    encode,
     peek_command_id,
 )
 
@@ -73,24 +77,32 @@ class CommandHandler:
             id=cid, device_id=self.device_id, ts=time.time(), ok=ok, error=error, result=result
         )
 
-    def handle(self, topic: str, payload: bytes) -> Reply | None:
-        """The reply to send, or None when not even a correlation id could be read."""
+    def handle(self, topic: str, payload: bytes) -> Reply:
+        """The reply to send; ok=false naming the problem for anything that did not work."""
         decoded = decode(Command, payload, topic=topic)
         if isinstance(decoded, ProtocolError):
             self.rejected += 1
-            cid = peek_command_id(payload)
-            log.warning("rejected command on %s: %s", topic, decoded)
-            return self._reply(cid, False, str(decoded)[:1000]) if cid else None
+            cid = peek_command_id(payload) or UNCORRELATED_ID
+            log.warning("rejected command %s on %s: %s", cid, topic, decoded)
+            return self._reply(cid, False, str(decoded)[:1000])
         cmd = decoded
         if cmd.is_expired(time.time()):
             return self._reply(cmd.id, False, f"command expired at {cmd.expires_at}")
         try:
             result = self._dispatch(cmd)
-        except (ValueError, LookupError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # any failure, OpenCV's or onnxruntime's too, is a reply
             log.warning("command %s (%s) failed: %s", cmd.id, cmd.command.name, exc)
             return self._reply(cmd.id, False, f"{cmd.command.name}: {exc}"[:1000])
+        reply = self._reply(cmd.id, True, result=result)
+        try:
+            encode(reply)
+        except PayloadTooLargeError as exc:
+            # A snapshot of a large frame at high quality: say so instead of sending nothing.
+            log.warning("command %s (%s): reply too large: %s", cmd.id, cmd.command.name, exc)
+            hint = " (ask for a lower quality)" if isinstance(cmd.command, Snapshot) else ""
+            return self._reply(cmd.id, False, f"{cmd.command.name}: {exc}{hint}"[:1000])
         log.info("command %s (%s) done", cmd.id, cmd.command.name)
-        return self._reply(cmd.id, True, result=result)
+        return reply
 
     def _dispatch(self, cmd: Command) -> dict[str, JsonValue]:
         body = cmd.command

@@ -25,6 +25,8 @@ DEFAULT_PATH = Path("/etc/edgefleet/agent.toml")
 ENV_PREFIX = "EDGEFLEET_"
 # systemd's LoadCredential= puts secrets here (readable by the service only, never in the file).
 CREDENTIAL_FILES = {"mqtt_password": "mqtt-password"}
+# Where the unit's LoadCredential= reads them from (handed over as $CREDENTIALS_DIRECTORY).
+DEFAULT_CREDENTIALS_DIR = Path("/etc/edgefleet/credentials")
 
 
 class ConfigError(Exception):
@@ -87,6 +89,9 @@ class ModelConfig(_Section):
     threads: int = Field(2, ge=1, le=64)
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
     operating_point: int | None = Field(None, ge=0, description="pin at start; default: manifest")
+    warmup_runs: int = Field(
+        3, ge=0, le=100, description="runs of every stage on a blank input at load (0: none)"
+    )
 
 
 class TlsConfig(_Section):
@@ -146,6 +151,16 @@ class PowerConfig(_Section):
     source: Literal["auto", "rapl", "hwmon", "ina3221", "pmic", "estimate", "none"] = "auto"
     profile: str | None = Field(None, description="estimate profile name, e.g. 'raspberry-pi-4'")
 
+    @model_validator(mode="after")
+    def _known_profile(self) -> PowerConfig:
+        from agent.power.estimate import PROFILES  # the power package imports psutil
+
+        if self.profile is not None and self.profile not in PROFILES:
+            raise ValueError(
+                f"profile {self.profile!r} unknown; one of {', '.join(sorted(PROFILES))}"
+            )
+        return self
+
 
 class AgentConfig(_Section):
     """The whole agent configuration."""
@@ -173,18 +188,46 @@ def _set_path(data: dict[str, Any], keys: list[str], value: str) -> None:
 
 
 def _env_value(value: str) -> Any:
-    """Environment values are TOML literals when they parse as one, else plain strings."""
-    try:
-        return tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return value
+    """The plain string, which the model converts per field ("8883" -> 8883, "true" -> True).
+
+    Only an explicit TOML array, table or quoted string is parsed as TOML: parsing every
+    value would turn EDGEFLEET_DEVICE_ID=1234 into a number that a string field refuses.
+    """
+    if value[:1] in ("[", "{", '"', "'"):
+        try:
+            return tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            return value
+    return value
 
 
-def _format(exc: ValidationError, source: str) -> str:
+# Top-level keys that are values, not sections: EDGEFLEET_<KEY> overrides them.
+_TOP_LEVEL_ENV = ("device_id", "group", "state_dir")
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Config path -> variable name, for every EDGEFLEET_ variable that overrides a key."""
+    found: dict[tuple[str, ...], str] = {}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(keys) > 1 or keys[0] in _TOP_LEVEL_ENV:
+            found[tuple(keys)] = name
+    return found
+
+
+def _format(
+    exc: ValidationError, source: str, from_env: Mapping[tuple[str, ...], str] | None = None
+) -> str:
     lines = []
     for err in exc.errors()[:5]:
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{source}: {key}: {err['msg']}")
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        # A value that came from the environment is blamed on its variable, not the file.
+        var = next((v for p, v in (from_env or {}).items() if loc[: len(p)] == p), None)
+        where = f"environment {var}" if var else source
+        lines.append(f"{where}: {key}: {err['msg']}")
     more = exc.error_count() - 5
     return "\n".join(lines) + (f"\n{source}: and {more} more error(s)" if more > 0 else "")
 
@@ -200,17 +243,20 @@ def load_config(path: Path = DEFAULT_PATH, env: Mapping[str, str] | None = None)
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    for name, value in sorted(env.items()):
-        if (name.startswith(ENV_PREFIX) and "__" in name) or name == f"{ENV_PREFIX}DEVICE_ID":
-            keys = name[len(ENV_PREFIX) :].lower().split("__")
-            _set_path(data, keys, value)
+    from_env = _env_overrides(env)
+    for keys, name in from_env.items():
+        _set_path(data, list(keys), env[name])
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         secret = Path(cred_dir) / CREDENTIAL_FILES["mqtt_password"]
+        try:
+            password = secret.read_text().strip() if secret.is_file() else ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{secret}: cannot read the MQTT password: {exc}") from None
         # An empty file means "no password": systemd needs the file to exist either way.
-        if secret.is_file() and secret.read_text().strip():
-            data.setdefault("mqtt", {})["password"] = secret.read_text().strip()
+        if password:
+            data.setdefault("mqtt", {})["password"] = password
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(exc, str(path))) from None
+        raise ConfigError(_format(exc, str(path), from_env)) from None

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import MqttConfig
+from agent.config import MqttConfig, TlsConfig
 from agent.outbox import Outbox
 from agent.protocol import Status, TopicTree, encode, offline_will
 
@@ -32,6 +32,36 @@ log = logging.getLogger(__name__)
 SESSION_TAKEN_OVER = 142
 MAX_INFLIGHT = 64
 
+
+
+class TlsSetupError(ValueError):
+    """The configured TLS files cannot be used; the message names the key and the file."""
+
+
+def apply_tls(client: mqtt.Client, tls: TlsConfig) -> None:
+    """Load the CA (and client certificate) into the client, naming what is wrong if not.
+
+    ssl's own errors do not say which file they came from ("[X509] no certificate or crl
+    found"), so each file is first checked for being readable, under its config key.
+    """
+    for key, path in (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise TlsSetupError(f"mqtt.tls.{key} {path}: {exc.strerror}") from None
+    try:
+        client.tls_set(
+            ca_certs=str(tls.ca),
+            certfile=str(tls.cert) if tls.cert else None,
+            keyfile=str(tls.key) if tls.key else None,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        files = ", ".join(str(p) for p in (tls.ca, tls.cert, tls.key) if p is not None)
+        raise TlsSetupError(f"mqtt.tls ({files}): not usable: {exc}") from None
 
 class Link:
     """One paho client per device; thread-safe `send` for the inference loop."""
@@ -77,13 +107,7 @@ class Link:
         if self.cfg.username:
             client.username_pw_set(self.cfg.username, self.cfg.password)
         if self.cfg.tls is not None:
-            tls = self.cfg.tls
-            client.tls_set(
-                ca_certs=str(tls.ca),
-                certfile=str(tls.cert) if tls.cert else None,
-                keyfile=str(tls.key) if tls.key else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            apply_tls(client, self.cfg.tls)
         status_topic = self.tree.device(self.device_id, "status")
         client.will_set(status_topic, encode(offline_will(self.birth())), qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)

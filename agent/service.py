@@ -21,13 +21,13 @@ import psutil
 from pydantic import JsonValue
 
 from agent import __version__
-from agent.bundle import BundleError, load_public_key, verify_bundle
+from agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
 from agent.camera import Camera, Frame
 from agent.commands import CommandHandler
 from agent.config import AgentConfig
 from agent.governor import Governor
 from agent.hardware import describe
-from agent.link import Link
+from agent.link import Link, TlsSetupError
 from agent.outbox import Outbox
 from agent.power import PowerMeter, detect, detect_temperature
 from agent.protocol import Event, Result, Status, Telemetry, encode
@@ -39,6 +39,8 @@ from agent.window import TelemetryWindow
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG, EXIT_LOCKED = 0, 2, 3
+LOAD_TIMEOUT_S = 600.0  # start-up time asked for while the bundle loads and warms up
+FIRST_FRAME_EXTEND_S = 60.0  # asked for again and again until the first frame arrives
 
 
 class AgentError(Exception):
@@ -78,11 +80,12 @@ def load_model(cfg: AgentConfig) -> StagedModel:
         keys = [load_public_key(p) for p in cfg.model.trusted_keys]
         verified = verify_bundle(bundle, keys)
         model = StagedModel(verified, threads=cfg.model.threads, providers=cfg.model.providers)
-        seconds = model.warm_up()
-    except (BundleError, RuntimeLoadError, OSError, ValueError) as exc:
+    except (BundleError, KeyFileError, RuntimeLoadError, OSError, ValueError) as exc:
         raise AgentError(f"refusing to run: {exc}") from exc
+    try:
+        seconds = model.warm_up(cfg.model.warmup_runs)
     except Exception as exc:  # onnxruntime's own untyped errors on a first run
-        raise AgentError(f"refusing to run: {bundle}: warm-up run failed: {exc}") from exc
+        raise AgentError(f"refusing to run: {bundle}: the model's first run failed: {exc}") from exc
     m = model.manifest
     ms = seconds * 1e3
     log.info("model %s v%d from %s: warmed up in %.0f ms", m.model_id, m.version, bundle, ms)
@@ -97,6 +100,11 @@ class Agent:
         self.stop = stop
         self.boot_id = str(uuid.uuid4())
         self.hardware = describe()
+        self.notifier = Notifier.from_env()
+        # Building sessions can take minutes (TensorRT engines on a Jetson): ask systemd for
+        # the time instead of being killed by TimeoutStartSec half-way.
+        self.notifier.extend_timeout(LOAD_TIMEOUT_S)
+        self.notifier.status(f"verifying and loading {cfg.model.bundle or 'the installed bundle'}")
         self.model = load_model(cfg)
         m = self.model.manifest
         self.pre = Preprocessor(m.preprocessing, dtype=m.input.dtype)
@@ -109,18 +117,22 @@ class Agent:
         n_points = max(1, len(m.operating_points))
         self.governor = Governor(cfg.governor, n_points, m.default_operating_point)
         self.operating_point = m.default_operating_point
-        if cfg.model.operating_point is not None:
-            self.set_operating_point(cfg.model.operating_point, pin=True)
         self.interval_s = cfg.telemetry.interval_s
         self.camera = Camera(cfg.camera, on_event=self.event)
-        self.link = Link(cfg.device_id, cfg.group, cfg.mqtt, self.outbox, self.birth, self.event)
+        try:
+            self.link = Link(
+                cfg.device_id, cfg.group, cfg.mqtt, self.outbox, self.birth, self.event
+            )
+        except TlsSetupError as exc:
+            raise AgentError(f"refusing to run: {exc}") from None
         self.commands = CommandHandler(cfg.device_id, self)
         self.power_reader = (
-            detect(profile=cfg.power.profile) if cfg.power.source != "none" else None
+            detect(profile=cfg.power.profile, source=cfg.power.source)
+            if cfg.power.source != "none"
+            else None
         )
         self.power = PowerMeter(self.power_reader.name if self.power_reader else "none")
         self.thermal = detect_temperature()
-        self.notifier = Notifier.from_env()
         self.watchdog = WatchdogFeeder(self.notifier)
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # prime: the first call always returns 0
@@ -128,6 +140,11 @@ class Agent:
         self._last_result: tuple[int, float] = (-1, 0.0)
         self.frames_rejected = 0  # frames the camera delivered that preprocessing refused
         self._rejected_reported_at: float | None = None
+        if cfg.model.operating_point is not None:
+            try:
+                self.set_operating_point(cfg.model.operating_point, pin=True, by="the config")
+            except ValueError as exc:
+                raise AgentError(f"refusing to run: model.operating_point: {exc}") from None
 
     # -- messages -----------------------------------------------------------------------
 
@@ -173,19 +190,29 @@ class Agent:
 
     # -- command target -----------------------------------------------------------------
 
-    def set_operating_point(self, index: int, pin: bool) -> dict[str, JsonValue]:
-        """Apply an operating point's thresholds (and pin it if asked)."""
+    def set_operating_point(
+        self, index: int, pin: bool, by: str = "the coordinator"
+    ) -> dict[str, JsonValue]:
+        """Apply an operating point's thresholds (and pin it if asked); an event says so."""
         points = self.model.manifest.operating_points
         if not points:
             raise ValueError("this bundle has no operating points (no early exits)")
         if not 0 <= index < len(points):
             raise ValueError(f"operating point {index} does not exist (0..{len(points) - 1})")
+        previous = self.operating_point
+        # Both checks above passed, so nothing below can fail half-way.
         self.model.set_thresholds(points[index].thresholds)
-        previous, self.operating_point = self.operating_point, index
+        self.operating_point = index
         if pin:
             self.governor.pin(index)
         else:
             self.governor.current = index
+        how = "pinned" if pin else "set"
+        self.event(
+            "operating_point_changed",
+            f"{how} to {index} ({points[index].name}) by {by}",
+            {"from": previous, "to": index, "pinned": pin},
+        )
         return {"operating_point": index, "previous": previous, "pinned": pin}
 
     def unpin_operating_point(self) -> dict[str, JsonValue]:
@@ -218,13 +245,22 @@ class Agent:
             model = load_model(self.cfg)
         except AgentError as exc:
             raise RuntimeError(str(exc)) from None
-        self.model = model
-        self.pre = Preprocessor(model.manifest.preprocessing, dtype=model.manifest.input.dtype)
         m = model.manifest
-        self.operating_point = min(self.operating_point, max(0, len(m.operating_points) - 1))
+        index = min(self.operating_point, max(0, len(m.operating_points) - 1))
+        # The governor walks the new bundle's points: its count and default, the same
+        # latency target, the pin kept (clamped to a point that exists).
+        n_points = max(1, len(m.operating_points))
+        governor = Governor(self.cfg.governor, n_points, m.default_operating_point)
+        governor.set_target(self.governor.target_ms)
+        if self.governor.pinned:
+            governor.pin(index)
+        else:
+            governor.current = index
         if m.operating_points:
-            model.set_thresholds(m.operating_points[self.operating_point].thresholds)
-        return {"model_id": m.model_id, "version": m.version}
+            model.set_thresholds(m.operating_points[index].thresholds)
+        self.model, self.governor, self.operating_point = model, governor, index
+        self.pre = Preprocessor(m.preprocessing, dtype=m.input.dtype)
+        return {"model_id": m.model_id, "version": m.version, "operating_point": index}
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -238,9 +274,18 @@ class Agent:
         window_t0 = time.monotonic()
         next_power = 0.0
         ready = False
+        next_extend = 0.0
         while not self.stop.is_set():
             frame = self.camera.latest(timeout=0.5)
             now = time.monotonic()
+            if not ready and now >= next_extend:
+                # No frame yet (a camera missing at boot): stay "activating" with the reason
+                # on `systemctl status`, rather than be killed by TimeoutStartSec and
+                # restarted every two minutes; telemetry and commands work meanwhile.
+                why = self.camera.stats.last_error
+                self.notifier.extend_timeout(FIRST_FRAME_EXTEND_S)
+                self.notifier.status(f"waiting for camera {self.camera.name}: {why or 'opening'}")
+                next_extend = now + FIRST_FRAME_EXTEND_S / 3
             # The loop is alive (frames or not): a hung inference stops this, camera loss does not.
             self.watchdog.progress()
             self.watchdog.maybe_feed()
@@ -341,8 +386,7 @@ class Agent:
             except Exception:  # queue.Empty
                 return
             reply = self.commands.handle(topic, payload)
-            if reply is not None:
-                self.link.send("reply", encode(reply))
+            self.link.send("reply", encode(reply))
 
     def _close_window(self, window: TelemetryWindow, elapsed: float) -> None:
         stats = window.close(

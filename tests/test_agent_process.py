@@ -132,11 +132,18 @@ def test_malformed_commands_get_error_replies_and_inference_goes_on(
         )
         assert col.wait(
             lambda c: (
-                {"c-types", "c-unknown", "c-op", "c-ping", "c-snap"} <= {r.id for r in c.replies}
+                {"-", "c-types", "c-unknown", "c-big", "c-op", "c-ping", "c-snap"}
+                <= {r.id for r in c.replies}
             ),
             30,
         ), f"{col.replies}\n{agent.output()[-3000:]}"
         replies = {r.id: r for r in col.replies}
+        # Not JSON: no id to answer under, so the uncorrelated id "-" carries the refusal.
+        assert not replies["-"].ok and "payload is not JSON" in (replies["-"].error or "")
+        # Oversized: not parsed, but its id is read from the first bytes and answered.
+        assert not replies["c-big"].ok and "over the 16384-byte limit" in (
+            replies["c-big"].error or ""
+        )
         assert not replies["c-types"].ok and "ts" in (replies["c-types"].error or "")
         assert not replies["c-unknown"].ok and "self_destruct" in (replies["c-unknown"].error or "")
         assert not replies["c-op"].ok and "no operating points" in (replies["c-op"].error or "")

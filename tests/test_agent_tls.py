@@ -69,3 +69,38 @@ def test_agent_reports_over_mutual_tls_and_is_refused_without_a_client_cert(
     finally:
         col.close()
         broker.stop()
+
+
+def test_unusable_tls_files_end_the_agent_with_the_key_named(
+    tmp_path: Path, mqtt_broker: MosquittoBroker, topic_prefix: str
+) -> None:
+    """A missing CA and a CA that is not a certificate: exit 2 (no restart), one clear line."""
+    import subprocess
+    import sys
+
+    bundle, key = reference_bundle(tmp_path)
+    cfg = write_config(
+        tmp_path, device_id="pi-badtls", broker=mqtt_broker,
+        topic_root=f"{topic_prefix}/edgefleet/v1", bundle=bundle, key=key,
+    )  # fmt: skip
+    plain = cfg.read_text()
+    not_a_cert = tmp_path / "ca.pem"
+    not_a_cert.write_text("hello\n")
+    cases = [
+        (f'[mqtt.tls]\nca = "{tmp_path / "missing.pem"}"\n', "mqtt.tls.ca "),
+        (f'[mqtt.tls]\nca = "{not_a_cert}"\n', f"mqtt.tls ({not_a_cert}): not usable"),
+    ]
+    for block, expected in cases:
+        cfg.write_text(plain + block)
+        run = subprocess.run(
+            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 2, run.stderr
+        assert "refusing to run: " + expected in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+        check = subprocess.run(
+            [sys.executable, "-m", "agent", "check", "--config", str(cfg)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert f"FAIL broker: {expected}" in check.stdout, check.stdout + check.stderr

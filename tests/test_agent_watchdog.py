@@ -126,16 +126,53 @@ def test_watchdog_fed_while_running_and_silent_when_inference_hangs(
         bundle=slow,
         key=load_key(slow_key.parent),
     )
+    # No warm-up: the loop must start (and ping) before the first slow inference hangs it.
+    cfg2.write_text(cfg2.read_text().replace("threads = 1\n", "threads = 1\nwarmup_runs = 0\n"))
     _collect(sock, 0.3)  # drop what the first agent sent while stopping
-    t0 = time.monotonic()
     agent = AgentProcess(cfg2, tmp_path / "slow.log", env=env)
     try:
         msgs = _collect(sock, 12)
         assert agent.alive()
     finally:
         agent.kill()
-    # While an inference hangs, no ping comes for seconds: systemd would kill and restart it.
+    # The loop ran and fed the watchdog; then, while an inference hangs, no ping comes for
+    # seconds: systemd would kill and restart it.
     pings = [t for t, m in msgs if m == "WATCHDOG=1"]
-    marks = [t0, *pings, time.monotonic()]
+    assert pings, f"the loop never fed the watchdog: {msgs}\n{agent.output()[-2000:]}"
+    marks = [*pings, time.monotonic()]
     assert max(b - a for a, b in itertools.pairwise(marks)) > 3.0, msgs
     sock.close()
+
+
+def test_no_camera_at_boot_extends_the_start_and_says_why(
+    tmp_path: Path, mqtt_broker: MosquittoBroker, topic_prefix: str
+) -> None:
+    """Start-up waits for the first frame without hitting TimeoutStartSec, then READY=1."""
+    import shutil
+
+    from server.reference import VIDEO_PATH
+
+    bundle, key = reference_bundle(tmp_path)
+    video = tmp_path / "later.avi"
+    cfg = write_config(
+        tmp_path, device_id="pi-nocam", broker=mqtt_broker,
+        topic_root=f"{topic_prefix}/edgefleet/v1", bundle=bundle, key=key, video=video,
+    )  # fmt: skip
+    sock = _listen(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(sock.getsockname())}
+    agent = AgentProcess(cfg, tmp_path / "agent.log", env=env)
+    try:
+        waiting = _collect(sock, 4)
+        texts = [m for _, m in waiting]
+        assert not any(m.startswith("READY=1") for m in texts), texts
+        assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in texts), texts
+        assert any(
+            m.startswith(f"STATUS=waiting for camera {video}: ") and "no such device or file" in m
+            for m in texts
+        ), texts
+        shutil.copy(VIDEO_PATH, video)
+        later = [m for _, m in _collect(sock, 8)]
+        assert any(m.startswith("READY=1") for m in later), agent.output()[-2000:]
+    finally:
+        agent.terminate()
+        sock.close()

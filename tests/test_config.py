@@ -89,3 +89,41 @@ def test_empty_password_credential_means_no_password(tmp_path: Path) -> None:
     (creds / "mqtt-password").write_text("\n")  # what the installer creates by default
     cfg = load_config(_write(tmp_path, MINIMAL), env={"CREDENTIALS_DIRECTORY": str(creds)})
     assert cfg.mqtt.password is None
+
+
+def test_environment_values_keep_their_field_types(tmp_path: Path) -> None:
+    env = {
+        "EDGEFLEET_DEVICE_ID": "1234",  # all digits, still a string id
+        "EDGEFLEET_MQTT__PASSWORD": "123456",
+        "EDGEFLEET_STATE_DIR": str(tmp_path / "state"),
+        "EDGEFLEET_GROUP": "kitchen",
+        "EDGEFLEET_MODEL__PROVIDERS": '["CUDAExecutionProvider", "CPUExecutionProvider"]',
+        "EDGEFLEET_CAMERA__LOOP": "true",
+        "EDGEFLEET_CAMERA__SOURCE": "0",
+        "EDGEFLEET_API_TOKEN": "not-an-agent-key",  # another program's variable: ignored
+    }
+    cfg = load_config(_write(tmp_path, MINIMAL), env=env)
+    assert cfg.device_id == "1234" and cfg.mqtt.password == "123456"
+    assert cfg.state_dir == tmp_path / "state" and cfg.group == "kitchen"
+    assert cfg.model.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert cfg.camera.loop is True and cfg.camera.kind == "device"
+
+
+def test_a_bad_environment_value_is_blamed_on_its_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, MINIMAL), env={"EDGEFLEET_MQTT__PORT": "eighty"})
+    assert str(err.value).startswith("environment EDGEFLEET_MQTT__PORT: mqtt.port: ")
+
+
+def test_unreadable_password_credential_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "mqtt-password").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(ConfigError, match=r"mqtt-password: cannot read the MQTT password"):
+        load_config(_write(tmp_path, MINIMAL), env={"CREDENTIALS_DIRECTORY": str(bad)})
+
+
+def test_unknown_power_profile_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, MINIMAL + '[power]\nprofile = "raspberry-pi-9"\n')
+    with pytest.raises(ConfigError, match=r"power: Value error, profile 'raspberry-pi-9' unknown"):
+        load_config(path, env={})

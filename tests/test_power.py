@@ -548,6 +548,27 @@ def test_detect_falls_back_to_estimate(tmp_path: Path, caplog: pytest.LogCapture
     assert len(caplog.messages) == 5  # one line per candidate, each with its reason
 
 
+def test_detect_honours_a_forced_source(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _everything(tmp_path)
+    fx.jetson_jp5(tmp_path, ORIN_NANO_RAILS)
+    # The Jetson meter would win on auto; the config asks for the hwmon chip, or the estimate.
+    assert isinstance(detect(tmp_path, fx.pi5_vcgencmd(), source="hwmon"), HwmonReader)
+    assert isinstance(detect(tmp_path, fx.pi5_vcgencmd(), source="rapl"), RaplReader)
+    est = detect(tmp_path, fx.pi5_vcgencmd(), source="estimate", cpu_fraction=lambda: 0.0)
+    assert isinstance(est, EstimateReader)
+    # Forced but not readable here: a warning with the reason, and the estimate stands in.
+    with caplog.at_level(logging.INFO, logger="agent.power.detect"):
+        reader = detect(tmp_path, fx.no_vcgencmd(), source="pmic", cpu_fraction=lambda: 0.0)
+    assert isinstance(reader, EstimateReader)
+    assert any(
+        r.levelno == logging.WARNING
+        and "power source pmic (power.source) does not read here: vcgencmd" in r.getMessage()
+        for r in caplog.records
+    )
+    with pytest.raises(ValueError, match="power source 'solar' unknown"):
+        detect(tmp_path, fx.no_vcgencmd(), source="solar")
+
+
 def test_detect_temperature_on_pi_uses_zone_and_throttling(tmp_path: Path) -> None:
     fx.thermal_zones(tmp_path, [("cpu-thermal", "51200")])
     runner = fx.pi5_vcgencmd(fx.THROTTLED_SOFT_TEMP)

@@ -115,6 +115,12 @@ def test_helpers() -> None:
     assert [offer().chunk_length(i) for i in range(3)] == [262144, 262144, 90112]
     assert peek_command_id(with_field(command(), command={"name": "reboot"})) == "c-5b2e0f1a"
     assert peek_command_id(b"\xff") is None and peek_command_id(b'{"id": 5}') is None
+    # Oversized: never parsed, the id is read from the first 4 KiB only.
+    big = b'{"v": 1, "id": "c-big", "pad": "' + b"x" * 20_000 + b'"}'
+    assert peek_command_id(big) == "c-big"
+    late = b'{"v": 1, "pad": "' + b"x" * 20_000 + b'", "id": "c-late"}'
+    assert peek_command_id(late) is None
+    assert peek_command_id(b'{"id": "a\\"b", "pad": "' + b"x" * 20_000 + b'"}') is None
 
 
 # -- rejections, each with its text ---------------------------------------------------------------

@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol import (
+    UNCORRELATED_ID,
     Command,
     Event,
     Message,
@@ -386,11 +387,13 @@ def test_commands_get_replies(
         send(encode(Command(id="old-1", ts=1.0, expires_at=2.0, command=Ping())))
         assert not reply("old-1").ok
 
-        # No correlation id to answer: logged and counted, no reply.
+        # No correlation id to answer: logged, counted, refused under the uncorrelated id.
         send(b"not json at all")
         collector.wait_for(
             "the rejection", lambda: sim.stats().by_id()[target].commands_rejected == 1
         )
+        refused = reply(UNCORRELATED_ID)
+        assert not refused.ok and "payload is not JSON" in (refused.error or "")
 
         send(encode(Command(id="grp-1", ts=time.time(), command=Ping())), tree.group_cmd("line-1"))
         collector.wait_for(

@@ -34,14 +34,35 @@ def detect(
     *,
     profile: PowerProfile | str | None = None,
     cpu_fraction: Callable[[], float] | None = None,
+    source: str = "auto",
 ) -> PowerReader:
-    """The first measured source that reads here, else an estimate from CPU load."""
-    for reader in power_candidates(root, runner):
+    """The first measured source that reads here, else an estimate from CPU load.
+
+    source (the config's `power.source`) forces one: "estimate", or a measured source's name
+    ("rapl", "hwmon", "ina3221", "pmic"), which is used if it reads here; if it does not, a
+    warning names why and the estimate stands in (labelled as such in every window).
+    """
+    candidates = power_candidates(root, runner)
+    if source not in ("auto", "estimate"):
+        known = [r.name for r in candidates]
+        if source not in known:
+            raise ValueError(f"power source {source!r} unknown; one of auto, estimate, {known}")
+        candidates = [r for r in candidates if r.name == source]
+    if source == "estimate":
+        candidates = []
+    for reader in candidates:
         probe = reader.probe()
         if probe.ok:
             log.info("power source %s: %s", reader.name, probe.reason)
             return reader
-        log.info("power source %s not used: %s", reader.name, probe.reason)
+        if source == "auto":
+            log.info("power source %s not used: %s", reader.name, probe.reason)
+        else:
+            log.warning(
+                "power source %s (power.source) does not read here: %s; estimating instead",
+                reader.name,
+                probe.reason,
+            )
     estimate = EstimateReader(profile, root=root, cpu_fraction=cpu_fraction)
     log.info("power source %s: %s", estimate.name, estimate.describe())
     return estimate

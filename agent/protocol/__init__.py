@@ -13,6 +13,7 @@ from agent.protocol.codec import (
     peek_command_id,
 )
 from agent.protocol.commands import (
+    UNCORRELATED_ID,
     AnyCommand,
     Command,
     InstallBundle,
@@ -56,6 +57,7 @@ __all__ = [
     "SIZE_LIMITS",
     "SUPPORTED_VERSIONS",
     "TOPIC_PAYLOADS",
+    "UNCORRELATED_ID",
     "AnyCommand",
     "BundleOffer",
     "Command",

@@ -200,11 +200,21 @@ def decode_topic(tree: TopicTree, topic: str, payload: bytes | bytearray) -> Dec
     return msg
 
 
+# "id": "<printable ASCII>" near the start of an oversized command (encoders put it second).
+_ID_NEAR_START = re.compile(rb'"id"\s*:\s*"([\x21\x23-\x5b\x5d-\x7e]{1,64})"')
+_PEEK_BYTES = 4 * KiB
+
+
 def peek_command_id(payload: bytes | bytearray) -> str | None:
-    """Best-effort id of a command that failed to decode, so the device can still reply."""
+    """Best-effort id of a command that failed to decode, so the device can still reply.
+
+    An oversized payload is not parsed (that is what the size limit prevents): its id is
+    looked for in its first 4 KiB only, as a plain `"id": "..."` pair.
+    """
     try:
         if len(payload) > SIZE_LIMITS["cmd"]:
-            return None
+            found = _ID_NEAR_START.search(bytes(payload[:_PEEK_BYTES]))
+            return found.group(1).decode("ascii") if found else None
         obj = json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant)
         ident = obj.get("id") if isinstance(obj, dict) else None
         if isinstance(ident, str) and _CORRELATION_ID.fullmatch(ident):

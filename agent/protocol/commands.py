@@ -12,6 +12,9 @@ from agent.protocol.messages import MAX_EXITS
 
 # Printable ASCII without spaces: the id is echoed in logs and replies.
 CORRELATION_ID_PATTERN = r"^[\x21-\x7e]{1,64}$"
+# The id of a reply to a command whose own id could not be read (not JSON, no id): the
+# sender still hears that something it sent was refused. Never a UUID, so never a real id.
+UNCORRELATED_ID = "-"
 
 
 class Ping(Strict):

@@ -13,8 +13,8 @@ API (`socket()`, `loop_read()`, `loop_write()`, `loop_misc()`, `want_write()` an
 `on_socket_*` callbacks), so 1,000 devices cost one thread, not 1,000 paho network threads.
 `run_simulation(..., procs=K)` spreads the devices over K processes for more throughput.
 
-Unlike the agent, a command payload that cannot be read at all (not JSON, or no correlation id)
-gets no reply: a Reply needs the command's id. Such payloads are logged with the device id and
+As the agent does, a command payload that cannot be read at all (not JSON, or no correlation
+id) is answered with ok=False under the id `UNCORRELATED_ID`, logged with the device id and
 counted in `DeviceStats.commands_rejected`; a readable id with a bad body gets ok=False.
 """
 
@@ -48,6 +48,7 @@ from pydantic import JsonValue
 from agent import __version__ as AGENT_VERSION
 from agent.commands import CommandHandler
 from agent.protocol import (
+    UNCORRELATED_ID,
     Event,
     EventKind,
     Hardware,
@@ -162,7 +163,7 @@ class DeviceStats:
     connects: int  # successful connections (CONNACK ok)
     events: int  # events produced
     commands: int  # commands answered with a reply
-    commands_rejected: int  # command payloads without a readable id: logged, not answered
+    commands_rejected: int  # command payloads without a readable id (answered uncorrelated)
 
 
 @dataclass(frozen=True)
@@ -1024,15 +1025,16 @@ class Simulator:
             return
         payload = bytes(msg.payload)
         reply = dev.handler.handle(msg.topic, payload)
-        if reply is None:
+        if not reply.ok and reply.id == UNCORRELATED_ID:
             dev.commands_rejected += 1
             log.warning(
-                "%s dropped an unreadable command on %s (no correlation id to reply to)",
+                "%s refused an unreadable command on %s (replied under id %r)",
                 dev.device_id,
                 msg.topic,
+                UNCORRELATED_ID,
             )
-            return
-        dev.commands += 1
+        else:
+            dev.commands += 1
         log.info("%s answered command %s: ok=%s", dev.device_id, reply.id, reply.ok)
         self._enqueue(dev, _REPLY, encode(reply))
 
