@@ -79,7 +79,14 @@ def _bench(args: argparse.Namespace) -> int:
     m = verified.manifest
     say = (lambda _m: None) if args.json else print
     say(f"{m.model_id} v{m.version}: {len(frames)} frames of {args.source}, {args.threads} thr")
-    results = bench_bundle(verified, frames, threads=args.threads, rounds=args.rounds, say=say)
+    results = bench_bundle(
+        verified,
+        frames,
+        threads=args.threads,
+        providers=args.provider or None,
+        rounds=args.rounds,
+        say=say,
+    )
     if args.json:
         print(json.dumps(as_json(results), indent=2))
     return 0
@@ -108,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", type=int, default=200)
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument(
+        "--provider",
+        action="append",
+        help="onnxruntime execution provider, in order of preference (repeat; default CPU), "
+        "as model.providers in agent.toml",
+    )
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
     return parser

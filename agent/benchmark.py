@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,6 +72,7 @@ def bench_bundle(
     frames: list[npt.NDArray[Any]],
     *,
     threads: int = 1,
+    providers: Sequence[str] | None = None,
     rounds: int = 3,
     say: Say = lambda _m: None,
 ) -> list[PointResult]:
@@ -80,7 +81,7 @@ def bench_bundle(
     Each time is frame to prediction, preprocessing included: what the agent's telemetry
     reports as latency.
     """
-    model = StagedModel(verified, threads=threads)
+    model = StagedModel(verified, threads=threads, providers=providers)
     pre = Preprocessor(verified.manifest.preprocessing, dtype=verified.manifest.input.dtype)
     points = [(p.name, list(p.thresholds)) for p in verified.manifest.operating_points]
     points.append(("exits off", [None] * len(model.early_exits)))

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_CONFIG, EXIT_LOCKED = 0, 2, 3
 LOAD_TIMEOUT_S = 600.0  # start-up time asked for while the bundle loads and warms up
 FIRST_FRAME_EXTEND_S = 60.0  # asked for again and again until the first frame arrives
+SHUTDOWN_BUDGET_S = 3.5  # from leaving the loop to exit; the loop itself leaves within 0.5 s
 
 
 class AgentError(Exception):
@@ -431,11 +432,22 @@ class Agent:
             )
 
     def shutdown(self, window: TelemetryWindow, elapsed: float) -> int:
-        """Final window into the outbox, offline status, everything closed: within seconds."""
+        """Final window into the outbox, offline status, everything closed.
+
+        What must not be lost goes first: the last window and the `stopping` event are
+        committed to the on-disk outbox before anything waits on the camera or the network.
+        The waits then share one budget, so the process ends within SHUTDOWN_BUDGET_S of
+        SIGTERM whatever the broker or the camera do (systemd's TimeoutStopSec is 10 s).
+        """
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         self.notifier.stopping()
-        self.camera.stop(timeout=2.0)
         self._close_window(window, max(elapsed, 1e-3))
         self.event("stopping", "agent stopping (SIGTERM)")
-        self.link.stop(timeout=2.0)
+
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
+        self.camera.stop(timeout=min(1.0, left()))
+        self.link.stop(timeout=left() / 2)  # it may wait twice: the offline status, the drain
         self.outbox.close()
         return EXIT_OK

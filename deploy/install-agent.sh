@@ -12,6 +12,7 @@ SERVICE_USER="edgefleet"
 # Paths on the device; with --root they are created under DIR instead.
 VENV_PATH="/opt/edgefleet/venv"
 ETC_PATH="/etc/edgefleet"
+BUNDLES_PATH="/var/lib/edgefleet/bundles"
 UNIT_PATH="/etc/systemd/system/$UNIT_NAME"
 ID_RE='^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'
 
@@ -25,7 +26,8 @@ Installs the edgefleet agent as the systemd service $UNIT_NAME:
   /etc/edgefleet/fleet.pub         the fleet's public key: only bundles it signed will run
   /etc/edgefleet/credentials/      mqtt-password (root only, handed to the agent by systemd)
   /etc/systemd/system/$UNIT_NAME
-and enables and starts the service.
+  /var/lib/edgefleet/bundles/      with --bundle: the model, verified with the fleet key
+and enables and starts the service (it starts once a bundle is installed).
 
 required:
   --broker HOST[:PORT]     MQTT broker (port 1883 when omitted; [IPv6]:PORT for IPv6)
@@ -34,6 +36,9 @@ required:
 options:
   --camera SRC             V4L2 index, /dev/videoN, a video file or a URL (default 0)
   --group G                fleet group of this device (rollouts target groups)
+  --bundle PATH            a signed bundle (directory, or archive from 'edgefleet bundle
+                           pack') to install as the current model; checked against
+                           --fleet-key first, refused if it does not verify
   --wheel PATH_OR_SPEC     what to pip install: a wheel, a source directory, or a requirement
                            such as 'edgefleet==0.2.0' (default: this checkout, $CHECKOUT)
   --python PY              interpreter for the virtualenv (default python3; 3.10 or newer)
@@ -63,7 +68,7 @@ usage_error() {
 }
 
 # ---------------------------------------------------------------- arguments
-BROKER="" DEVICE_ID="" FLEET_KEY="" CAMERA="0" GROUP="" ROOT="" WHEEL="" PYTHON="python3"
+BROKER="" DEVICE_ID="" FLEET_KEY="" CAMERA="0" GROUP="" ROOT="" WHEEL="" PYTHON="python3" BUNDLE=""
 REUSE_FROM="" ENABLE=1 BUILD_TMP=""
 while [ $# -gt 0 ]; do
     opt="$1"
@@ -73,7 +78,7 @@ while [ $# -gt 0 ]; do
         --no-enable) ENABLE=0; shift; continue ;;
         --*=*) val="${opt#*=}"; opt="${opt%%=*}"; shift ;;
         --broker | --device-id | --fleet-key | --camera | --group | --root | --wheel | --python \
-            | --reuse-site-packages)
+            | --reuse-site-packages | --bundle)
             [ $# -ge 2 ] || usage_error "$opt needs a value"
             val="$2"
             shift 2
@@ -90,6 +95,7 @@ while [ $# -gt 0 ]; do
         --wheel) WHEEL="$val" ;;
         --python) PYTHON="$val" ;;
         --reuse-site-packages) REUSE_FROM="$val" ;;
+        --bundle) BUNDLE="$val" ;;
         --no-enable | -h | --help) usage_error "$opt takes no value" ;;
         *) usage_error "unknown argument: $opt" ;;
     esac
@@ -148,6 +154,11 @@ if grep -q "PRIVATE KEY" "$FLEET_KEY"; then
 fi
 FLEET_KEY="$(cd "$(dirname "$FLEET_KEY")" && pwd)/$(basename "$FLEET_KEY")"
 
+if [ -n "$BUNDLE" ]; then
+    [ -e "$BUNDLE" ] || die "bundle '$BUNDLE' not found"
+    BUNDLE="$(cd "$(dirname "$BUNDLE")" && pwd)/$(basename "$BUNDLE")"
+fi
+
 if [ -z "$WHEEL" ]; then
     [ -f "$CHECKOUT/pyproject.toml" ] ||
         usage_error "no edgefleet checkout around $SCRIPT_DIR: give --wheel PATH_OR_SPEC"
@@ -172,6 +183,7 @@ else
 fi
 VENV="$ROOT$VENV_PATH"
 ETC="$ROOT$ETC_PATH"
+BUNDLES="$ROOT$BUNDLES_PATH"
 UNIT_DEST="$ROOT$UNIT_PATH"
 
 # ---------------------------------------------------------------- Python and the virtualenv
@@ -288,7 +300,11 @@ PY
 if [ "$STAGING" -eq 1 ]; then
     skipped "useradd $SERVICE_USER (--root): create the system user '$SERVICE_USER' (in group video) on the device"
 elif getent passwd "$SERVICE_USER" >/dev/null 2>&1; then
-    :
+    # An existing user (an earlier install, or made by hand) joins video too.
+    if getent group video >/dev/null 2>&1 && ! id -nG "$SERVICE_USER" | tr ' ' '\n' | grep -qx video; then
+        say "adding $SERVICE_USER to group video"
+        usermod -a -G video "$SERVICE_USER" || say "warning: could not add $SERVICE_USER to group video"
+    fi
 elif ! command -v useradd >/dev/null 2>&1; then
     skipped "useradd is not available: create the system user '$SERVICE_USER' (in group video) yourself"
 else
@@ -398,6 +414,53 @@ if [ ! -e "$CRED/mqtt-password" ]; then
     say "created an empty $CRED/mqtt-password (no password); write the broker password there to use one"
 fi
 
+# ---------------------------------------------------------------- the bundle
+if [ -n "$BUNDLE" ]; then
+    # Verified with the device's own code and the installed fleet key, staged next to its
+    # final place, then `current` is switched by an atomic rename; the previous version stays.
+    installed_bundle="$("$VENV/bin/python" -I - "$BUNDLE" "$ETC/fleet.pub" "$BUNDLES" <<'PY'
+import os, shutil, sys, tempfile
+from pathlib import Path
+from agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
+from agent.bundle.archive import UnsafeArchive, unpack
+
+src, key, dest = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+dest.mkdir(parents=True, exist_ok=True)
+tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".incoming-"))
+try:
+    staged = tmp / "bundle"
+    if src.is_dir():
+        shutil.copytree(src, staged, symlinks=False)
+    else:
+        unpack(src, staged)
+    m = verify_bundle(staged, [load_public_key(key)]).manifest
+    final = dest / f"{m.model_id}-v{m.version}"
+    if final.exists():
+        shutil.rmtree(final)
+    staged.rename(final)
+    link = dest / ".current.new"
+    link.unlink(missing_ok=True)
+    link.symlink_to(final.name)
+    os.replace(link, dest / "current")
+    print(f"{m.model_id} v{m.version} -> {final}")
+except (BundleError, KeyFileError, UnsafeArchive, OSError) as exc:
+    sys.exit(f"{exc}")
+finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+PY
+)" || die "bundle '$BUNDLE' not installed (see above): the device keeps what it had"
+    say "installed bundle $installed_bundle (current)"
+fi
+# The bundle the agent will load: model.bundle from the config, else the installed current.
+AGENT_BUNDLE="$("$VENV/bin/python" -I - "$CONFIG" <<'PY' 2>/dev/null || true
+import sys
+from pathlib import Path
+from agent.config import load_config
+cfg = load_config(Path(sys.argv[1]), env={})
+print(cfg.model.bundle or cfg.state_dir / "bundles" / "current")
+PY
+)"
+
 # ---------------------------------------------------------------- the unit
 UNIT_CHANGED=0
 if ! cmp -s "$UNIT_SRC" "$UNIT_DEST"; then
@@ -418,11 +481,28 @@ else
         systemctl try-restart "$UNIT_NAME" ||
             die "restarting $UNIT_NAME failed: journalctl -u ${UNIT_NAME%.service} -e"
     fi
-    if [ "$ENABLE" -eq 1 ]; then
-        # Type=notify: this waits for READY=1 (model loaded, first frame) or the start timeout.
-        systemctl enable --now "$UNIT_NAME" ||
-            die "$UNIT_NAME did not start: journalctl -u ${UNIT_NAME%.service} -e"
-        say "$UNIT_NAME is enabled and running"
+    if [ "$ENABLE" -eq 1 ] && [ -n "$AGENT_BUNDLE" ] && [ ! -e "$AGENT_BUNDLE" ]; then
+        # The agent refuses to run without a verified model (exit 2, no restart).
+        systemctl enable "$UNIT_NAME" || die "systemctl enable $UNIT_NAME failed"
+        say "$UNIT_NAME is enabled but not started: no bundle at $AGENT_BUNDLE yet (run again with --bundle PATH, then: systemctl start ${UNIT_NAME%.service})"
+    elif [ "$ENABLE" -eq 1 ]; then
+        # Not `enable --now`: with Type=notify that blocks until READY=1 (model loaded, first
+        # frame), and an unplugged camera keeps the unit starting for as long as it is away.
+        systemctl enable "$UNIT_NAME" || die "systemctl enable $UNIT_NAME failed"
+        systemctl start --no-block "$UNIT_NAME" || die "systemctl start $UNIT_NAME failed"
+        state="activating"
+        for _ in $(seq 1 120); do
+            state="$(systemctl is-active "$UNIT_NAME" 2>/dev/null || true)"
+            [ "$state" = "activating" ] || [ "$state" = "reloading" ] || break
+            sleep 1
+        done
+        case "$state" in
+            active) say "$UNIT_NAME is enabled and running" ;;
+            activating)
+                say "$UNIT_NAME is enabled and still starting: $(systemctl show -p StatusText --value "$UNIT_NAME" 2>/dev/null) (journalctl -u ${UNIT_NAME%.service} -f)"
+                ;;
+            *) die "$UNIT_NAME did not start ($state): journalctl -u ${UNIT_NAME%.service} -e" ;;
+        esac
     else
         say "not enabled (--no-enable): systemctl enable --now ${UNIT_NAME%.service}"
     fi

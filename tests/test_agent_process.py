@@ -53,6 +53,32 @@ def test_telemetry_survives_a_20s_broker_outage(setup, mqtt_broker: MosquittoBro
     assert col.status and col.status[-1].online is False  # clean stop publishes offline
 
 
+def test_sigterm_while_offline_ends_within_5s_with_everything_on_disk(
+    setup, mqtt_broker: MosquittoBroker
+) -> None:  # type: ignore[no-untyped-def]
+    """The worst case for a clean stop: the broker is gone, so nothing can be delivered."""
+    from agent.outbox import Outbox
+    from agent.protocol import Event, Telemetry, decode
+
+    tmp, bundle, key, root, _col = setup
+    cfg = write_config(
+        tmp, device_id="pi-term", broker=mqtt_broker, topic_root=root, bundle=bundle, key=key
+    )
+    agent = AgentProcess(cfg, tmp / "agent.log")
+    time.sleep(4)  # connected, a few windows out
+    mqtt_broker.stop()
+    time.sleep(2.5)  # windows now pile up in the outbox
+    t0 = time.monotonic()
+    assert agent.terminate() == 0, agent.output()[-3000:]
+    assert time.monotonic() - t0 < 5.0, agent.output()[-3000:]
+    with Outbox(tmp / "state" / "outbox.db") as outbox:
+        queued = [decode(e.kind, e.payload) for e in outbox.peek(1000)]  # type: ignore[arg-type]
+    windows = [m for m in queued if isinstance(m, Telemetry)]
+    events = [m for m in queued if isinstance(m, Event)]
+    assert len(windows) >= 2 and [w.seq for w in windows] == sorted(w.seq for w in windows)
+    assert events and events[-1].kind == "stopping"
+
+
 def test_backlog_survives_sigkill_and_is_replayed_in_order(
     setup, mqtt_broker: MosquittoBroker
 ) -> None:  # type: ignore[no-untyped-def]

@@ -106,6 +106,7 @@ class Installed:
     key: Path
     source: Path
     first: subprocess.CompletedProcess[str]
+    private: Path
 
 
 def make_keys(where: Path) -> tuple[Path, Path]:
@@ -166,7 +167,7 @@ def install_args(root: Path, key: Path, source: Path) -> list[str | Path]:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     base = tmp_path_factory.mktemp("deploy")
-    key, _ = make_keys(base)
+    key, private = make_keys(base)
     # A snapshot, so both runs install the same package even while the checkout is edited.
     source = base / "src"
     shutil.copytree(
@@ -179,7 +180,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     root = base / "root"
     result = run_install(*install_args(root, key, source))
     assert result.returncode == 0, result.stderr
-    return Installed(root, key, source, result)
+    return Installed(root, key, source, result, private)
 
 
 def test_install_tree(installed: Installed) -> None:
@@ -358,3 +359,40 @@ def test_coordinator_unit_verifies(tmp_path: Path) -> None:
     local = tmp_path / "edgefleet-coordinator.service"
     local.write_text(text.replace("/opt/edgefleet/venv/bin/edgefleet-server", str(exe)))
     analyze_unit(local, max_exposure=2.5)
+
+
+def test_bundle_install_verifies_switches_current_and_keeps_the_previous(
+    installed: Installed, tmp_path: Path
+) -> None:
+    from agent.bundle import generate_private_key, load_private_key, verify_bundle, write_bundle
+    from agent.bundle import load_public_key as load_pub
+    from agent.bundle.archive import pack
+    from tests.bundle_helpers import two_stage_body, two_stage_files
+
+    private = load_private_key(installed.private)
+    write_bundle(tmp_path / "v3", two_stage_body(version=3), two_stage_files(), private)
+    write_bundle(tmp_path / "v4", two_stage_body(version=4), two_stage_files(), private)
+    archive = pack(tmp_path / "v4", tmp_path / "v4.tar.gz")
+    base = install_args(installed.root, installed.key, installed.source)
+    bundles = installed.root / "var/lib/edgefleet/bundles"
+    current = bundles / "current"
+
+    first = run_install(*base, "--bundle", tmp_path / "v3")
+    assert first.returncode == 0, first.stderr
+    assert "installed bundle tiny-cnn v3" in first.stderr
+    assert current.is_symlink() and current.resolve() == (bundles / "tiny-cnn-v3").resolve()
+
+    second = run_install(*base, "--bundle", archive)  # an archive from `edgefleet bundle pack`
+    assert second.returncode == 0, second.stderr
+    assert current.resolve() == (bundles / "tiny-cnn-v4").resolve()
+    assert (bundles / "tiny-cnn-v3" / "manifest.json").exists()  # the previous one stays
+    device_key = load_pub(installed.root / "etc/edgefleet/fleet.pub")
+    assert verify_bundle(current, [device_key]).manifest.version == 4
+
+    stranger = generate_private_key()
+    write_bundle(tmp_path / "bad", two_stage_body(version=5), two_stage_files(), stranger)
+    refused = run_install(*base, "--bundle", tmp_path / "bad")
+    assert refused.returncode != 0
+    assert "not installed (see above): the device keeps what it had" in refused.stderr
+    assert current.resolve() == (bundles / "tiny-cnn-v4").resolve()
+    assert sorted(p.name for p in bundles.iterdir()) == ["current", "tiny-cnn-v3", "tiny-cnn-v4"]

@@ -91,3 +91,21 @@ def test_warm_up_runs_every_stage_and_changes_nothing(model: StagedModel) -> Non
     assert [(p.class_index, p.exit_index) for p in after] == [
         (p.class_index, p.exit_index) for p in before
     ]
+
+
+def test_a_missing_execution_provider_is_one_warning_and_cpu_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    key = generate_private_key()
+    write_bundle(tmp_path / "b", two_stage_body(), two_stage_files(seed=3), key)
+    verified = verify_bundle(tmp_path / "b", [key.public_key()])
+    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
+        model = StagedModel(verified, providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+    assert model.sessions[0].get_providers() == ["CPUExecutionProvider"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith(
+        "execution providers NoSuchExecutionProvider not in this onnxruntime build"
+    )
+    assert model.predict(_inputs(1)[0]).exit_index in (0, 1)

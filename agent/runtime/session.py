@@ -27,14 +27,35 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
 
 
 def choose_providers(wanted: Sequence[str] | None) -> list[str]:
-    """The wanted providers this build of onnxruntime has, always ending with CPU."""
-    available = set(ort.get_available_providers())
-    chosen: list[str] = []
-    for name in wanted or ["CPUExecutionProvider"]:
-        if name in available:
-            chosen.append(name)
-        else:
-            log.info("execution provider %s not available here; skipping it", name)
+    """The wanted providers this build of onnxruntime has, always ending with CPU.
+
+    One log line when any wanted provider is missing (a CPU-only wheel on a Jetson, say),
+    naming what was asked for, what this build has and what will be used.
+    """
+    available = ort.get_available_providers()
+    asked = list(wanted or ["CPUExecutionProvider"])
+    chosen = [name for name in asked if name in available]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
+    missing = [name for name in asked if name not in available]
+    if missing:
+        log.warning(
+            "execution providers %s not in this onnxruntime build (it has %s); using %s",
+            ", ".join(missing),
+            ", ".join(available),
+            ", ".join(chosen),
+        )
     return chosen
+
+
+def report_fallback(sess: ort.InferenceSession, chosen: Sequence[str], what: str) -> None:
+    """One log line when onnxruntime itself dropped a provider (no GPU, driver mismatch)."""
+    active = sess.get_providers()
+    dropped = [name for name in chosen if name not in active]
+    if dropped:
+        log.warning(
+            "%s: onnxruntime could not use %s; running on %s",
+            what,
+            ", ".join(dropped),
+            ", ".join(active),
+        )

@@ -18,7 +18,7 @@ from agent.bundle.manifest import ExitHead
 from .chain import PlainChain, StageSessions, make_chain
 from .confidence import Rule, confidence, decide_exits, softmax
 from .preprocess import Frame, Preprocessor
-from .session import choose_providers, session_options
+from .session import choose_providers, report_fallback, session_options
 
 # One stage of the per-frame plan: (run it, stage, head to test or None, exit number,
 # threshold).
@@ -150,6 +150,7 @@ class StagedModel:
             graph = stage.exit.graph_file if stage.exit else None
             self.branches.append(_session(verified, graph, opts, chosen) if graph else None)
             self.heads.append(_load_head(verified, stage.exit, classes) if stage.exit else None)
+        report_fallback(self.sessions[0], chosen, f"{verified.path}/{m.stages[0].file}")
         # What each stage session is asked for: passed-on tensors, plus the exit's tensor when
         # the stage computes it itself (no separate branch graph).
         self._fetch = [
