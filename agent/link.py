@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 # MQTT 5 reason 142 "Session taken over": another client connected with our client id.
 SESSION_TAKEN_OVER = 142
+TAKEOVER_BACKOFF_S = 300  # how long a device whose session was taken over stays away
+# A connection the broker drops within this many seconds counts as short; after each short
+# one the reconnect wait doubles (up to TAKEOVER_BACKOFF_S) instead of starting again at 1 s.
+SHORT_CONNECTION_S = 30.0
 MAX_INFLIGHT = 64
 
 
@@ -63,6 +67,7 @@ def apply_tls(client: mqtt.Client, tls: TlsConfig) -> None:
         files = ", ".join(str(p) for p in (tls.ca, tls.cert, tls.key) if p is not None)
         raise TlsSetupError(f"mqtt.tls ({files}): not usable: {exc}") from None
 
+
 class Link:
     """One paho client per device; thread-safe `send` for the inference loop."""
 
@@ -74,8 +79,10 @@ class Link:
         outbox: Outbox,
         birth: Callable[[], Status],
         on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
+        takeover_backoff_s: int = TAKEOVER_BACKOFF_S,
     ) -> None:
         self.device_id = device_id
+        self.takeover_backoff_s = takeover_backoff_s
         self.group = group
         self.cfg = cfg
         self.tree = TopicTree(cfg.topic_root)
@@ -85,6 +92,8 @@ class Link:
         self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=256)
         self.connected = threading.Event()
         self.takeovers = 0
+        self.short_drops = 0  # broker-dropped connections in a row that lasted < 30 s
+        self._connected_at: float | None = None
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox entry id
         self._queued: set[int] = set()  # outbox ids published on this connection
@@ -221,19 +230,33 @@ class Link:
         if self.group:
             subs.append((self.tree.group_cmd(self.group), 1))
         client.subscribe(subs)
+        self._connected_at = time.monotonic()
         self.connected.set()
         log.info("device %s connected to %s:%s", self.device_id, self.cfg.host, self.cfg.port)
         self._wake.set()
 
     def _on_disconnect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+        self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
         self.connected.clear()
+        lived = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        self._connected_at = None
+        if not self._stop.is_set():
+            self._pace_reconnects(client, lived)
         if rc.value == SESSION_TAKEN_OVER:
             self.takeovers += 1
-            msg = f"another client connected as device {self.device_id}; duplicate device id?"
+            # Yield instead of taking the session straight back: two devices sharing an id
+            # would otherwise kick each other off every second, and neither would report.
+            # The newer connection keeps the session; this one retries after the backoff,
+            # with everything it produces meanwhile kept in the outbox.
+            wait = self.takeover_backoff_s
+            client.reconnect_delay_set(min_delay=wait, max_delay=wait)
+            msg = (
+                f"another client connected as device {self.device_id} (duplicate device id?); "
+                f"yielding the session for {wait} s"
+            )
             log.error(msg)
-            self.on_event("error", msg, {"reason": "session_taken_over"})
+            self.on_event("error", msg, {"reason": "session_taken_over", "backoff_s": wait})
         elif not self._stop.is_set():
             log.warning(
                 "device %s disconnected from %s:%s: %s",
@@ -242,6 +265,33 @@ class Link:
                 self.cfg.port,
                 rc,
             )
+
+    def _pace_reconnects(self, client: mqtt.Client, lived: float | None) -> None:
+        """Back off further after each connection the broker drops soon after accepting it.
+
+        paho starts its reconnect wait again at 1 s after every accepted connection, so a
+        connection that is accepted and then dropped (a second device with this id, which
+        mosquitto 2.0 reports as a plain socket close rather than "session taken over"; an
+        ACL that refuses our first publish) would repeat every second forever. Short-lived
+        connections in a row double the wait up to TAKEOVER_BACKOFF_S; the third is an event.
+        """
+        if lived is None:
+            return  # never got connected: paho's own backoff (1 s .. 30 s) applies
+        if lived >= SHORT_CONNECTION_S:
+            self.short_drops = 0
+            client.reconnect_delay_set(min_delay=1, max_delay=30)
+            return
+        self.short_drops += 1
+        wait = min(self.takeover_backoff_s, 2**self.short_drops)
+        client.reconnect_delay_set(min_delay=wait, max_delay=wait)
+        if self.short_drops == 3:
+            msg = (
+                f"device {self.device_id}: the broker dropped 3 connections in a row within "
+                f"{SHORT_CONNECTION_S:.0f} s of accepting them (another client with this "
+                "device id? an ACL refusing this device?); reconnecting ever more slowly"
+            )
+            log.error(msg)
+            self.on_event("error", msg, {"reason": "connection_flapping"})
 
     def _on_publish(
         self, _c: mqtt.Client, _u: Any, mid: int, _rc: ReasonCode, _p: Properties | None
