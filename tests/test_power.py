@@ -548,6 +548,24 @@ def test_detect_falls_back_to_estimate(tmp_path: Path, caplog: pytest.LogCapture
     assert len(caplog.messages) == 5  # one line per candidate, each with its reason
 
 
+def test_throttling_from_cooling_devices_on_x86_and_jetson(tmp_path: Path) -> None:
+    """The kernel's cooling devices: cur_state > 0 on a CPU-slowing one means throttled."""
+    fx.thermal_zones(tmp_path, [("x86_pkg_temp", "91000")])
+    reader = ThermalZoneReader(tmp_path)
+    assert reader.sample().throttled is None  # "Processor" has no cur_state here: unknown
+    fx.write(tmp_path, "/sys/class/thermal/cooling_device0/cur_state", "0")
+    fx.write(tmp_path, "/sys/class/thermal/cooling_device1/type", "thermal-cpufreq-0")
+    fx.write(tmp_path, "/sys/class/thermal/cooling_device1/cur_state", "0")
+    fx.write(tmp_path, "/sys/class/thermal/cooling_device2/type", "pwm-fan")
+    fx.write(tmp_path, "/sys/class/thermal/cooling_device2/cur_state", "3")  # a fan: no
+    reader = ThermalZoneReader(tmp_path)
+    calm = reader.sample()
+    assert calm.temperature_c == pytest.approx(91.0) and calm.throttled is False
+    fx.write(tmp_path, "/sys/class/thermal/cooling_device1/cur_state", "2")
+    hot = reader.sample()
+    assert hot.throttled is True and hot.flags == ("thermal-cpufreq-0=2",)
+
+
 def test_detect_honours_a_forced_source(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _everything(tmp_path)
     fx.jetson_jp5(tmp_path, ORIN_NANO_RAILS)

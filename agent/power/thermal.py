@@ -18,6 +18,11 @@ THERMAL = "/sys/class/thermal"
 CPU_ZONE_TYPES = ("cpu-thermal", "cpu_thermal", "x86_pkg_temp", "CPU-therm", "soc_thermal")
 # psutil names of the CPU's own sensor on x86 (Intel, AMD) and on ARM boards.
 CPU_SENSOR_CHIPS = ("coretemp", "k10temp", "cpu_thermal", "cpu-thermal", "soc_thermal")
+# Cooling devices that act by slowing the CPU (or GPU) down, by their `type`, lower case:
+# cpufreq cooling on ARM boards ("thermal-cpufreq-0", "cpufreq-cpu0"), ACPI processor
+# throttling on x86 ("Processor"), Intel's idle injection ("intel_powerclamp"), Tegra's
+# throttle devices ("cpu-throttle", "gpu-throttle"). Fans are not throttling.
+THROTTLE_COOLING_TYPES = ("cpufreq", "processor", "throttle", "powerclamp")
 # Telemetry accepts -100..200 °C; Jetson reports -256 °C for an offline sensor.
 _PLAUSIBLE_C = (-100.0, 200.0)
 
@@ -83,6 +88,11 @@ def _zone_number(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
+def _device_number(path: Path) -> int:
+    match = re.fullmatch(r"cooling_device(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
 class ThermalZoneReader(TemperatureReader):
     """The CPU thermal zone chosen by its type; else the hottest plausible zone."""
 
@@ -98,6 +108,7 @@ class ThermalZoneReader(TemperatureReader):
         self._read_text = read
         self._zones: list[tuple[str, Path]] | None = None
         self._cpu: tuple[str, Path] | None = None
+        self._cooling: list[tuple[str, Path]] = []
 
     def describe(self) -> str:
         """Which zone is read."""
@@ -118,6 +129,13 @@ class ThermalZoneReader(TemperatureReader):
             zones.append((kind, zone / "temp"))
         if not zones:
             raise SensorError(self._dir, "no thermal zones")
+        for device in sorted(self._dir.glob("cooling_device*"), key=_device_number):
+            try:
+                kind = self._read_text(device / "type")
+            except OSError:
+                continue
+            if any(t in kind.lower() for t in THROTTLE_COOLING_TYPES):
+                self._cooling.append((kind, device / "cur_state"))
         by_type = {kind.lower(): (kind, path) for kind, path in zones}
         for wanted in self._cpu_types:
             if wanted in by_type:
@@ -125,15 +143,37 @@ class ThermalZoneReader(TemperatureReader):
                 break
         return zones
 
-    def read(self) -> ThermalReading:
-        """Degrees Celsius from millidegrees."""
+    def throttling(self) -> tuple[bool | None, tuple[str, ...]]:
+        """Whether a throttling cooling device is engaged, and which (None: none to ask).
+
+        The kernel's thermal framework slows the CPU through these devices when a zone
+        passes a trip point: cur_state > 0 means it is doing so now. This is how x86
+        gateways and Jetsons report throttling; a Pi's firmware says it via vcgencmd.
+        """
         if self._zones is None:
             self._zones = self._discover()
+        engaged: list[str] = []
+        known = 0
+        for kind, path in self._cooling:
+            try:
+                state = read_number(path, self._read_text)
+            except SensorError:
+                continue
+            known += 1
+            if state > 0:
+                engaged.append(f"{kind}={state:g}")
+        return (bool(engaged) if known else None), tuple(engaged)
+
+    def read(self) -> ThermalReading:
+        """Degrees Celsius from millidegrees, and throttling from the cooling devices."""
+        if self._zones is None:
+            self._zones = self._discover()
+        throttled, flags = self.throttling()
         if self._cpu is not None:
             celsius = read_number(self._cpu[1], self._read_text) / 1000.0
             if not _plausible(celsius):
                 raise SensorError(self._cpu[1], f"implausible temperature {celsius:g} C")
-            return ThermalReading(celsius)
+            return ThermalReading(celsius, throttled, flags)
         readings = []
         errors = []
         for _, path in self._zones:
@@ -146,7 +186,7 @@ class ThermalZoneReader(TemperatureReader):
                 readings.append(celsius)
         if not readings:
             raise SensorError(self._dir, "; ".join(errors) or "no plausible zone temperature")
-        return ThermalReading(max(readings))
+        return ThermalReading(max(readings), throttled, flags)
 
 
 def _psutil_sensors() -> Mapping[str, Sequence[Any]]:
