@@ -13,6 +13,7 @@ from agent.link import Link
 from agent.outbox import Outbox
 from agent.protocol import Status
 from server.localbroker import MosquittoBroker
+from tests.fleet_helpers import wait_until
 
 BOOT = str(uuid.uuid4())
 
@@ -26,15 +27,6 @@ def _birth() -> Status:
         hardware=describe(),
         boot_id=BOOT,
     )
-
-
-def _wait(pred: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _flagged(events: list[tuple[str, str, dict[str, Any]]]) -> bool:
@@ -59,7 +51,7 @@ def test_two_clients_with_one_device_id_slow_down_instead_of_flapping(
         try:
             assert first.connected.wait(10)
             second.start()  # another machine with the same id
-            assert _wait(lambda: _flagged(events), 25)
+            wait_until(lambda: _flagged(events), 25, "a connection_flapping event")
             drops = first.short_drops + second.short_drops
             # Waits of 2, 4, 8 s: a handful of drops, where paho's reset to 1 s gives ~20.
             assert 3 <= drops <= 8, drops

@@ -109,3 +109,33 @@ def test_a_missing_execution_provider_is_one_warning_and_cpu_runs(
         "execution providers NoSuchExecutionProvider not in this onnxruntime build"
     )
     assert model.predict(_inputs(1)[0]).exit_index in (0, 1)
+
+
+def test_direct_and_public_iobinding_calls_write_the_same_outputs() -> None:
+    """The C++ shortcut and the public wrapper it falls back to compute the same thing."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from agent.runtime.chain import _direct_call
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "x"], ["y"])],
+        "square",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    outs = [np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32)]
+
+    class PublicOnly:  # an onnxruntime without the private names
+        def __init__(self, inner: ort.InferenceSession) -> None:
+            self.run_with_iobinding = inner.run_with_iobinding
+
+    for out, target in zip(outs, [sess, PublicOnly(sess)], strict=True):
+        binding = sess.io_binding()
+        binding.bind_input("x", "cpu", 0, np.float32, [1, 4], x.ctypes.data)
+        binding.bind_output("y", "cpu", 0, np.float32, [1, 4], out.ctypes.data)
+        _direct_call(target, binding)()  # type: ignore[arg-type]
+    assert np.array_equal(outs[0], x * x) and np.array_equal(outs[1], x * x)

@@ -48,9 +48,10 @@ class Prediction:
     def confidence(self) -> float:
         """Softmax probability of the predicted class at the exit taken."""
         if self.top1 is None:
-            values = self.logits or [0.0]
-            top = values[self.class_index]
-            self.top1 = 1.0 / math.fsum(math.exp(v - top) for v in values)
+            if not self.logits:
+                raise ValueError("a Prediction needs top1 or the logits it came from")
+            top = self.logits[self.class_index]
+            self.top1 = 1.0 / math.fsum(math.exp(v - top) for v in self.logits)
         return self.top1
 
 
@@ -82,15 +83,6 @@ def exit_decision(logits: npt.NDArray[np.generic], rule: Rule) -> tuple[int, flo
         return i, p, p
     probs = softmax(np.asarray(logits).reshape(1, -1))
     return int(probs[0].argmax()), float(probs[0].max()), float(confidence(probs, rule)[0])
-
-
-def top1_probability(logits: npt.NDArray[np.generic]) -> tuple[int, float]:
-    """(class, softmax probability of it) of one row of logits, in plain Python floats.
-
-    Equal to softmax() up to rounding in the last bits (summation order).
-    """
-    pred = _final_prediction(logits, 0, [])
-    return pred.class_index, pred.confidence
 
 
 def _final_prediction(
