@@ -68,6 +68,7 @@ def _slow_bundle(root: Path) -> tuple[Path, Path]:
         [w, proj, head, rows],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by every onnxruntime the agent supports (1.23 on 3.10)
     body = ManifestBody(
         model_id="slow",
         version=1,

@@ -125,6 +125,7 @@ def test_direct_and_public_iobinding_calls_write_the_same_outputs() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every onnxruntime the agent supports reads
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     outs = [np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32)]
