@@ -79,30 +79,41 @@ class CommandHandler:
 
     def handle(self, topic: str, payload: bytes) -> Reply:
         """The reply to send; ok=false naming the problem for anything that did not work."""
+        return self.answer(topic, payload)[0]
+
+    def answer(self, topic: str, payload: bytes) -> tuple[Reply, bytes]:
+        """The reply and its encoded bytes (encoded once: a snapshot's are ~1 MiB)."""
+        reply, cmd = self._handle(topic, payload)
+        try:
+            return reply, encode(reply)
+        except PayloadTooLargeError as exc:
+            # Only a carried-out command's result can be this large (errors are <= 1000
+            # characters): a snapshot of a large frame at high quality. Say so instead.
+            name = cmd.command.name if cmd is not None else "reply"
+            log.warning("command %s (%s): reply too large: %s", reply.id, name, exc)
+            snapshot = cmd is not None and isinstance(cmd.command, Snapshot)
+            hint = " (ask for a lower quality)" if snapshot else ""
+            refusal = self._reply(reply.id, False, f"{name}: {exc}{hint}"[:1000])
+            return refusal, encode(refusal)
+
+    def _handle(self, topic: str, payload: bytes) -> tuple[Reply, Command | None]:
+        """The reply, and the command when one could be decoded."""
         decoded = decode(Command, payload, topic=topic)
         if isinstance(decoded, ProtocolError):
             self.rejected += 1
             cid = peek_command_id(payload) or UNCORRELATED_ID
             log.warning("rejected command %s on %s: %s", cid, topic, decoded)
-            return self._reply(cid, False, str(decoded)[:1000])
+            return self._reply(cid, False, str(decoded)[:1000]), None
         cmd = decoded
         if cmd.is_expired(time.time()):
-            return self._reply(cmd.id, False, f"command expired at {cmd.expires_at}")
+            return self._reply(cmd.id, False, f"command expired at {cmd.expires_at}"), cmd
         try:
             result = self._dispatch(cmd)
         except Exception as exc:  # any failure, OpenCV's or onnxruntime's too, is a reply
             log.warning("command %s (%s) failed: %s", cmd.id, cmd.command.name, exc)
-            return self._reply(cmd.id, False, f"{cmd.command.name}: {exc}"[:1000])
-        reply = self._reply(cmd.id, True, result=result)
-        try:
-            encode(reply)
-        except PayloadTooLargeError as exc:
-            # A snapshot of a large frame at high quality: say so instead of sending nothing.
-            log.warning("command %s (%s): reply too large: %s", cmd.id, cmd.command.name, exc)
-            hint = " (ask for a lower quality)" if isinstance(cmd.command, Snapshot) else ""
-            return self._reply(cmd.id, False, f"{cmd.command.name}: {exc}{hint}"[:1000])
+            return self._reply(cmd.id, False, f"{cmd.command.name}: {exc}"[:1000]), cmd
         log.info("command %s (%s) done", cmd.id, cmd.command.name)
-        return reply
+        return self._reply(cmd.id, True, result=result), cmd
 
     def _dispatch(self, cmd: Command) -> dict[str, JsonValue]:
         body = cmd.command

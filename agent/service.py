@@ -74,9 +74,14 @@ def acquire_lock(state_dir: Path, device_id: str) -> IO[str]:
     return fh
 
 
+def bundle_path(cfg: AgentConfig) -> Path:
+    """The bundle the agent runs: model.bundle, else the installed current one."""
+    return cfg.model.bundle or cfg.state_dir / "bundles" / "current"
+
+
 def load_model(cfg: AgentConfig) -> StagedModel:
     """Verify the configured bundle against the trusted keys, then build its sessions."""
-    bundle = cfg.model.bundle or cfg.state_dir / "bundles" / "current"
+    bundle = bundle_path(cfg)
     try:
         keys = [load_public_key(p) for p in cfg.model.trusted_keys]
         verified = verify_bundle(bundle, keys)
@@ -105,7 +110,7 @@ class Agent:
         # Building sessions can take minutes (TensorRT engines on a Jetson): ask systemd for
         # the time instead of being killed by TimeoutStartSec half-way.
         self.notifier.extend_timeout(LOAD_TIMEOUT_S)
-        self.notifier.status(f"verifying and loading {cfg.model.bundle or 'the installed bundle'}")
+        self.notifier.status(f"verifying and loading {bundle_path(cfg)}")
         self.model = load_model(cfg)
         m = self.model.manifest
         self.pre = Preprocessor(m.preprocessing, dtype=m.input.dtype)
@@ -386,8 +391,8 @@ class Agent:
                 topic, payload = self.link.commands.get_nowait()
             except Exception:  # queue.Empty
                 return
-            reply = self.commands.handle(topic, payload)
-            self.link.send("reply", encode(reply))
+            _reply, data = self.commands.answer(topic, payload)
+            self.link.send("reply", data)
 
     def _close_window(self, window: TelemetryWindow, elapsed: float) -> None:
         stats = window.close(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from agent.bundle import OperatingPoint, generate_private_key, save_public_key, write_bundle
+from agent.bundle import OperatingPoint, generate_private_key, write_bundle
 from agent.camera import Frame
 from agent.config import load_config
 from agent.protocol import Event, decode
@@ -60,70 +61,69 @@ def test_rejected_frames_are_counted_reported_once_and_inference_goes_on(
         agent.outbox.close()
 
 
-def _two_stage_agent(tmp_path: Path, broker: MosquittoBroker) -> tuple[Agent, Path, FleetKey]:
+StateAgent = tuple[Agent, Path, FleetKey]
+
+
+@pytest.fixture
+def two_stage_agent(tmp_path: Path, mqtt_broker: MosquittoBroker) -> Iterator[StateAgent]:
+    """An Agent on the two-stage bundle (two operating points), its bundle dir and key."""
     _, ref_key = reference_bundle(tmp_path / "ref")  # a fleet key on disk
     key = load_key(ref_key.public_path.parent)
     bundle = tmp_path / "bundle"
     write_bundle(bundle, two_stage_body(), two_stage_files(), key.private)
     cfg = write_config(
-        tmp_path, device_id="pi-state", broker=broker, topic_root="t/edgefleet/v1",
+        tmp_path, device_id="pi-state", broker=mqtt_broker, topic_root="t/edgefleet/v1",
         bundle=bundle, key=key,
     )  # fmt: skip
-    return Agent(load_config(cfg), threading.Event()), bundle, key
+    agent = Agent(load_config(cfg), threading.Event())
+    try:
+        yield agent, bundle, key
+    finally:
+        agent.outbox.close()
 
 
 def test_coordinator_moves_are_events_and_a_bad_index_changes_nothing(
-    tmp_path: Path, mqtt_broker: MosquittoBroker
+    two_stage_agent: StateAgent,
 ) -> None:
-    agent, _, _ = _two_stage_agent(tmp_path, mqtt_broker)
-    try:
-        assert agent.operating_point == 0 and agent.model.thresholds == [0.95]
-        agent.set_operating_point(1, pin=True)
-        assert agent.model.thresholds == [0.6] and agent.governor.pinned
-        with pytest.raises(ValueError, match="operating point 7 does not exist"):
-            agent.set_operating_point(7, pin=False)
-        assert agent.operating_point == 1 and agent.model.thresholds == [0.6]
-        moves = [e for e in _events(agent) if e.kind == "operating_point_changed"]
-        assert [(e.details["from"], e.details["to"], e.details["pinned"]) for e in moves] == [
-            (0, 1, True)
-        ]
-        assert "pinned to 1 (fast) by the coordinator" in moves[0].message
-    finally:
-        agent.outbox.close()
+    agent, _, _ = two_stage_agent
+    assert agent.operating_point == 0 and agent.model.thresholds == [0.95]
+    agent.set_operating_point(1, pin=True)
+    assert agent.model.thresholds == [0.6] and agent.governor.pinned
+    with pytest.raises(ValueError, match="operating point 7 does not exist"):
+        agent.set_operating_point(7, pin=False)
+    assert agent.operating_point == 1 and agent.model.thresholds == [0.6]
+    moves = [e for e in _events(agent) if e.kind == "operating_point_changed"]
+    assert [(e.details["from"], e.details["to"], e.details["pinned"]) for e in moves] == [
+        (0, 1, True)
+    ]
+    assert "pinned to 1 (fast) by the coordinator" in moves[0].message
 
 
 def test_reload_to_a_bundle_with_fewer_points_rebuilds_the_governor(
-    tmp_path: Path, mqtt_broker: MosquittoBroker
+    two_stage_agent: StateAgent,
 ) -> None:
-    agent, bundle, key = _two_stage_agent(tmp_path, mqtt_broker)
-    try:
-        agent.set_operating_point(1, pin=True)
-        one_point = two_stage_body(
-            version=4, operating_points=[OperatingPoint(name="only", thresholds=[0.8])]
-        )
-        shutil.rmtree(bundle)
-        write_bundle(bundle, one_point, two_stage_files(), key.private)
-        assert agent.reload_bundle()["operating_point"] == 0
-        assert agent.model.manifest.version == 4 and agent.model.thresholds == [0.8]
-        assert agent.governor.n_points == 1 and agent.governor.pinned
-        # A window that would make an unpinned governor step: nothing indexes past the end.
-        agent.governor.unpin()
-        assert agent.governor.update(p95_ms=1e6, temperature_c=99.0, throttled=True) is None
-    finally:
-        agent.outbox.close()
+    agent, bundle, key = two_stage_agent
+    agent.set_operating_point(1, pin=True)
+    one_point = two_stage_body(
+        version=4, operating_points=[OperatingPoint(name="only", thresholds=[0.8])]
+    )
+    shutil.rmtree(bundle)
+    write_bundle(bundle, one_point, two_stage_files(), key.private)
+    assert agent.reload_bundle()["operating_point"] == 0
+    assert agent.model.manifest.version == 4 and agent.model.thresholds == [0.8]
+    assert agent.governor.n_points == 1 and agent.governor.pinned
+    # A window that would make an unpinned governor step: nothing indexes past the end.
+    agent.governor.unpin()
+    assert agent.governor.update(p95_ms=1e6, temperature_c=99.0, throttled=True) is None
 
 
 def test_a_bundle_signed_by_another_key_is_refused_and_the_old_one_keeps_running(
-    tmp_path: Path, mqtt_broker: MosquittoBroker
+    two_stage_agent: StateAgent,
 ) -> None:
-    agent, bundle, _ = _two_stage_agent(tmp_path, mqtt_broker)
-    try:
-        stranger = generate_private_key()
-        save_public_key(stranger.public_key(), tmp_path / "stranger.pub")
-        shutil.rmtree(bundle)
-        write_bundle(bundle, two_stage_body(version=9), two_stage_files(), stranger)
-        with pytest.raises(RuntimeError, match="refusing to run"):
-            agent.reload_bundle()
-        assert agent.model.manifest.version == 3
-    finally:
-        agent.outbox.close()
+    agent, bundle, _ = two_stage_agent
+    stranger = generate_private_key()
+    shutil.rmtree(bundle)
+    write_bundle(bundle, two_stage_body(version=9), two_stage_files(), stranger)
+    with pytest.raises(RuntimeError, match="refusing to run"):
+        agent.reload_bundle()
+    assert agent.model.manifest.version == 3

@@ -98,6 +98,16 @@ def _check_frame(frame: Frame) -> None:
         raise FrameError(f"frame is empty: shape {frame.shape}")
 
 
+def _image_view(out: npt.NDArray[np.generic], spec: Preprocessing) -> Frame:
+    """out seen as the HxW (gray) or HxWxC image whose memory it is.
+
+    True for gray in any layout and for NHWC colour: there the looked-up image can be
+    written straight into the tensor.
+    """
+    channels = (spec.channels,) if spec.channels > 1 else ()
+    return out.reshape(spec.height, spec.width, *channels)
+
+
 # Colour conversions that are one OpenCV call: (frame channels, model colour) -> code.
 _ONE_STEP_COLOR: dict[tuple[int, str], int | None] = {
     (1, "GRAY"): None,
@@ -132,8 +142,7 @@ class _FastPath:
         size = (spec.width, spec.height)
         interp = _INTERPOLATION[spec.interpolation]
         channels = (spec.channels,) if spec.channels > 1 else ()
-        # Gray in any layout, or NHWC colour: the HxW(xC) image is the tensor's own memory.
-        view = out.reshape(spec.height, spec.width, *channels)
+        view = _image_view(out, spec)
         steps: list[Callable[[Frame], Frame]] = []
         if code is not None:
             conv = np.empty((h, w, *channels), np.uint8)
@@ -221,12 +230,14 @@ class Preprocessor:
         if self.spec.resize != "stretch" and frame.shape[:2] != (self.spec.height, self.spec.width):
             return None
         code = _ONE_STEP_COLOR[(channels, self.spec.color)]
-        scratch = np.empty_like(out)
-        _FastPath(frame.shape, scratch, code, self.spec, self._lut)(frame)
-        if not np.array_equal(scratch, out):  # never seen; would mean OpenCV ignored a dst
+        expected = out.copy()  # what the general path just wrote
+        fast = _FastPath(frame.shape, out, code, self.spec, self._lut)
+        fast(frame)
+        if not np.array_equal(out, expected):  # never seen; would mean OpenCV ignored a dst
+            np.copyto(out, expected)
             log.warning("preprocessing: planned path differs for frames %s; not used", frame.shape)
             return None
-        return _FastPath(frame.shape, out, code, self.spec, self._lut)
+        return fast
 
     def _into(self, frame: Frame, out: npt.NDArray[np.generic]) -> None:
         _check_frame(frame)
@@ -241,9 +252,8 @@ class Preprocessor:
             hwc = cv2.LUT(img, self._lut)
             np.copyto(out, self._as_tensor(hwc), casting="same_kind")
             return
-        # Gray (any layout) or NHWC colour: the HxWxC result is the tensor's own memory.
         # cv2.LUT writes into dst in place when it has the result's shape and type.
-        view = out.reshape(self._hwc if self.spec.channels > 1 else self._hwc[:2])
+        view = _image_view(out, self.spec)
         result = cv2.LUT(img, self._lut, dst=view)
         if result is not view:  # OpenCV allocated instead (it never should here): copy over
             np.copyto(view, result)

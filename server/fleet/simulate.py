@@ -1024,7 +1024,7 @@ class Simulator:
         if dev.client is not client:
             return
         payload = bytes(msg.payload)
-        reply = dev.handler.handle(msg.topic, payload)
+        reply, data = dev.handler.answer(msg.topic, payload)
         if not reply.ok and reply.id == UNCORRELATED_ID:
             dev.commands_rejected += 1
             log.warning(
@@ -1036,7 +1036,7 @@ class Simulator:
         else:
             dev.commands += 1
         log.info("%s answered command %s: ok=%s", dev.device_id, reply.id, reply.ok)
-        self._enqueue(dev, _REPLY, encode(reply))
+        self._enqueue(dev, _REPLY, data)
 
     # -- producing and sending ----------------------------------------------------------
 
