@@ -1,4 +1,4 @@
-"""`edgefleet-agent` / `python -m agent`: the device side."""
+"""`edgefleet-agent` / `python -m edgefleet.agent`: the device side."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent import __version__
-from agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
+from edgefleet.agent import __version__
+from edgefleet.agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
 
 DEFAULT_CONFIG = Path("/etc/edgefleet/agent.toml")
 
@@ -29,8 +29,8 @@ def _run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from agent.config import ConfigError, load_config
-    from agent.service import Agent, AgentError, acquire_lock
+    from edgefleet.agent.config import ConfigError, load_config
+    from edgefleet.agent.service import Agent, AgentError, acquire_lock
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from agent.check import check
+    from edgefleet.agent.check import check
 
     return check(args.config)
 
@@ -67,7 +67,7 @@ def _check(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from agent.benchmark import as_json, bench_bundle, read_frames
+    from edgefleet.agent.benchmark import as_json, bench_bundle, read_frames
 
     verified = verify_bundle(args.bundle, [load_public_key(p) for p in args.key])
     source: str | int = int(args.source) if args.source.isdigit() else args.source

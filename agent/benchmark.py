@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from agent.bundle import VerifiedBundle
-from agent.power import PowerMeter, detect
-from agent.runtime.preprocess import Preprocessor
-from agent.runtime.staged import StagedModel
+from edgefleet.agent.bundle import VerifiedBundle
+from edgefleet.agent.power import PowerMeter, detect
+from edgefleet.agent.runtime.preprocess import Preprocessor
+from edgefleet.agent.runtime.staged import StagedModel
 
 Say = Callable[[str], None]
 

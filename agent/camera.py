@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy.typing as npt
 
-from agent.config import CameraConfig
+from edgefleet.agent.config import CameraConfig
 
 log = logging.getLogger(__name__)
 EventSink = Callable[[str, str, dict[str, Any]], None]

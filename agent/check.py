@@ -10,10 +10,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.camera import Camera
-from agent.config import DEFAULT_CREDENTIALS_DIR, AgentConfig, ConfigError, load_config
-from agent.link import TlsSetupError, apply_tls
-from agent.service import AgentError, load_model
+from edgefleet.agent.camera import Camera
+from edgefleet.agent.config import DEFAULT_CREDENTIALS_DIR, AgentConfig, ConfigError, load_config
+from edgefleet.agent.link import TlsSetupError, apply_tls
+from edgefleet.agent.service import AgentError, load_model
 
 Say = Callable[[str], None]
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from pydantic import JsonValue
 
-from agent.protocol import (
+from edgefleet.agent.protocol import (
     UNCORRELATED_ID,
     Command,
     InstallBundle,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.protocol.ids import ID_PATTERN
+from edgefleet.agent.protocol.ids import ID_PATTERN
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -153,7 +153,7 @@ class PowerConfig(_Section):
 
     @model_validator(mode="after")
     def _known_profile(self) -> PowerConfig:
-        from agent.power.estimate import PROFILES  # the power package imports psutil
+        from edgefleet.agent.power.estimate import PROFILES  # the power package imports psutil
 
         if self.profile is not None and self.profile not in PROFILES:
             raise ValueError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.config import GovernorConfig
+from edgefleet.agent.config import GovernorConfig
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnxruntime as ort
 import psutil
 
-from agent.protocol import Hardware
+from edgefleet.agent.protocol import Hardware
 
 # Raspberry Pi and Jetson expose the board name through the device tree.
 _MODEL_FILES = (Path("/proc/device-tree/model"), Path("/sys/firmware/devicetree/base/model"))

@@ -22,9 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import MqttConfig, TlsConfig
-from agent.outbox import Outbox
-from agent.protocol import Status, TopicTree, encode, offline_will
+from edgefleet.agent.config import MqttConfig, TlsConfig
+from edgefleet.agent.outbox import Outbox
+from edgefleet.agent.protocol import Status, TopicTree, encode, offline_will
 
 log = logging.getLogger(__name__)
 

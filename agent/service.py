@@ -20,21 +20,21 @@ import cv2
 import psutil
 from pydantic import JsonValue
 
-from agent import __version__
-from agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
-from agent.camera import Camera, Frame
-from agent.commands import CommandHandler
-from agent.config import AgentConfig
-from agent.governor import Governor
-from agent.hardware import describe
-from agent.link import Link, TlsSetupError
-from agent.outbox import Outbox
-from agent.power import PowerMeter, detect, detect_temperature
-from agent.protocol import Event, Result, Status, Telemetry, encode
-from agent.runtime.preprocess import FrameError, Preprocessor
-from agent.runtime.staged import RuntimeLoadError, StagedModel
-from agent.systemd import Notifier, WatchdogFeeder
-from agent.window import TelemetryWindow
+from edgefleet.agent import __version__
+from edgefleet.agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
+from edgefleet.agent.camera import Camera, Frame
+from edgefleet.agent.commands import CommandHandler
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.governor import Governor
+from edgefleet.agent.hardware import describe
+from edgefleet.agent.link import Link, TlsSetupError
+from edgefleet.agent.outbox import Outbox
+from edgefleet.agent.power import PowerMeter, detect, detect_temperature
+from edgefleet.agent.protocol import Event, Result, Status, Telemetry, encode
+from edgefleet.agent.runtime.preprocess import FrameError, Preprocessor
+from edgefleet.agent.runtime.staged import RuntimeLoadError, StagedModel
+from edgefleet.agent.systemd import Notifier, WatchdogFeeder
+from edgefleet.agent.window import TelemetryWindow
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.protocol.messages import Percentiles
+from edgefleet.agent.protocol.messages import Percentiles
 
 MAX_SAMPLES = 10_000
 ZERO = Percentiles(p50=0.0, p95=0.0, p99=0.0)

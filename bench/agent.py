@@ -9,7 +9,7 @@ Prints one JSON report to stdout (progress goes to stderr) and writes it to --ou
   order, median over rounds of each round's ratio. The quoted `overhead` has every early exit
   disabled (same network as the bare run: apples to apples); `overhead_with_exits` is the
   agent at its default operating point (negative: exits save).
-- rss_mb, cold_start_s, fps, telemetry_seq_missing: a real `python -m agent run` process
+- rss_mb, cold_start_s, fps, telemetry_seq_missing: a real `python -m edgefleet.agent run` process
   against a private mosquitto, camera = the reference video looped and replayed
   (`realtime = false`: every frame handed over as soon as the previous one was taken, so fps
   is the agent's own throughput), 1 s telemetry windows, 1 thread.
@@ -41,16 +41,16 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.bundle import verify_bundle
-from agent.protocol import Result, Telemetry, TopicTree, decode_topic
-from agent.runtime.preprocess import Preprocessor
-from agent.runtime.staged import StagedModel
-from agent.window import TelemetryWindow
 from bench.optimize import emit_report, load_avg, machine_info, rounded_floats, run_optimizer, say
-from server.keystore import FleetKey
-from server.localbroker import MosquittoBroker
-from server.optimize.runner import make_session
-from server.reference import VIDEO_PATH
+from edgefleet.agent.bundle import verify_bundle
+from edgefleet.agent.protocol import Result, Telemetry, TopicTree, decode_topic
+from edgefleet.agent.runtime.preprocess import Preprocessor
+from edgefleet.agent.runtime.staged import StagedModel
+from edgefleet.agent.window import TelemetryWindow
+from edgefleet.server.keystore import FleetKey
+from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.optimize.runner import make_session
+from edgefleet.server.reference import VIDEO_PATH
 
 U8 = npt.NDArray[np.uint8]
 
@@ -275,13 +275,13 @@ def agent_config(
 
 
 class AgentProc:
-    """`python -m agent run` as a child process, its output in a log file."""
+    """`python -m edgefleet.agent run` as a child process, its output in a log file."""
 
     def __init__(self, config: Path, log: Path) -> None:
         self.log = log
         self._fh = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(config)],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
         )
@@ -484,7 +484,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "camera": "file looped, realtime = false (replayed: no pacing, no frame dropped)",
         "telemetry_interval_s": 1.0,
         "rss": "psutil memory_info().rss of the agent process ~5 s after its first result",
-        "cold_start": "spawn of `python -m agent run` to the first Result on dev/<id>/results "
+        "cold_start": "spawn of `python -m edgefleet.agent run` to the first Result on "
+        "dev/<id>/results "
         f"(median of {1 + args.extra_cold} starts, page cache warm)",
         "fps": "sum frames_processed / sum window length over steady telemetry windows "
         "(first two and the last dropped); ceiling = 1000 / bare_ms (full INT8 model)",

@@ -43,11 +43,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.protocol import Percentiles, Telemetry, TopicTree, encode
 from bench.optimize import emit_report, load_avg, machine_info, rounded_floats, say
-from server.fleet.ingest import IngestConfig, Ingestor, tune_gc
-from server.fleet.store import open_store
-from server.localbroker import MosquittoBroker
+from edgefleet.agent.protocol import Percentiles, Telemetry, TopicTree, encode
+from edgefleet.server.fleet.ingest import IngestConfig, Ingestor, tune_gc
+from edgefleet.server.fleet.store import open_store
+from edgefleet.server.localbroker import MosquittoBroker
 from tests.harness.postgres import postgres_server, scratch_database
 
 ROOT = "bench/v1"
@@ -245,7 +245,7 @@ def live_phase(
     say(f"live: {DEVICES} devices for {seconds:.0f} s at {rate} windows/s each")
     started = time.time()
     sim = subprocess.run(
-        [sys.executable, "-m", "server.cli", "simulate", "--devices", str(DEVICES),
+        [sys.executable, "-m", "edgefleet.server.cli", "simulate", "--devices", str(DEVICES),
          "--rate", str(rate), "--duration", str(seconds), "--host", broker.host,
          "--port", str(broker.port), "--root", ROOT, "--prefix", "live", "--json"],
         capture_output=True, text=True, timeout=seconds + 300, check=True,

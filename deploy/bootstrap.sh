@@ -41,22 +41,45 @@ ensure_python() {
     fi
 }
 
+# The exact versions every install gets (deploy/lock.sh refreshes them). EDGEFLEET_LATEST=1
+# installs the newest releases instead, in a virtualenv of its own: the early warning of an
+# upstream break (deploy/test.sh --latest), never the default.
+LOCK="$EDGEFLEET_ROOT/deploy/lock/all.txt"
+if [ "${EDGEFLEET_LATEST:-0}" = 1 ]; then
+    VENV="${EDGEFLEET_VENV:-$EDGEFLEET_ROOT/.venv-latest}"
+fi
+
 ensure_venv() {
     ensure_python
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating virtualenv $VENV"
         "$PY" -m venv "$VENV"
-        "$VENV/bin/python" -m pip install -q --upgrade pip
     fi
-    # Reinstall only when the package metadata changed since the last install.
+    # Reinstall only when the package metadata or the lock changed since the last install.
     local stamp="$VENV/.edgefleet-installed"
     local want
-    want="$(sha256sum "$EDGEFLEET_ROOT/pyproject.toml" | cut -d' ' -f1) $EXTRAS"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        say "installing edgefleet[$EXTRAS] into $VENV (first run takes a few minutes)"
-        "$VENV/bin/python" -m pip install -q -e "$EDGEFLEET_ROOT[$EXTRAS]"
-        printf '%s' "$want" > "$stamp"
+    if [ "${EDGEFLEET_LATEST:-0}" = 1 ]; then
+        want="latest $(date +%F) $(sha256sum "$EDGEFLEET_ROOT/pyproject.toml" | cut -d' ' -f1)"
+    else
+        want="$(cat "$EDGEFLEET_ROOT/pyproject.toml" "$LOCK" | sha256sum | cut -d' ' -f1) $EXTRAS"
     fi
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+    if [ "${EDGEFLEET_LATEST:-0}" = 1 ]; then
+        say "installing edgefleet[$EXTRAS] with the NEWEST releases into $VENV"
+        "${pip[@]}" --upgrade pip
+        "${pip[@]}" --upgrade --upgrade-strategy eager -e "$EDGEFLEET_ROOT[$EXTRAS]"
+    else
+        say "installing edgefleet[$EXTRAS] at the versions of deploy/lock/all.txt into $VENV" \
+            "(first run takes a few minutes)"
+        # The lock holds pip, setuptools and wheel too, so the build below is locked as well.
+        "${pip[@]}" -r "$LOCK"
+        "${pip[@]}" --no-deps --no-build-isolation -e "$EDGEFLEET_ROOT[$EXTRAS]"
+    fi
+    "$VENV/bin/python" -m pip check >&2 || { say "the installed packages conflict (pip check above)"; return 1; }
+    printf '%s' "$want" > "$stamp"
 }
 
 find_mosquitto() {

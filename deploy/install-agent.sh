@@ -289,7 +289,7 @@ fi
 # From here on the installed package itself checks what we write, with the device's rules.
 "$VENV/bin/python" -I - "$FLEET_KEY" <<'PY' || die "'$FLEET_KEY' cannot be the fleet key"
 import sys
-from agent.bundle import KeyFileError, load_public_key
+from edgefleet.agent.bundle import KeyFileError, load_public_key
 try:
     load_public_key(sys.argv[1])
 except KeyFileError as exc:
@@ -336,7 +336,7 @@ config_check() {
     "$VENV/bin/python" -I - "$1" <<'PY'
 import sys
 from pathlib import Path
-from agent.config import ConfigError, load_config
+from edgefleet.agent.config import ConfigError, load_config
 try:
     print(load_config(Path(sys.argv[1]), env={}).device_id)
 except ConfigError as exc:
@@ -421,8 +421,8 @@ if [ -n "$BUNDLE" ]; then
     installed_bundle="$("$VENV/bin/python" -I - "$BUNDLE" "$ETC/fleet.pub" "$BUNDLES" <<'PY'
 import os, shutil, sys, tempfile
 from pathlib import Path
-from agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
-from agent.bundle.archive import UnsafeArchive, unpack
+from edgefleet.agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
+from edgefleet.agent.bundle.archive import UnsafeArchive, unpack
 
 src, key, dest = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 dest.mkdir(parents=True, exist_ok=True)
@@ -455,7 +455,7 @@ fi
 AGENT_BUNDLE="$("$VENV/bin/python" -I - "$CONFIG" <<'PY' 2>/dev/null || true
 import sys
 from pathlib import Path
-from agent.config import load_config
+from edgefleet.agent.config import load_config
 cfg = load_config(Path(sys.argv[1]), env={})
 print(cfg.model.bundle or cfg.state_dir / "bundles" / "current")
 PY

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: lint, types, then pytest against a real broker, onnxruntime and PostgreSQL.
-# Installs what is missing first. Extra arguments go to pytest.
+# Installs what is missing first, at the locked versions (deploy/lock/all.txt). Extra arguments
+# go to pytest. `--latest` first runs it all against the newest releases instead, in .venv-latest:
+# the early warning of an upstream break, not a gate.
 set -euo pipefail
+if [ "${1:-}" = "--latest" ]; then
+    shift
+    export EDGEFLEET_LATEST=1
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 
 ensure_venv
@@ -10,7 +16,7 @@ ensure_postgres
 cd "$EDGEFLEET_ROOT"
 
 say "ruff"
-"$VENV/bin/ruff" check agent server tests bench
+"$VENV/bin/ruff" check edgefleet/__init__.py agent server tests bench
 say "mypy"
 "$VENV/bin/mypy"
 say "pytest"

@@ -1,4 +1,4 @@
-"""`edgefleet-server` / `python -m server`: the coordinator process."""
+"""`edgefleet-server` / `python -m edgefleet.server`: the coordinator process."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from agent import __version__
-from agent.protocol import DEFAULT_ROOT, TopicTree
-from server.listen import Listener
+from edgefleet.agent import __version__
+from edgefleet.agent.protocol import DEFAULT_ROOT, TopicTree
+from edgefleet.server.listen import Listener
 
 TOKEN_ENV = "EDGEFLEET_API_TOKEN"
 
@@ -55,8 +55,8 @@ def _host_port(value: str, option: str) -> tuple[str, int]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from server.fleet.ingest import IngestConfig
-    from server.fleet.service import Coordinator, CoordinatorConfig
+    from edgefleet.server.fleet.ingest import IngestConfig
+    from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
 
     try:
         host, port = _host_port(args.broker, "--broker")

@@ -18,17 +18,17 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from agent.bundle import Metrics, VerifiedBundle, verify_bundle
-from agent.runtime.preprocess import Preprocessor
-from agent.runtime.staged import StagedModel
-from server.bundles.plain import plain_body, write_plain_bundle
-from server.demo_device import run_device
-from server.keystore import init_key
-from server.optimize.data import write_splits_npz
-from server.optimize.latency import compare
-from server.optimize.options import OptimizeOptions
-from server.optimize.pipeline import optimize
-from server.reference import (
+from edgefleet.agent.bundle import Metrics, VerifiedBundle, verify_bundle
+from edgefleet.agent.runtime.preprocess import Preprocessor
+from edgefleet.agent.runtime.staged import StagedModel
+from edgefleet.server.bundles.plain import plain_body, write_plain_bundle
+from edgefleet.server.demo_device import run_device
+from edgefleet.server.keystore import init_key
+from edgefleet.server.optimize.data import write_splits_npz
+from edgefleet.server.optimize.latency import compare
+from edgefleet.server.optimize.options import OptimizeOptions
+from edgefleet.server.optimize.pipeline import optimize
+from edgefleet.server.reference import (
     MODEL_PATH,
     VIDEO_LABELS_PATH,
     VIDEO_PATH,

@@ -12,16 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import Ping
-from server.cli.fleet import device_rows, table
-from server.fleet.client import FleetClient
-from server.fleet.commander import Commander
-from server.fleet.ingest import IngestConfig
-from server.fleet.service import Coordinator, CoordinatorConfig
-from server.fleet.simulate import SimConfig, Simulator
-from server.keystore import FleetKey
-from server.localbroker import MosquittoBroker
-from server.reference import VIDEO_PATH
+from edgefleet.agent.protocol import Ping
+from edgefleet.server.cli.fleet import device_rows, table
+from edgefleet.server.fleet.client import FleetClient
+from edgefleet.server.fleet.commander import Commander
+from edgefleet.server.fleet.ingest import IngestConfig
+from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
+from edgefleet.server.fleet.simulate import SimConfig, Simulator
+from edgefleet.server.keystore import FleetKey
+from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.reference import VIDEO_PATH
 
 Say = Callable[[str], None]
 
@@ -90,7 +90,7 @@ def run_device(
             cfg = agent_config(out / device_id, device_id, bundle, key, broker)
             with (out / f"{device_id}.log").open("wb") as log:
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                    [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(cfg)],
                     stdout=log, stderr=subprocess.STDOUT,
                 ))
         sim.start()

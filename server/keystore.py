@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.bundle import (
+from edgefleet.agent.bundle import (
     generate_private_key,
     key_id,
     load_private_key,

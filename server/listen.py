@@ -10,7 +10,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import (
+from edgefleet.agent.protocol import (
     Event,
     ProtocolError,
     Reply,
@@ -20,8 +20,8 @@ from agent.protocol import (
     TopicTree,
     decode_topic,
 )
-from agent.protocol.codec import Message
-from agent.protocol.topics import DEVICE_KINDS
+from edgefleet.agent.protocol.codec import Message
+from edgefleet.agent.protocol.topics import DEVICE_KINDS
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.netutil import free_port, wait_closed, wait_listening
+from edgefleet.server.netutil import free_port, wait_closed, wait_listening
 
 INSTALL_HINT = (
     "mosquitto is not installed: edgefleet needs a real MQTT broker. "

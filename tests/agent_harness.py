@@ -21,12 +21,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.bundle import Metrics
-from agent.protocol import Event, ProtocolError, Reply, Status, Telemetry, TopicTree, decode_topic
-from server.bundles.plain import plain_body, write_plain_bundle
-from server.keystore import FleetKey, init_key
-from server.localbroker import MosquittoBroker
-from server.reference import MODEL_PATH, VIDEO_PATH, reference_preprocessing
+from edgefleet.agent.bundle import Metrics
+from edgefleet.agent.protocol import (
+    Event,
+    ProtocolError,
+    Reply,
+    Status,
+    Telemetry,
+    TopicTree,
+    decode_topic,
+)
+from edgefleet.server.bundles.plain import plain_body, write_plain_bundle
+from edgefleet.server.keystore import FleetKey, init_key
+from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.reference import MODEL_PATH, VIDEO_PATH, reference_preprocessing
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -83,13 +91,13 @@ def write_config(
 
 
 class AgentProcess:
-    """`python -m agent run` as a child process with its output in a log file."""
+    """`python -m edgefleet.agent run` as a child process with its output in a log file."""
 
     def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._fh = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(config)],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.bundle import (
+from edgefleet.agent.bundle import (
     ExitHead,
     ManifestBody,
     OperatingPoint,

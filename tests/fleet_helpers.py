@@ -9,9 +9,9 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from server.fleet.ingest import IngestConfig, Ingestor
-from server.fleet.store.base import Store
-from server.localbroker import MosquittoBroker
+from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
+from edgefleet.server.fleet.store.base import Store
+from edgefleet.server.localbroker import MosquittoBroker
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, poll: float = 0.1) -> None:

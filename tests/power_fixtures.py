@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent.power.base import SensorError
+from edgefleet.agent.power.base import SensorError
 
 # `vcgencmd pmic_read_adc` on a Raspberry Pi 5: names right-aligned, currents first, then
 # voltages; EXT5V_V (input) and BATT_V (RTC battery) have no current line.

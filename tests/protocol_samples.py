@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.protocol import (
+from edgefleet.agent.protocol import (
     AnyCommand,
     BundleOffer,
     Command,

@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.benchmark import bench_bundle, read_frames
-from agent.bundle import generate_private_key, save_public_key, verify_bundle, write_bundle
-from server.reference import VIDEO_PATH
+from edgefleet.agent.benchmark import bench_bundle, read_frames
+from edgefleet.agent.bundle import (
+    generate_private_key,
+    save_public_key,
+    verify_bundle,
+    write_bundle,
+)
+from edgefleet.server.reference import VIDEO_PATH
 from tests.bundle_helpers import two_stage_body, two_stage_files
 
 
@@ -22,7 +27,7 @@ def _bundle(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_every_operating_point_and_exits_off(tmp_path: Path) -> None:
     bundle, pub = _bundle(tmp_path)
-    from agent.bundle import load_public_key
+    from edgefleet.agent.bundle import load_public_key
 
     verified = verify_bundle(bundle, [load_public_key(pub)])
     frames = read_frames(str(VIDEO_PATH), 30)
@@ -36,7 +41,7 @@ def test_every_operating_point_and_exits_off(tmp_path: Path) -> None:
 
 def test_cli_json_and_bad_source(tmp_path: Path) -> None:
     bundle, pub = _bundle(tmp_path)
-    base = [sys.executable, "-m", "agent", "bench", str(bundle), "--key", str(pub)]
+    base = [sys.executable, "-m", "edgefleet.agent", "bench", str(bundle), "--key", str(pub)]
     ok = subprocess.run(
         [*base, "--source", str(VIDEO_PATH), "--frames", "10", "--rounds", "1", "--json"],
         capture_output=True,

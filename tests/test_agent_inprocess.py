@@ -17,14 +17,14 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.bundle import OperatingPoint, generate_private_key, write_bundle
-from agent.camera import Frame
-from agent.config import load_config
-from agent.protocol import Event, decode
-from agent.service import Agent
-from server.keystore import FleetKey, load_key
-from server.localbroker import MosquittoBroker
-from server.reference import VIDEO_PATH
+from edgefleet.agent.bundle import OperatingPoint, generate_private_key, write_bundle
+from edgefleet.agent.camera import Frame
+from edgefleet.agent.config import load_config
+from edgefleet.agent.protocol import Event, decode
+from edgefleet.agent.service import Agent
+from edgefleet.server.keystore import FleetKey, load_key
+from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.reference import VIDEO_PATH
 from tests.agent_harness import reference_bundle, write_config
 from tests.bundle_helpers import two_stage_body, two_stage_files
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import TopicTree
-from server.localbroker import MosquittoBroker
+from edgefleet.agent.protocol import TopicTree
+from edgefleet.server.localbroker import MosquittoBroker
 from tests.agent_harness import (
     AgentProcess,
     Collector,
@@ -57,8 +57,8 @@ def test_sigterm_while_offline_ends_within_5s_with_everything_on_disk(
     setup, mqtt_broker: MosquittoBroker
 ) -> None:  # type: ignore[no-untyped-def]
     """The worst case for a clean stop: the broker is gone, so nothing can be delivered."""
-    from agent.outbox import Outbox
-    from agent.protocol import Event, Telemetry, decode
+    from edgefleet.agent.outbox import Outbox
+    from edgefleet.agent.protocol import Event, Telemetry, decode
 
     tmp, bundle, key, root, _col = setup
     cfg = write_config(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from agent.protocol import TopicTree
-from server.localbroker import MosquittoBroker, TlsListener
+from edgefleet.agent.protocol import TopicTree
+from edgefleet.server.localbroker import MosquittoBroker, TlsListener
 from tests.agent_harness import AgentProcess, Collector, reference_bundle, write_config
 from tests.harness.certs import issue, make_ca
 
@@ -93,14 +93,14 @@ def test_unusable_tls_files_end_the_agent_with_the_key_named(
     for block, expected in cases:
         cfg.write_text(plain + block)
         run = subprocess.run(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(cfg)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert run.returncode == 2, run.stderr
         assert "refusing to run: " + expected in run.stderr, run.stderr
         assert "Traceback" not in run.stderr
         check = subprocess.run(
-            [sys.executable, "-m", "agent", "check", "--config", str(cfg)],
+            [sys.executable, "-m", "edgefleet.agent", "check", "--config", str(cfg)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert f"FAIL broker: {expected}" in check.stdout, check.stdout + check.stderr

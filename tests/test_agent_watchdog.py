@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.bundle import (
+from edgefleet.agent.bundle import (
     ExitHead,
     ManifestBody,
     Preprocessing,
@@ -19,7 +19,7 @@ from agent.bundle import (
     TensorSpec,
     write_bundle,
 )
-from server.localbroker import MosquittoBroker
+from edgefleet.server.localbroker import MosquittoBroker
 from tests.agent_harness import AgentProcess, reference_bundle, write_config
 
 
@@ -117,7 +117,7 @@ def test_watchdog_fed_while_running_and_silent_when_inference_hangs(
     # The same agent on a bundle whose inference hangs for seconds: the pings stop.
     slow, slow_key = _slow_bundle(tmp_path)
     (tmp_path / "slowcfg").mkdir()
-    from server.keystore import load_key
+    from edgefleet.server.keystore import load_key
 
     cfg2 = write_config(
         tmp_path / "slowcfg",
@@ -151,7 +151,7 @@ def test_no_camera_at_boot_extends_the_start_and_says_why(
     """Start-up waits for the first frame without hitting TimeoutStartSec, then READY=1."""
     import shutil
 
-    from server.reference import VIDEO_PATH
+    from edgefleet.server.reference import VIDEO_PATH
 
     bundle, key = reference_bundle(tmp_path)
     video = tmp_path / "later.avi"

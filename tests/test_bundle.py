@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.bundle import (
+from edgefleet.agent.bundle import (
     BadSignature,
     BundleError,
     ExtraFile,
@@ -40,7 +40,7 @@ from agent.bundle import (
     verify_bundle,
     write_bundle,
 )
-from agent.bundle.keys import public_key_pem, sign
+from edgefleet.agent.bundle.keys import public_key_pem, sign
 from tests.bundle_helpers import one_stage_body, stage1_model, two_stage_body, two_stage_files
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from agent.camera import Camera, backoff_delays, describe_source
-from agent.config import CameraConfig
-from server.reference import VIDEO_PATH
+from edgefleet.agent.camera import Camera, backoff_delays, describe_source
+from edgefleet.agent.config import CameraConfig
+from edgefleet.server.reference import VIDEO_PATH
 
 
 class Events:

@@ -15,9 +15,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.bundle import load_private_key, write_bundle
-from agent.protocol import TopicTree, encode
-from server.localbroker import MosquittoBroker
+from edgefleet.agent.bundle import load_private_key, write_bundle
+from edgefleet.agent.protocol import TopicTree, encode
+from edgefleet.server.localbroker import MosquittoBroker
 from tests.bundle_helpers import two_stage_body, two_stage_files
 from tests.protocol_samples import telemetry as sample_telemetry
 
@@ -31,40 +31,42 @@ def _run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 
 def test_keys_init_show_and_bundle_verify(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    first = _run("-m", "server.cli", "keys", "init", home=home)
+    first = _run("-m", "edgefleet.server.cli", "keys", "init", home=home)
     assert first.returncode == 0, first.stderr
     assert "(created)" in first.stdout
     private = home / "keys" / "fleet.key"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
-    again = _run("-m", "server.cli", "keys", "init", home=home)
+    again = _run("-m", "edgefleet.server.cli", "keys", "init", home=home)
     assert "(exists)" in again.stdout
-    show = _run("-m", "server.cli", "keys", "show", home=home)
+    show = _run("-m", "edgefleet.server.cli", "keys", "show", home=home)
     assert "-----BEGIN PUBLIC KEY-----" in show.stdout
 
     bundle = tmp_path / "bundle"
     write_bundle(bundle, two_stage_body(), two_stage_files(), load_private_key(private))
-    ok = _run("-m", "server.cli", "bundle", "verify", str(bundle), home=home)
+    ok = _run("-m", "edgefleet.server.cli", "bundle", "verify", str(bundle), home=home)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("OK tiny-cnn v3: signed by")
     assert "operating point 1 fast" in ok.stdout
 
     agent_ok = _run(
-        "-m", "agent", "verify", str(bundle), "--key", str(home / "keys" / "fleet.pub"), home=home
+        "-m", "edgefleet.agent", "verify", str(bundle), "--key", str(home / "keys" / "fleet.pub"),
+        home=home,
     )
     assert agent_ok.returncode == 0, agent_ok.stderr
 
     (bundle / "stage1.onnx").write_bytes(b"tampered")
-    bad = _run("-m", "server.cli", "bundle", "verify", str(bundle), home=home)
+    bad = _run("-m", "edgefleet.server.cli", "bundle", "verify", str(bundle), home=home)
     assert bad.returncode == 1
     assert "stage1.onnx: sha256" in bad.stderr and "Traceback" not in bad.stderr
     agent_bad = _run(
-        "-m", "agent", "verify", str(bundle), "--key", str(home / "keys" / "fleet.pub"), home=home
+        "-m", "edgefleet.agent", "verify", str(bundle), "--key", str(home / "keys" / "fleet.pub"),
+        home=home,
     )
     assert agent_bad.returncode == 1 and "stage1.onnx" in agent_bad.stderr
 
 
 def test_keys_show_without_key_says_how_to_create(tmp_path: Path) -> None:
-    res = _run("-m", "server.cli", "keys", "show", home=tmp_path)
+    res = _run("-m", "edgefleet.server.cli", "keys", "show", home=tmp_path)
     assert res.returncode == 1
     assert "run `edgefleet keys init` first" in res.stderr
 
@@ -75,7 +77,8 @@ def test_server_listen_decodes_and_counts_rejects(
     root = f"{topic_prefix}/edgefleet/v1"
     tree = TopicTree(root)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "listen", "--port", str(mqtt_broker.port), "--root", root],
+        [sys.executable, "-m", "edgefleet.server", "listen",
+         "--port", str(mqtt_broker.port), "--root", root],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

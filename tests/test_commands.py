@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from pydantic import JsonValue
 
-from agent.commands import CommandHandler
-from agent.protocol import UNCORRELATED_ID, Command, Ping, Snapshot, encode
-from agent.protocol.commands import SetThresholds
+from edgefleet.agent.commands import CommandHandler
+from edgefleet.agent.protocol import UNCORRELATED_ID, Command, Ping, Snapshot, encode
+from edgefleet.agent.protocol.commands import SetThresholds
 
 
 class Target:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.runtime.confidence import confidence, decide_exits, softmax
+from edgefleet.agent.runtime.confidence import confidence, decide_exits, softmax
 
 
 def test_softmax_is_stable_and_normalised() -> None:
@@ -60,7 +60,7 @@ def test_decide_exits_length_mismatch() -> None:
 
 
 def test_exit_decision_equals_softmax_then_confidence() -> None:
-    from agent.runtime.staged import exit_decision
+    from edgefleet.agent.runtime.staged import exit_decision
 
     rng = np.random.default_rng(3)
     for scale in (0.1, 1.0, 10.0, 100.0):

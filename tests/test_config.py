@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config
+from edgefleet.agent.config import ConfigError, load_config
 
 MINIMAL = 'device_id = "pi-7"\n'
 

@@ -11,7 +11,7 @@ from pathlib import Path
 def test_demo_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     res = subprocess.run(
-        [sys.executable, "-m", "server.cli", "demo", "--out", str(out), "--frames", "60"],
+        [sys.executable, "-m", "edgefleet.server.cli", "demo", "--out", str(out), "--frames", "60"],
         capture_output=True,
         text=True,
         timeout=600,

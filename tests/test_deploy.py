@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import CREDENTIAL_FILES, DEFAULT_PATH, AgentConfig, load_config
+from edgefleet.agent.config import CREDENTIAL_FILES, DEFAULT_PATH, AgentConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "edgefleet-agent.service"
@@ -68,7 +68,7 @@ def check_unit(text: str) -> None:
     assert one(s, "TimeoutStopSec") == "10"
     assert one(s, "Restart") == "on-failure"
     assert one(s, "RestartSec") == "5"
-    from agent.service import EXIT_CONFIG  # imports the runtime: only where it is needed
+    from edgefleet.agent.service import EXIT_CONFIG  # imports the runtime: only where it is needed
 
     assert one(s, "RestartPreventExitStatus") == str(EXIT_CONFIG)
     state_default = AgentConfig.model_fields["state_dir"].default
@@ -364,9 +364,14 @@ def test_coordinator_unit_verifies(tmp_path: Path) -> None:
 def test_bundle_install_verifies_switches_current_and_keeps_the_previous(
     installed: Installed, tmp_path: Path
 ) -> None:
-    from agent.bundle import generate_private_key, load_private_key, verify_bundle, write_bundle
-    from agent.bundle import load_public_key as load_pub
-    from agent.bundle.archive import pack
+    from edgefleet.agent.bundle import (
+        generate_private_key,
+        load_private_key,
+        verify_bundle,
+        write_bundle,
+    )
+    from edgefleet.agent.bundle import load_public_key as load_pub
+    from edgefleet.agent.bundle.archive import pack
     from tests.bundle_helpers import two_stage_body, two_stage_files
 
     private = load_private_key(installed.private)

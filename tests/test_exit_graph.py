@@ -8,13 +8,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server.optimize.exit_graph import (
+from edgefleet.server.optimize.exit_graph import (
     QuantParams,
     branch_model,
     pooling_cells,
     pooling_matrix,
 )
-from server.optimize.runner import make_session
+from edgefleet.server.optimize.runner import make_session
 
 OPSET = [helper.make_opsetid("", 17)]
 IR = 8

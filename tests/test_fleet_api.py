@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.fleet.api import create_app
-from server.fleet.store import open_store
-from server.fleet.store.base import IngestBatch, StatusIn, Store, TelemetryIn
+from edgefleet.server.fleet.api import create_app
+from edgefleet.server.fleet.store import open_store
+from edgefleet.server.fleet.store.base import IngestBatch, StatusIn, Store, TelemetryIn
 from tests import protocol_samples as samples
 
 TOKEN = "s3cret-token"

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.cli.fleet import device_rows, parse_fields
-from server.fleet.client import ApiError, FleetClient
-from server.localbroker import MosquittoBroker
-from server.netutil import free_port
+from edgefleet.server.cli.fleet import device_rows, parse_fields
+from edgefleet.server.fleet.client import ApiError, FleetClient
+from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.netutil import free_port
 from tests.agent_harness import AgentProcess, reference_bundle, write_config
 from tests.fleet_helpers import wait_until
 
@@ -20,7 +20,7 @@ TOKEN = "operator-token"
 
 def _fleet(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "fleet", "--url", url, *args],
+        [sys.executable, "-m", "edgefleet.server.cli", "fleet", "--url", url, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -36,7 +36,7 @@ def test_coordinator_agent_and_operator_cli(
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "coordinator.log").open("wb")
     coordinator = subprocess.Popen(
-        [sys.executable, "-m", "server", "run",
+        [sys.executable, "-m", "edgefleet.server", "run",
          "--broker", f"{mqtt_broker.host}:{mqtt_broker.port}",
          "--root", root, "--store", f"sqlite:///{tmp_path / 'fleet.db'}",
          "--http", f"127.0.0.1:{port}", "--loss-grace", "5"],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import GovernorConfig
-from agent.governor import Governor, Move
+from edgefleet.agent.config import GovernorConfig
+from edgefleet.agent.governor import Governor, Move
 
 CFG = GovernorConfig(target_p95_ms=30.0, hot_c=80.0, recover_margin=0.7, windows_to_recover=3)
 SLOW, CALM, MIDDLING = 41.2, 12.0, 25.0

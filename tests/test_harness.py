@@ -14,8 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from server import localbroker as mosquitto_mod
-from server.netutil import wait_listening
+from edgefleet.server import localbroker as mosquitto_mod
+from edgefleet.server.netutil import wait_listening
 from tests.harness.mosquitto import MosquittoBroker, MosquittoNotFound
 
 

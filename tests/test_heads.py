@@ -14,7 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from server.optimize.heads import (
+from edgefleet.server.optimize.heads import (
     LinearHead,
     accuracy,
     fit_softmax_regression,

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import TopicTree, encode
-from server.fleet.ingest import Ingestor
-from server.fleet.simulate import SimConfig, Simulator
-from server.fleet.store import open_store
-from server.fleet.store.base import Store
-from server.localbroker import MosquittoBroker
+from edgefleet.agent.protocol import TopicTree, encode
+from edgefleet.server.fleet.ingest import Ingestor
+from edgefleet.server.fleet.simulate import SimConfig, Simulator
+from edgefleet.server.fleet.store import open_store
+from edgefleet.server.fleet.store.base import Store
+from edgefleet.server.localbroker import MosquittoBroker
 from tests import protocol_samples as samples
 from tests.fleet_helpers import RawPublisher, start_ingestor, wait_until
 
@@ -137,8 +137,8 @@ def test_two_coordinators_share_the_load_and_store_each_window_once(
         assert sum(inserted) == sum(produced.values())
 
         # Replies reach every coordinator, so the one that sent the command hears them all.
-        from agent.protocol import Ping
-        from server.fleet.commander import Commander
+        from edgefleet.agent.protocol import Ping
+        from edgefleet.server.fleet.commander import Commander
 
         outcome = Commander(ings[1]).send(Ping(), group="pg", timeout_s=15)
         assert outcome.missing == [] and len(outcome.replies) == 50
@@ -237,8 +237,8 @@ def test_a_failing_store_keeps_the_messages_until_it_recovers(
 def test_replies_reach_a_waiting_command(
     mqtt_broker: MosquittoBroker, topic_prefix: str, tmp_path: Path, n: int
 ) -> None:
-    from agent.protocol import Ping
-    from server.fleet.commander import Commander
+    from edgefleet.agent.protocol import Ping
+    from edgefleet.server.fleet.commander import Commander
 
     store = open_store(str(tmp_path / "fleet.db"))
     ing = start_ingestor(mqtt_broker, topic_prefix, store)

@@ -7,12 +7,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from agent.config import MqttConfig
-from agent.hardware import describe
-from agent.link import Link
-from agent.outbox import Outbox
-from agent.protocol import Status
-from server.localbroker import MosquittoBroker
+from edgefleet.agent.config import MqttConfig
+from edgefleet.agent.hardware import describe
+from edgefleet.agent.link import Link
+from edgefleet.agent.outbox import Outbox
+from edgefleet.agent.protocol import Status
+from edgefleet.server.localbroker import MosquittoBroker
 from tests.fleet_helpers import wait_until
 
 BOOT = str(uuid.uuid4())

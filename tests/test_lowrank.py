@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from server.optimize.lowrank import choose_rank, low_rank
-from server.optimize.runner import make_session
+from edgefleet.server.optimize.lowrank import choose_rank, low_rank
+from edgefleet.server.optimize.runner import make_session
 from tests.optimize_models import mlp_model, pointwise_model, random_input
 
 

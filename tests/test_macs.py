@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server.optimize.macs import cumulative_macs_at, node_keys, node_macs, total_macs
+from edgefleet.server.optimize.macs import cumulative_macs_at, node_keys, node_macs, total_macs
 
 
 def _init(name: str, *shape: int) -> onnx.TensorProto:

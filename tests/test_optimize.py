@@ -13,19 +13,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.bundle import Preprocessing, verify_bundle
-from agent.runtime.preprocess import Preprocessor
-from agent.runtime.staged import StagedModel
-from server.keystore import FleetKey, init_key
-from server.optimize.data import write_splits_npz
-from server.optimize.errors import BudgetError, DataError, ModelError, OutputExistsError
-from server.optimize.options import OptimizeOptions
-from server.optimize.pipeline import optimize
-from server.optimize.prepare import prepare_model
-from server.optimize.quantize import quantize_qdq
-from server.optimize.runner import logits_of, make_session
-from server.optimize.split import quantized_alias, split_stages
-from server.reference import MODEL_PATH, load_reference_split
+from edgefleet.agent.bundle import Preprocessing, verify_bundle
+from edgefleet.agent.runtime.preprocess import Preprocessor
+from edgefleet.agent.runtime.staged import StagedModel
+from edgefleet.server.keystore import FleetKey, init_key
+from edgefleet.server.optimize.data import write_splits_npz
+from edgefleet.server.optimize.errors import BudgetError, DataError, ModelError, OutputExistsError
+from edgefleet.server.optimize.options import OptimizeOptions
+from edgefleet.server.optimize.pipeline import optimize
+from edgefleet.server.optimize.prepare import prepare_model
+from edgefleet.server.optimize.quantize import quantize_qdq
+from edgefleet.server.optimize.runner import logits_of, make_session
+from edgefleet.server.optimize.split import quantized_alias, split_stages
+from edgefleet.server.reference import MODEL_PATH, load_reference_split
 
 SPEC = Preprocessing(height=64, width=64, color="GRAY", mean=[0.1307], std=[0.3081])
 FAST = {"latency_samples": 20}
@@ -77,7 +77,7 @@ def test_classifier_head_stays_float(reference_run: Path) -> None:
 
 
 def test_float_head_nodes_stop_at_a_large_linear_layer() -> None:
-    from server.optimize.quantize import float_head_nodes
+    from edgefleet.server.optimize.quantize import float_head_nodes
     from tests.optimize_models import mlp_model, residual_model
 
     assert float_head_nodes(mlp_model()) == []  # its MatMuls are all the MACs: keep INT8
@@ -117,7 +117,7 @@ def test_agent_runtime_reproduces_reported_test_accuracy(
 def test_bound_buffers_and_plain_runs_give_the_same_predictions(
     reference_run: Path, key: FleetKey
 ) -> None:
-    from agent.runtime.chain import BoundChain, PlainChain
+    from edgefleet.agent.runtime.chain import BoundChain, PlainChain
 
     staged = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
     assert isinstance(staged._chain, BoundChain)  # the optimizer fixes every shape
@@ -148,8 +148,8 @@ def test_video_frames_preprocessed_into_the_bound_input_predict_the_same(
     are all exercised; the reference side copies a fresh tensor and calls onnxruntime's
     public run methods.
     """
-    from agent.runtime.chain import PlainChain
-    from server.reference import VIDEO_PATH
+    from edgefleet.agent.runtime.chain import PlainChain
+    from edgefleet.server.reference import VIDEO_PATH
 
     agent = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))
     plain = StagedModel(verify_bundle(reference_run / "bundle", [key.public]))

@@ -17,16 +17,16 @@ import numpy as np
 import onnx
 import pytest
 
-from agent.bundle import Preprocessing, verify_bundle
-from agent.runtime.preprocess import Preprocessor
-from agent.runtime.staged import StagedModel
-from server.keystore import FleetKey, init_key
-from server.optimize.data import write_splits_npz
-from server.optimize.options import OptimizeOptions
-from server.optimize.pipeline import optimize
-from server.optimize.prepare import prepare_model
-from server.optimize.split import articulation_tensors
-from server.reference.digits_data import (
+from edgefleet.agent.bundle import Preprocessing, verify_bundle
+from edgefleet.agent.runtime.preprocess import Preprocessor
+from edgefleet.agent.runtime.staged import StagedModel
+from edgefleet.server.keystore import FleetKey, init_key
+from edgefleet.server.optimize.data import write_splits_npz
+from edgefleet.server.optimize.options import OptimizeOptions
+from edgefleet.server.optimize.pipeline import optimize
+from edgefleet.server.optimize.prepare import prepare_model
+from edgefleet.server.optimize.split import articulation_tensors
+from edgefleet.server.reference.digits_data import (
     DIGITS_RESNET_CARD_PATH,
     DIGITS_RESNET_PATH,
     DIGITS_SPLIT_SIZES,

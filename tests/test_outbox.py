@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Entry, Outbox, OutboxError, drain
+from edgefleet.agent.outbox import Entry, Outbox, OutboxError, drain
 
 REPO = Path(__file__).resolve().parents[1]
 TOPIC = "edgefleet/v1/dev/pi-1/telemetry"
@@ -195,7 +195,7 @@ def test_drain_acks_accepted_entries_when_publish_raises(tmp_path: Path) -> None
 
 _CHILD = """
 import sys, time
-from agent.outbox import Outbox
+from edgefleet.agent.outbox import Outbox
 box = Outbox(sys.argv[1])
 for i in range(int(sys.argv[2])):
     box.put("t", f"m{i:06d}".encode())
@@ -240,7 +240,7 @@ def test_corrupt_file_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFi
     db = tmp_path / "outbox.db"
     garbage = b"this is not an sqlite database\x00" * 200
     db.write_bytes(garbage)
-    with caplog.at_level(logging.ERROR, logger="agent.outbox"), Outbox(db) as box:
+    with caplog.at_level(logging.ERROR, logger="edgefleet.agent.outbox"), Outbox(db) as box:
         (recovery,) = box.recoveries
         assert recovery.path == db
         assert recovery.moved_to.name.startswith("outbox.db.corrupt-")

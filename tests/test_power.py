@@ -10,7 +10,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import pytest
 
-from agent.power import (
+from edgefleet.agent.power import (
     EstimateReader,
     HwmonReader,
     JetsonReader,
@@ -38,8 +38,8 @@ from agent.power import (
     trapezoid_energy_j,
     window_power,
 )
-from agent.power.estimate import estimate_power_w
-from agent.protocol.messages import PowerSource
+from edgefleet.agent.power.estimate import estimate_power_w
+from edgefleet.agent.protocol.messages import PowerSource
 from tests import power_fixtures as fx
 
 
@@ -511,7 +511,7 @@ def _everything(root: Path) -> None:
 def test_detect_prefers_jetson(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _everything(tmp_path)
     fx.jetson_jp5(tmp_path, ORIN_NANO_RAILS)
-    with caplog.at_level(logging.INFO, logger="agent.power.detect"):
+    with caplog.at_level(logging.INFO, logger="edgefleet.agent.power.detect"):
         reader = detect(tmp_path, fx.pi5_vcgencmd())
     assert isinstance(reader, JetsonReader)
     assert caplog.messages == ["power source ina3221: INA3221 VDD_IN (1-0040)"]
@@ -528,7 +528,7 @@ def test_detect_rapl_then_hwmon(tmp_path: Path, caplog: pytest.LogCaptureFixture
     counter = tmp_path / "sys/class/powercap/intel-rapl:0/energy_uj"
     counter.unlink()
     counter.mkdir()
-    with caplog.at_level(logging.INFO, logger="agent.power.detect"):
+    with caplog.at_level(logging.INFO, logger="edgefleet.agent.power.detect"):
         assert isinstance(detect(tmp_path, fx.no_vcgencmd()), HwmonReader)
     reasons = "\n".join(caplog.messages)
     assert "power source ina3221 not used: " in reasons
@@ -540,7 +540,7 @@ def test_detect_rapl_then_hwmon(tmp_path: Path, caplog: pytest.LogCaptureFixture
 
 def test_detect_falls_back_to_estimate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fx.board_model(tmp_path, "Raspberry Pi 4 Model B Rev 1.4")
-    with caplog.at_level(logging.INFO, logger="agent.power.detect"):
+    with caplog.at_level(logging.INFO, logger="edgefleet.agent.power.detect"):
         reader = detect(tmp_path, fx.pi4_vcgencmd(), cpu_fraction=lambda: 0.0)
     assert isinstance(reader, EstimateReader)
     assert reader.profile.name == "raspberry-pi-4"
@@ -575,7 +575,7 @@ def test_detect_honours_a_forced_source(tmp_path: Path, caplog: pytest.LogCaptur
     est = detect(tmp_path, fx.pi5_vcgencmd(), source="estimate", cpu_fraction=lambda: 0.0)
     assert isinstance(est, EstimateReader)
     # Forced but not readable here: a warning with the reason, and the estimate stands in.
-    with caplog.at_level(logging.INFO, logger="agent.power.detect"):
+    with caplog.at_level(logging.INFO, logger="edgefleet.agent.power.detect"):
         reader = detect(tmp_path, fx.no_vcgencmd(), source="pmic", cpu_fraction=lambda: 0.0)
     assert isinstance(reader, EstimateReader)
     assert any(
@@ -642,7 +642,7 @@ def test_run_vcgencmd_missing_or_hanging(tmp_path: Path, monkeypatch: pytest.Mon
     bin_dir = tmp_path / "bin"
     _fake_binary(bin_dir, "exec sleep 5")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{system_path}")
-    monkeypatch.setattr("agent.power.raspberrypi.VCGENCMD_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("edgefleet.agent.power.raspberrypi.VCGENCMD_TIMEOUT_S", 0.2)
     assert run_vcgencmd_error() == "vcgencmd pmic_read_adc: no answer within 0.2 s"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.bundle import Preprocessing
-from agent.runtime.preprocess import FrameError, Preprocessor
+from edgefleet.agent.bundle import Preprocessing
+from edgefleet.agent.runtime.preprocess import FrameError, Preprocessor
 
 
 def _spec(**kw: object) -> Preprocessing:
@@ -211,8 +211,8 @@ def test_mean_std_must_match_channels() -> None:
 
 def test_agent_preprocessing_is_bit_identical_to_the_training_pipeline() -> None:
     """What a device computes from a frame is exactly what the model was trained on."""
-    from server.datasets.preprocess import to_model_input
-    from server.reference import load_reference_split, reference_preprocessing
+    from edgefleet.server.datasets.preprocess import to_model_input
+    from edgefleet.server.reference import load_reference_split, reference_preprocessing
 
     images, _ = load_reference_split()["test"]
     ours = Preprocessor(reference_preprocessing()).batch(list(images[:200]))

@@ -17,7 +17,7 @@ from paho.mqtt.client import Client, MQTTMessage
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.protocol import (
+from edgefleet.agent.protocol import (
     MODELS,
     SIZE_LIMITS,
     BundleOffer,

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from server.optimize.prune import prune_channels
-from server.optimize.runner import make_session
+from edgefleet.server.optimize.prune import prune_channels
+from edgefleet.server.optimize.runner import make_session
 from tests.optimize_models import (
     Builder,
     concat_model,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.datasets import (
+from edgefleet.server.datasets import (
     DatasetUnavailableError,
     Split,
     SplitMismatchError,
@@ -23,10 +23,10 @@ from server.datasets import (
     to_model_input,
     verify_split,
 )
-from server.datasets import mnist as mnist_module
-from server.datasets.preprocess import INPUT_SIZE, MEAN, STD
-from server.datasets.splits import MNIST5K_SPLIT_SEED, MNIST5K_SPLIT_SIZES
-from server.reference import (
+from edgefleet.server.datasets import mnist as mnist_module
+from edgefleet.server.datasets.preprocess import INPUT_SIZE, MEAN, STD
+from edgefleet.server.datasets.splits import MNIST5K_SPLIT_SEED, MNIST5K_SPLIT_SIZES
+from edgefleet.server.reference import (
     MODEL_PATH,
     SPLIT_PATH,
     VIDEO_LABELS_PATH,
@@ -34,7 +34,7 @@ from server.reference import (
     evaluate_onnx,
     load_reference_split,
 )
-from server.reference.make_video import read_video
+from edgefleet.server.reference.make_video import read_video
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from server.optimize.runner import make_session
-from server.optimize.sharing import compressed_size, kmeans_1d, share_weights
+from edgefleet.server.optimize.runner import make_session
+from edgefleet.server.optimize.sharing import compressed_size, kmeans_1d, share_weights
 from tests.optimize_models import Builder, conv_bn_model, mlp_model, random_input, residual_model
 
 

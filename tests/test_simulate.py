@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.protocol import (
+from edgefleet.agent.protocol import (
     UNCORRELATED_ID,
     Command,
     Event,
@@ -37,8 +37,8 @@ from agent.protocol import (
     decode_topic,
     encode,
 )
-from server.fleet.simulate import SimConfig, Simulator, run_simulation
-from server.localbroker import MosquittoBroker
+from edgefleet.server.fleet.simulate import SimConfig, Simulator, run_simulation
+from edgefleet.server.localbroker import MosquittoBroker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -409,7 +409,7 @@ def test_commands_get_replies(
 
 def test_cli_prints_json(mqtt_broker: MosquittoBroker, topic_prefix: str) -> None:
     exe = REPO / ".venv" / "bin" / "edgefleet"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgefleet.server.cli"]
     proc = subprocess.run(
         [
             *cmd,

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle import generate_private_key, verify_bundle, write_bundle
-from agent.runtime.staged import StagedModel
+from edgefleet.agent.bundle import generate_private_key, verify_bundle, write_bundle
+from edgefleet.agent.runtime.staged import StagedModel
 from tests.bundle_helpers import two_stage_body, two_stage_files
 
 
@@ -59,7 +59,7 @@ def test_default_operating_point_thresholds(model: StagedModel) -> None:
 
 
 def test_dynamic_shapes_run_through_plain_session_run(model: StagedModel) -> None:
-    from agent.runtime.chain import PlainChain
+    from edgefleet.agent.runtime.chain import PlainChain
 
     # This bundle keeps a dynamic batch dim (classify_batch feeds 40 at once): no bound
     # buffers, and predict() still works frame by frame (the tests above).
@@ -67,7 +67,7 @@ def test_dynamic_shapes_run_through_plain_session_run(model: StagedModel) -> Non
 
 
 def test_warm_up_runs_every_stage_and_changes_nothing(model: StagedModel) -> None:
-    from agent.runtime.chain import PlainChain
+    from edgefleet.agent.runtime.chain import PlainChain
 
     assert isinstance(model._chain, PlainChain)  # stages run through session.run: countable
     calls: list[int] = []
@@ -101,7 +101,7 @@ def test_a_missing_execution_provider_is_one_warning_and_cpu_runs(
     key = generate_private_key()
     write_bundle(tmp_path / "b", two_stage_body(), two_stage_files(seed=3), key)
     verified = verify_bundle(tmp_path / "b", [key.public_key()])
-    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
+    with caplog.at_level(logging.WARNING, logger="edgefleet.agent.runtime"):
         model = StagedModel(verified, providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
     assert model.sessions[0].get_providers() == ["CPUExecutionProvider"]
     lines = [r.getMessage() for r in caplog.records]
@@ -116,7 +116,7 @@ def test_direct_and_public_iobinding_calls_write_the_same_outputs() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from agent.runtime.chain import _direct_call
+    from edgefleet.agent.runtime.chain import _direct_call
 
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "x"], ["y"])],

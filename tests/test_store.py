@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent.protocol import (
+from edgefleet.agent.protocol import (
     Event,
     Hardware,
     Percentiles,
@@ -24,7 +24,7 @@ from agent.protocol import (
     Telemetry,
     offline_will,
 )
-from server.fleet.store import (
+from edgefleet.server.fleet.store import (
     CommandRecord,
     EventIn,
     IngestBatch,
@@ -39,7 +39,7 @@ from server.fleet.store import (
     logic,
     open_store,
 )
-from server.fleet.store.schema import MIGRATIONS, latest_version, split_statements
+from edgefleet.server.fleet.store.schema import MIGRATIONS, latest_version, split_statements
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 DAY = 86_400.0

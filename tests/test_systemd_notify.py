@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.systemd import Notifier, WatchdogFeeder
+from edgefleet.agent.systemd import Notifier, WatchdogFeeder
 
 WATCHDOG_USEC = 200_000  # systemd would kill us 0.2 s after the last ping
 INTERVAL_S = WATCHDOG_USEC / 1e6

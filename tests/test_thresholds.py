@@ -9,8 +9,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.runtime.confidence import decide_exits
-from server.optimize.thresholds import (
+from edgefleet.agent.runtime.confidence import decide_exits
+from edgefleet.server.optimize.thresholds import (
     PointStats,
     choose_default,
     evaluate_thresholds,

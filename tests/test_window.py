@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from agent.protocol import Telemetry
-from agent.protocol.messages import Percentiles
-from agent.window import Reservoir, TelemetryWindow, percentiles
+from edgefleet.agent.protocol import Telemetry
+from edgefleet.agent.protocol.messages import Percentiles
+from edgefleet.agent.window import Reservoir, TelemetryWindow, percentiles
 
 T0 = 1_700_000_000.0
 

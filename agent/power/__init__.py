@@ -1,6 +1,6 @@
 """Power, energy and temperature readers for the telemetry, chosen per device by `detect`."""
 
-from agent.power.base import (
+from edgefleet.agent.power.base import (
     NoPowerReader,
     PowerMeter,
     PowerReader,
@@ -13,12 +13,12 @@ from agent.power.base import (
     trapezoid_energy_j,
     window_power,
 )
-from agent.power.detect import detect, detect_temperature, power_candidates
-from agent.power.estimate import PROFILES, EstimateReader, PowerProfile, profile_for_model
-from agent.power.hwmon import HwmonReader
-from agent.power.jetson import JetsonReader
-from agent.power.rapl import RaplReader
-from agent.power.raspberrypi import (
+from edgefleet.agent.power.detect import detect, detect_temperature, power_candidates
+from edgefleet.agent.power.estimate import PROFILES, EstimateReader, PowerProfile, profile_for_model
+from edgefleet.agent.power.hwmon import HwmonReader
+from edgefleet.agent.power.jetson import JetsonReader
+from edgefleet.agent.power.rapl import RaplReader
+from edgefleet.agent.power.raspberrypi import (
     PmicReader,
     Throttling,
     VcgencmdThermalReader,
@@ -27,7 +27,7 @@ from agent.power.raspberrypi import (
     parse_throttled,
     run_vcgencmd,
 )
-from agent.power.thermal import (
+from edgefleet.agent.power.thermal import (
     NoTemperatureReader,
     PsutilTemperatureReader,
     TemperatureReader,

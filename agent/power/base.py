@@ -12,7 +12,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import ClassVar
 
-from agent.protocol.messages import PowerSource
+from edgefleet.agent.protocol.messages import PowerSource
 
 Clock = Callable[[], float]
 ReadText = Callable[[Path], str]

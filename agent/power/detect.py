@@ -6,13 +6,18 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.power.base import PowerReader
-from agent.power.estimate import EstimateReader, PowerProfile
-from agent.power.hwmon import HwmonReader
-from agent.power.jetson import JetsonReader
-from agent.power.rapl import RaplReader
-from agent.power.raspberrypi import PmicReader, Runner, VcgencmdThermalReader, run_vcgencmd
-from agent.power.thermal import (
+from edgefleet.agent.power.base import PowerReader
+from edgefleet.agent.power.estimate import EstimateReader, PowerProfile
+from edgefleet.agent.power.hwmon import HwmonReader
+from edgefleet.agent.power.jetson import JetsonReader
+from edgefleet.agent.power.rapl import RaplReader
+from edgefleet.agent.power.raspberrypi import (
+    PmicReader,
+    Runner,
+    VcgencmdThermalReader,
+    run_vcgencmd,
+)
+from edgefleet.agent.power.thermal import (
     NoTemperatureReader,
     PsutilTemperatureReader,
     Sensors,

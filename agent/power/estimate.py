@@ -11,8 +11,8 @@ from typing import ClassVar
 
 import psutil
 
-from agent.power.base import Clock, PowerReader, SensorError, sysfs
-from agent.protocol.messages import PowerSource
+from edgefleet.agent.power.base import Clock, PowerReader, SensorError, sysfs
+from edgefleet.agent.protocol.messages import PowerSource
 
 # Raspberry Pi and Jetson expose the board name through the device tree; PCs have none.
 MODEL_FILES = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model")

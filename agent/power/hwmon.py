@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from agent.power.base import (
+from edgefleet.agent.power.base import (
     Clock,
     PowerReader,
     ReadText,
@@ -16,7 +16,7 @@ from agent.power.base import (
     read_text,
     sysfs,
 )
-from agent.protocol.messages import PowerSource
+from edgefleet.agent.protocol.messages import PowerSource
 
 HWMON = "/sys/class/hwmon"
 # Preference order: an energy counter integrates exactly, power1_input is instantaneous,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from agent.power.base import (
+from edgefleet.agent.power.base import (
     Clock,
     PowerReader,
     ReadText,
@@ -17,7 +17,7 @@ from agent.power.base import (
     read_text,
     sysfs,
 )
-from agent.protocol.messages import PowerSource
+from edgefleet.agent.protocol.messages import PowerSource
 
 I2C_DEVICES = "/sys/bus/i2c/devices"
 # The module's input rail: the whole board's draw. Nano (JetPack 4) names it POM_5V_IN.

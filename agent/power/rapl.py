@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from agent.power.base import (
+from edgefleet.agent.power.base import (
     Clock,
     PowerReader,
     ReadText,
@@ -18,7 +18,7 @@ from agent.power.base import (
     read_text,
     sysfs,
 )
-from agent.protocol.messages import PowerSource
+from edgefleet.agent.protocol.messages import PowerSource
 
 POWERCAP = "/sys/class/powercap"
 # Top-level zones only: intel-rapl:0:0 (core, uncore, dram) are parts of package 0 already.

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from agent.power.base import Clock, PowerReader, SensorError
-from agent.power.thermal import TemperatureReader, ThermalReading
-from agent.protocol.messages import PowerSource
+from edgefleet.agent.power.base import Clock, PowerReader, SensorError
+from edgefleet.agent.power.thermal import TemperatureReader, ThermalReading
+from edgefleet.agent.protocol.messages import PowerSource
 
 Runner = Callable[[Sequence[str]], str]
 VCGENCMD_TIMEOUT_S = 2.0

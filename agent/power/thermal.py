@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from agent.power.base import Probe, ReadText, SensorError, read_number, read_text, sysfs
+from edgefleet.agent.power.base import Probe, ReadText, SensorError, read_number, read_text, sysfs
 
 THERMAL = "/sys/class/thermal"
 # The CPU/SoC zone's `type` on a Raspberry Pi, x86, Jetson and Rockchip boards.

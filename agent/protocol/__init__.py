@@ -1,7 +1,7 @@
 """The wire contract between agent and coordinator: topics, payload models and codec."""
 
-from agent.protocol.base import SCHEMA_VERSION, SUPPORTED_VERSIONS, Payload, PayloadKind
-from agent.protocol.codec import (
+from edgefleet.agent.protocol.base import SCHEMA_VERSION, SUPPORTED_VERSIONS, Payload, PayloadKind
+from edgefleet.agent.protocol.codec import (
     MODELS,
     SIZE_LIMITS,
     TOPIC_PAYLOADS,
@@ -12,7 +12,7 @@ from agent.protocol.codec import (
     encode,
     peek_command_id,
 )
-from agent.protocol.commands import (
+from edgefleet.agent.protocol.commands import (
     UNCORRELATED_ID,
     AnyCommand,
     Command,
@@ -26,15 +26,15 @@ from agent.protocol.commands import (
     Snapshot,
     UnpinOperatingPoint,
 )
-from agent.protocol.errors import (
+from edgefleet.agent.protocol.errors import (
     PayloadTooLargeError,
     ProtocolError,
     ProtocolException,
     Reason,
     TopicError,
 )
-from agent.protocol.ids import ID_PATTERN, check_id, is_valid_id
-from agent.protocol.messages import (
+from edgefleet.agent.protocol.ids import ID_PATTERN, check_id, is_valid_id
+from edgefleet.agent.protocol.messages import (
     Event,
     EventKind,
     EventLevel,
@@ -46,8 +46,14 @@ from agent.protocol.messages import (
     Telemetry,
     offline_will,
 )
-from agent.protocol.topics import DEFAULT_ROOT, DeviceKind, ParsedTopic, TopicKind, TopicTree
-from agent.protocol.transfer import BundleOffer
+from edgefleet.agent.protocol.topics import (
+    DEFAULT_ROOT,
+    DeviceKind,
+    ParsedTopic,
+    TopicKind,
+    TopicTree,
+)
+from edgefleet.agent.protocol.transfer import BundleOffer
 
 __all__ = [
     "DEFAULT_ROOT",

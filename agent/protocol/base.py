@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agent.protocol.ids import ID_PATTERN
+from edgefleet.agent.protocol.ids import ID_PATTERN
 
 SCHEMA_VERSION: Final = 1
 # Versions this code can read; during a breaking change both old and new are listed.

@@ -10,12 +10,12 @@ from typing import Any, Final, TypeAlias, TypeVar, overload
 
 from pydantic import ValidationError
 
-from agent.protocol.base import SCHEMA_VERSION, SUPPORTED_VERSIONS, Payload, PayloadKind
-from agent.protocol.commands import CORRELATION_ID_PATTERN, Command, Reply
-from agent.protocol.errors import PayloadTooLargeError, ProtocolError, TopicError
-from agent.protocol.messages import Event, Result, Status, Telemetry
-from agent.protocol.topics import TopicKind, TopicTree
-from agent.protocol.transfer import BundleOffer
+from edgefleet.agent.protocol.base import SCHEMA_VERSION, SUPPORTED_VERSIONS, Payload, PayloadKind
+from edgefleet.agent.protocol.commands import CORRELATION_ID_PATTERN, Command, Reply
+from edgefleet.agent.protocol.errors import PayloadTooLargeError, ProtocolError, TopicError
+from edgefleet.agent.protocol.messages import Event, Result, Status, Telemetry
+from edgefleet.agent.protocol.topics import TopicKind, TopicTree
+from edgefleet.agent.protocol.transfer import BundleOffer
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -6,9 +6,9 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, JsonValue, model_validator
 
-from agent.protocol.base import ModelId, Payload, PayloadKind, Strict
-from agent.protocol.ids import DeviceId, Sha256Hex
-from agent.protocol.messages import MAX_EXITS
+from edgefleet.agent.protocol.base import ModelId, Payload, PayloadKind, Strict
+from edgefleet.agent.protocol.ids import DeviceId, Sha256Hex
+from edgefleet.agent.protocol.messages import MAX_EXITS
 
 # Printable ASCII without spaces: the id is echoed in logs and replies.
 CORRELATION_ID_PATTERN = r"^[\x21-\x7e]{1,64}$"

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import StringConstraints
 
-from agent.protocol.errors import TopicError
+from edgefleet.agent.protocol.errors import TopicError
 
 # One MQTT topic level: no '/', and no '+', '#' or '$' that would turn a publish into a
 # wildcard or a system topic. 64 characters keeps topics short on constrained links.

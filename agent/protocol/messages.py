@@ -6,8 +6,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from agent.protocol.base import ModelId, Payload, PayloadKind, Strict
-from agent.protocol.ids import DeviceId, GroupName
+from edgefleet.agent.protocol.base import ModelId, Payload, PayloadKind, Strict
+from edgefleet.agent.protocol.ids import DeviceId, GroupName
 
 Count = Annotated[int, Field(ge=0)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64)]

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from agent.protocol.errors import TopicError
-from agent.protocol.ids import check_id, check_sha256
+from edgefleet.agent.protocol.errors import TopicError
+from edgefleet.agent.protocol.ids import check_id, check_sha256
 
 DEFAULT_ROOT = "edgefleet/v1"
 

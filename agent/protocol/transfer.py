@@ -6,8 +6,8 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from agent.protocol.base import ModelId, Payload, PayloadKind
-from agent.protocol.ids import Sha256Hex
+from edgefleet.agent.protocol.base import ModelId, Payload, PayloadKind
+from edgefleet.agent.protocol.ids import Sha256Hex
 
 MAX_CHUNK_SIZE = 1024 * 1024
 # 900 digests of 67 JSON bytes each stay inside the 64 KiB limit on a meta payload.

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from agent.bundle.manifest import Preprocessing
+from edgefleet.agent.bundle.manifest import Preprocessing
 
 log = logging.getLogger(__name__)
 

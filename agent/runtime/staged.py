@@ -12,8 +12,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from agent.bundle import VerifiedBundle
-from agent.bundle.manifest import ExitHead
+from edgefleet.agent.bundle import VerifiedBundle
+from edgefleet.agent.bundle.manifest import ExitHead
 
 from .chain import PlainChain, StageSessions, make_chain
 from .confidence import Rule, confidence, decide_exits, softmax

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from agent.bundle import (
+from edgefleet.agent.bundle import (
     ExitHead,
     Manifest,
     ManifestBody,
@@ -19,8 +19,8 @@ from agent.bundle import (
     TensorSpec,
     write_bundle,
 )
-from server import __version__
-from server.keystore import FleetKey
+from edgefleet.server import __version__
+from edgefleet.server.keystore import FleetKey
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: "float32",

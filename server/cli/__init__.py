@@ -7,8 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent.bundle import BundleError, KeyFileError
-from server.fleet.client import ApiError
+from edgefleet.agent.bundle import BundleError, KeyFileError
+from edgefleet.server.fleet.client import ApiError
 
 from . import bundle, demo, fleet, keys, optimize, simulate
 

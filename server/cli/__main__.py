@@ -1,7 +1,7 @@
-"""`python -m server.cli` runs the operator CLI (same as `edgefleet`)."""
+"""`python -m edgefleet.server.cli` runs the operator CLI (same as `edgefleet`)."""
 
 import sys
 
-from server.cli import main
+from edgefleet.server.cli import main
 
 sys.exit(main())

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import VerifiedBundle, load_public_key, pack, verify_bundle
-from server.keystore import PUBLIC_NAME
-from server.paths import keys_dir
+from edgefleet.agent.bundle import VerifiedBundle, load_public_key, pack, verify_bundle
+from edgefleet.server.keystore import PUBLIC_NAME
+from edgefleet.server.paths import keys_dir
 
 
 def register(sub: Any) -> None:

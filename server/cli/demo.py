@@ -16,7 +16,7 @@ def register(sub: Any) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from server.demo import run_demo  # heavy imports only for this command
+    from edgefleet.server.demo import run_demo  # heavy imports only for this command
 
     run_demo(args.out, max_frames=args.frames)
     return 0

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from server.fleet.client import URL_ENV, FleetClient
-from server.fleet.views import DeviceDetail, DeviceView
+from edgefleet.server.fleet.client import URL_ENV, FleetClient
+from edgefleet.server.fleet.views import DeviceDetail, DeviceView
 
 
 class _Error(Exception):

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from agent.bundle.keys import public_key_pem
-from server.keystore import init_key, load_key
-from server.paths import keys_dir
+from edgefleet.agent.bundle.keys import public_key_pem
+from edgefleet.server.keystore import init_key, load_key
+from edgefleet.server.paths import keys_dir
 
 
 def register(sub: Any) -> None:

@@ -96,12 +96,12 @@ def _labels(text: str | None) -> list[str] | None:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from server.keystore import init_key
-    from server.optimize.errors import OptimizeError
-    from server.optimize.options import OptimizeOptions
-    from server.optimize.pipeline import optimize
-    from server.optimize.preprocessing import infer_preprocessing
-    from server.paths import keys_dir
+    from edgefleet.server.keystore import init_key
+    from edgefleet.server.optimize.errors import OptimizeError
+    from edgefleet.server.optimize.options import OptimizeOptions
+    from edgefleet.server.optimize.pipeline import optimize
+    from edgefleet.server.optimize.preprocessing import infer_preprocessing
+    from edgefleet.server.paths import keys_dir
 
     from . import CliError
 

@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-from agent.protocol import DEFAULT_ROOT
+from edgefleet.agent.protocol import DEFAULT_ROOT
 
 
 def register(sub: Any) -> None:
@@ -55,8 +55,8 @@ def register(sub: Any) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from server.cli import CliError  # late: server.cli imports this module
-    from server.fleet.simulate import Progress, SimConfig, run_simulation
+    from edgefleet.server.cli import CliError  # late: server.cli imports this module
+    from edgefleet.server.fleet.simulate import Progress, SimConfig, run_simulation
 
     cfg = SimConfig(
         host=args.host,

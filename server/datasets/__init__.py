@@ -1,15 +1,15 @@
 """Reference data sets, their recorded splits and the shared preprocessing."""
 
-from server.datasets.mnist import (
+from edgefleet.server.datasets.mnist import (
     DatasetUnavailableError,
     file_sha256,
     load_mnist5k,
     mnist5k_path,
     mnist5k_sha256,
 )
-from server.datasets.preprocess import bgr_to_gray, preprocessing_spec, to_model_input
-from server.datasets.sklearn_digits import load_sklearn_digits
-from server.datasets.splits import (
+from edgefleet.server.datasets.preprocess import bgr_to_gray, preprocessing_spec, to_model_input
+from edgefleet.server.datasets.sklearn_digits import load_sklearn_digits
+from edgefleet.server.datasets.splits import (
     MNIST5K_SPLIT_SEED,
     MNIST5K_SPLIT_SIZES,
     SPLIT_NAMES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from server.datasets.mnist import INSTALL_HINT, DatasetUnavailableError
+from edgefleet.server.datasets.mnist import INSTALL_HINT, DatasetUnavailableError
 
 # load_digits() stores pixel intensities as 0..16 (4x4 blocks counted from 32x32 bitmaps).
 _SKLEARN_DIGITS_MAX = 16

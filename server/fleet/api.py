@@ -13,13 +13,13 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from agent import __version__
-from agent.protocol.ids import is_valid_id
-from server.fleet.commander import Commander, UnknownTarget
-from server.fleet.ingest import IngestStats
-from server.fleet.metrics import render
-from server.fleet.store.base import Store
-from server.fleet.views import (
+from edgefleet.agent import __version__
+from edgefleet.agent.protocol.ids import is_valid_id
+from edgefleet.server.fleet.commander import Commander, UnknownTarget
+from edgefleet.server.fleet.ingest import IngestStats
+from edgefleet.server.fleet.metrics import render
+from edgefleet.server.fleet.store.base import Store
+from edgefleet.server.fleet.views import (
     CommandOutcome,
     CommandRequest,
     DeviceDetail,

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from server.fleet.views import CommandOutcome, DeviceDetail, DeviceView, GroupView
+from edgefleet.server.fleet.views import CommandOutcome, DeviceDetail, DeviceView, GroupView
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_ENV = "EDGEFLEET_URL"

@@ -6,11 +6,11 @@ import logging
 import time
 import uuid
 
-from agent.protocol import Command, encode
-from agent.protocol.commands import AnyCommand
-from server.fleet.ingest import Ingestor
-from server.fleet.store.base import CommandRecord
-from server.fleet.views import CommandOutcome
+from edgefleet.agent.protocol import Command, encode
+from edgefleet.agent.protocol.commands import AnyCommand
+from edgefleet.server.fleet.ingest import Ingestor
+from edgefleet.server.fleet.store.base import CommandRecord
+from edgefleet.server.fleet.views import CommandOutcome
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.protocol import DEFAULT_ROOT, Reply, TopicTree
-from agent.protocol.topics import DeviceKind
-from server.fleet.store.base import Store
-from server.fleet.writer import ProcessWriter, StoreWriteError, ThreadWriter, Writer, Written
+from edgefleet.agent.protocol import DEFAULT_ROOT, Reply, TopicTree
+from edgefleet.agent.protocol.topics import DeviceKind
+from edgefleet.server.fleet.store.base import Store
+from edgefleet.server.fleet.writer import (
+    ProcessWriter,
+    StoreWriteError,
+    ThreadWriter,
+    Writer,
+    Written,
+)
 
 log = logging.getLogger(__name__)
 

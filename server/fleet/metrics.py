@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.fleet.ingest import IngestStats
-from server.fleet.store.base import Store
+from edgefleet.server.fleet.ingest import IngestStats
+from edgefleet.server.fleet.store.base import Store
 
 NO_GROUP = "none"  # label value for devices outside any group
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.fleet.api import create_app
-from server.fleet.commander import Commander
-from server.fleet.ingest import IngestConfig, Ingestor, tune_gc
-from server.fleet.store import open_store
-from server.fleet.store.base import RetentionPolicy, Store
+from edgefleet.server.fleet.api import create_app
+from edgefleet.server.fleet.commander import Commander
+from edgefleet.server.fleet.ingest import IngestConfig, Ingestor, tune_gc
+from edgefleet.server.fleet.store import open_store
+from edgefleet.server.fleet.store.base import RetentionPolicy, Store
 
 log = logging.getLogger(__name__)
 

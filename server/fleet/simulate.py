@@ -45,9 +45,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import JsonValue
 
-from agent import __version__ as AGENT_VERSION
-from agent.commands import CommandHandler
-from agent.protocol import (
+from edgefleet.agent import __version__ as AGENT_VERSION
+from edgefleet.agent.commands import CommandHandler
+from edgefleet.agent.protocol import (
     UNCORRELATED_ID,
     Event,
     EventKind,

@@ -6,9 +6,14 @@ import dataclasses
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.protocol import Event, Reply, Telemetry
-from agent.protocol.commands import AnyCommand
-from server.fleet.store.base import DeviceRecord, EventRecord, SequenceReport, TelemetryRecord
+from edgefleet.agent.protocol import Event, Reply, Telemetry
+from edgefleet.agent.protocol.commands import AnyCommand
+from edgefleet.server.fleet.store.base import (
+    DeviceRecord,
+    EventRecord,
+    SequenceReport,
+    TelemetryRecord,
+)
 
 
 class View(BaseModel):

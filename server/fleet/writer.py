@@ -18,7 +18,7 @@ from functools import lru_cache
 from multiprocessing.connection import Connection
 from typing import Protocol
 
-from agent.protocol import (
+from edgefleet.agent.protocol import (
     Event,
     ProtocolError,
     Reply,
@@ -28,8 +28,8 @@ from agent.protocol import (
     TopicTree,
     decode,
 )
-from agent.protocol.codec import TOPIC_PAYLOADS
-from server.fleet.store.base import (
+from edgefleet.agent.protocol.codec import TOPIC_PAYLOADS
+from edgefleet.server.fleet.store.base import (
     EventIn,
     IngestBatch,
     IngestOutcome,
@@ -183,8 +183,8 @@ def _child(conn: Connection, store_url: str, root: str, registration_open: bool)
     """The writer process: receive batches, answer each with Written or an error string."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.fleet.ingest import tune_gc
-    from server.fleet.store import open_store
+    from edgefleet.server.fleet.ingest import tune_gc
+    from edgefleet.server.fleet.store import open_store
 
     store = open_store(store_url)
     decoder = Decoder(root)

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from agent.runtime.confidence import softmax
+from edgefleet.agent.runtime.confidence import softmax
 
 from .errors import BudgetError
 from .quantize import Method, quantizable_nodes, quantize_qdq

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from agent import __version__
-from agent.bundle import (
+from edgefleet.agent import __version__
+from edgefleet.agent.bundle import (
     ExitHead,
     Manifest,
     ManifestBody,
@@ -17,7 +17,7 @@ from agent.bundle import (
     TensorSpec,
     write_bundle,
 )
-from server.keystore import FleetKey
+from edgefleet.server.keystore import FleetKey
 
 from .exits import ExitPlan
 from .macs import total_macs

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from server.datasets.splits import stratified_split
+from edgefleet.server.datasets.splits import stratified_split
 
 from .errors import DataError
 

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from agent.runtime.confidence import Rule, confidence, softmax
+from edgefleet.agent.runtime.confidence import Rule, confidence, softmax
 
 from .errors import ModelError
 from .heads import LinearHead, fit_softmax_regression, select_l2

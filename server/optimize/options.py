@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.runtime.confidence import Rule
+from edgefleet.agent.runtime.confidence import Rule
 
 from .quantize import Method
 

@@ -19,10 +19,10 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from agent.bundle import Preprocessing, verify_bundle
-from agent.runtime.preprocess import Preprocessor
-from agent.runtime.staged import StagedModel
-from server.keystore import FleetKey
+from edgefleet.agent.bundle import Preprocessing, verify_bundle
+from edgefleet.agent.runtime.preprocess import Preprocessor
+from edgefleet.agent.runtime.staged import StagedModel
+from edgefleet.server.keystore import FleetKey
 
 from .accuracy_control import quantize_within_budget
 from .assemble import assemble_bundle, point_names

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 from pydantic import ValidationError
 
-from agent.bundle import Preprocessing
+from edgefleet.agent.bundle import Preprocessing
 
 from .errors import ModelError
 

@@ -9,7 +9,7 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 
-from agent.runtime.session import session_options
+from edgefleet.agent.runtime.session import session_options
 
 F32 = npt.NDArray[np.float32]
 

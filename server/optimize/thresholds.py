@@ -9,8 +9,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from agent.bundle.manifest import OperatingPoint
-from agent.runtime.confidence import decide_exits
+from edgefleet.agent.bundle.manifest import OperatingPoint
+from edgefleet.agent.runtime.confidence import decide_exits
 
 Thresholds = tuple[float | None, ...]
 IntArray = npt.NDArray[np.int64]

@@ -8,11 +8,11 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from agent.bundle import Preprocessing
-from server.datasets import preprocess as _pre
-from server.datasets.mnist import load_mnist5k, mnist5k_sha256
-from server.datasets.preprocess import to_model_input
-from server.datasets.splits import load_split, verify_split
+from edgefleet.agent.bundle import Preprocessing
+from edgefleet.server.datasets import preprocess as _pre
+from edgefleet.server.datasets.mnist import load_mnist5k, mnist5k_sha256
+from edgefleet.server.datasets.preprocess import to_model_input
+from edgefleet.server.datasets.splits import load_split, verify_split
 
 REFERENCE_DIR: Final = Path(__file__).resolve().parent
 MODEL_PATH: Final = REFERENCE_DIR / "mnist_cnn.onnx"

@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from agent.bundle.manifest import Preprocessing
-from server.datasets.sklearn_digits import load_sklearn_digits
-from server.datasets.splits import stratified_split
+from edgefleet.agent.bundle.manifest import Preprocessing
+from edgefleet.server.datasets.sklearn_digits import load_sklearn_digits
+from edgefleet.server.datasets.splits import stratified_split
 
 REFERENCE_DIR: Final = Path(__file__).resolve().parent
 DIGITS_RESNET_PATH: Final = REFERENCE_DIR / "digits_resnet.onnx"

@@ -1,4 +1,4 @@
-"""Train and export the residual reference CNN: python -m server.reference.digits_resnet.
+"""Train and export the residual reference CNN: python -m edgefleet.server.reference.digits_resnet.
 
 A tiny ResNet for sklearn's digits shown as tinted 32x32 RGB frames (`digits_data`): the
 optimizer's second test model, with skip connections it must not cut across. Needs torch
@@ -27,8 +27,8 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from agent.runtime.preprocess import Preprocessor
-from server.reference.digits_data import (
+from edgefleet.agent.runtime.preprocess import Preprocessor
+from edgefleet.server.reference.digits_data import (
     DIGITS_RESNET_CARD_PATH,
     DIGITS_RESNET_PATH,
     DIGITS_SPLIT_SEED,

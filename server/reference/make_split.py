@@ -1,13 +1,13 @@
-"""Record the MNIST-5k reference split: python -m server.reference.make_split."""
+"""Record the MNIST-5k reference split: python -m edgefleet.server.reference.make_split."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from server.datasets.mnist import load_mnist5k, mnist5k_sha256
-from server.datasets.splits import MNIST5K_SPLIT_SEED, MNIST5K_SPLIT_SIZES, make_split
-from server.reference import MNIST5K_DATASET, MNIST5K_SOURCE_FILE, SPLIT_PATH
+from edgefleet.server.datasets.mnist import load_mnist5k, mnist5k_sha256
+from edgefleet.server.datasets.splits import MNIST5K_SPLIT_SEED, MNIST5K_SPLIT_SIZES, make_split
+from edgefleet.server.reference import MNIST5K_DATASET, MNIST5K_SOURCE_FILE, SPLIT_PATH
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Write the reference video of test-split digits: python -m server.reference.make_video."""
+"""Write the reference video of test-split digits (see DATACARD.md)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from server.datasets.preprocess import bgr_to_gray
-from server.datasets.splits import load_split
-from server.reference import (
+from edgefleet.server.datasets.preprocess import bgr_to_gray
+from edgefleet.server.datasets.splits import load_split
+from edgefleet.server.reference import (
     MODEL_CARD_PATH,
     MODEL_PATH,
     SPLIT_PATH,

@@ -1,4 +1,4 @@
-"""Retrain and export the reference MNIST CNN: python -m server.reference.train (needs torch)."""
+"""Retrain and export the reference MNIST CNN (needs torch): see DATACARD.md."""
 
 # This is the only module in the project that imports torch (the optional "train" extra).
 # The model is built from nn.Sequential rather than a subclass so that mypy, run where
@@ -24,10 +24,10 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from server.datasets.mnist import load_mnist5k, mnist5k_sha256
-from server.datasets.preprocess import INPUT_SIZE, preprocessing_spec, to_model_input
-from server.datasets.splits import load_split, verify_split
-from server.reference import (
+from edgefleet.server.datasets.mnist import load_mnist5k, mnist5k_sha256
+from edgefleet.server.datasets.preprocess import INPUT_SIZE, preprocessing_spec, to_model_input
+from edgefleet.server.datasets.splits import load_split, verify_split
+from edgefleet.server.reference import (
     BLOCK_OUTPUTS,
     INPUT_NAME,
     MODEL_CARD_PATH,
@@ -39,7 +39,7 @@ from server.reference import (
     VIDEO_PATH,
     evaluate_onnx,
 )
-from server.reference.make_video import video_metrics
+from edgefleet.server.reference.make_video import video_metrics
 
 SEED = 20261125
 OPSET = 17

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.netutil import free_port
+from edgefleet.server.netutil import free_port
 
 INSTALL_HINT = (
     "PostgreSQL is needed for the coordinator's store tests and neither a local server "

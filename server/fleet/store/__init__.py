@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 
-from server.fleet.store.base import (
+from edgefleet.server.fleet.store.base import (
     CommandRecord,
     DeviceRecord,
     EventIn,
@@ -53,8 +53,8 @@ from server.fleet.store.base import (
     TelemetryIn,
     TelemetryRecord,
 )
-from server.fleet.store.postgres import PostgresStore
-from server.fleet.store.sqlite import SqliteStore
+from edgefleet.server.fleet.store.postgres import PostgresStore
+from edgefleet.server.fleet.store.sqlite import SqliteStore
 
 __all__ = [
     "CommandRecord",

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.protocol import Event, Reply, Status, Telemetry
+from edgefleet.agent.protocol import Event, Reply, Status, Telemetry
 
 # Why a message was not stored; counted per reason and kept in the rejects log.
 RejectReason = Literal[

@@ -11,8 +11,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from agent.protocol import Reply, Status, Telemetry
-from server.fleet.store.base import (
+from edgefleet.agent.protocol import Reply, Status, Telemetry
+from edgefleet.server.fleet.store.base import (
     CommandRecord,
     DeviceRecord,
     EventIn,

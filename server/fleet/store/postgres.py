@@ -25,9 +25,9 @@ import psycopg
 from psycopg import errors
 from psycopg.rows import TupleRow
 
-from agent.protocol import Event, Reply, Telemetry
-from server.fleet.store import logic
-from server.fleet.store.base import (
+from edgefleet.agent.protocol import Event, Reply, Telemetry
+from edgefleet.server.fleet.store import logic
+from edgefleet.server.fleet.store.base import (
     CommandRecord,
     DeviceRecord,
     EventRecord,
@@ -42,7 +42,7 @@ from server.fleet.store.base import (
     Store,
     TelemetryRecord,
 )
-from server.fleet.store.schema import VERSION_TABLE_POSTGRES, pending
+from edgefleet.server.fleet.store.schema import VERSION_TABLE_POSTGRES, pending
 
 _T = TypeVar("_T")
 Cursor = psycopg.Cursor[TupleRow]

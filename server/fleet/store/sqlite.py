@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import get_args
 
-from agent.protocol import Event, Reply, Telemetry
-from server.fleet.store import logic
-from server.fleet.store.base import (
+from edgefleet.agent.protocol import Event, Reply, Telemetry
+from edgefleet.server.fleet.store import logic
+from edgefleet.server.fleet.store.base import (
     CommandRecord,
     DeviceRecord,
     EventRecord,
@@ -32,7 +32,7 @@ from server.fleet.store.base import (
     Store,
     TelemetryRecord,
 )
-from server.fleet.store.schema import VERSION_TABLE_SQLITE, pending, split_statements
+from edgefleet.server.fleet.store.schema import VERSION_TABLE_SQLITE, pending, split_statements
 
 DAY_S = 86_400.0
 
