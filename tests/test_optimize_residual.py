@@ -1,6 +1,6 @@
 """`edgefleet optimize` on a second, residual model (tinted RGB sklearn digits, real labels).
 
-The model (`server/reference/digits_resnet.onnx`, trained by `server.reference.digits_resnet`)
+The model (`server/reference/digits_resnet.onnx`, trained by `training.digits_resnet`)
 has an identity skip and a strided 1x1 projection skip, so the optimizer must cut only where
 no skip crosses, prune whole residual channel groups, and read RGB through the agent's
 preprocessing.

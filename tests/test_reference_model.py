@@ -34,7 +34,7 @@ from edgefleet.server.reference import (
     evaluate_onnx,
     load_reference_split,
 )
-from edgefleet.server.reference.make_video import read_video
+from edgefleet.server.reference.video import read_video
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Record the MNIST-5k reference split: python -m edgefleet.server.reference.make_split."""
+"""Record the MNIST-5k reference split: python -m training.make_split."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Train and export the residual reference CNN: python -m edgefleet.server.reference.digits_resnet.
+"""Train and export the residual reference CNN: python -m training.digits_resnet.
 
 A tiny ResNet for sklearn's digits shown as tinted 32x32 RGB frames (`digits_data`): the
 optimizer's second test model, with skip connections it must not cut across. Needs torch
@@ -212,6 +212,8 @@ def export_onnx(model: nn.Module, path: Path) -> None:
     name_block_outputs(proto)
     del proto.graph.value_info[:]
     proto = onnx.shape_inference.infer_shapes(proto)
+    # The module's name before it left the package: the shipped file records it, and a retrain
+    # must give the same bytes.
     proto.producer_name = "edgefleet.server.reference.digits_resnet"
     proto.doc_string = "edgefleet residual reference CNN for tinted RGB sklearn digits (fp32)"
     onnx.checker.check_model(proto, full_check=True)

@@ -1,6 +1,9 @@
-"""Retrain and export the reference MNIST CNN (needs torch): see DATACARD.md."""
+"""Retrain and export the reference MNIST CNN (needs torch): python -m training.train.
 
-# This is the only module in the project that imports torch (the optional "train" extra).
+See server/reference/DATACARD.md.
+"""
+
+# This and training.digits_resnet are the only modules that import torch (the "train" extra).
 # The model is built from nn.Sequential rather than a subclass so that mypy, run where
 # torch is absent (torch is then Any), has no "subclass of Any" to complain about.
 
@@ -39,7 +42,7 @@ from edgefleet.server.reference import (
     VIDEO_PATH,
     evaluate_onnx,
 )
-from edgefleet.server.reference.make_video import video_metrics
+from training.make_video import video_metrics
 
 SEED = 20261125
 OPSET = 17
@@ -259,6 +262,8 @@ def export_onnx(model: nn.Module, path: Path) -> None:
     name_block_outputs(proto)
     del proto.graph.value_info[:]
     proto = onnx.shape_inference.infer_shapes(proto)
+    # The module's name before it left the package: the shipped file records it, and a retrain
+    # must give the same bytes.
     proto.producer_name = "edgefleet.server.reference.train"
     proto.doc_string = "edgefleet reference MNIST CNN (fp32, BatchNorm folded)"
     onnx.checker.check_model(proto, full_check=True)

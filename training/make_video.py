@@ -1,4 +1,7 @@
-"""Write the reference video of test-split digits (see DATACARD.md)."""
+"""Write the reference video of test-split digits: python -m training.make_video.
+
+See server/reference/DATACARD.md; `edgefleet.server.reference.video.read_video` reads it back.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from edgefleet.server.reference import (
     evaluate_onnx,
     load_reference_split,
 )
+from edgefleet.server.reference.video import read_video
 
 VIDEO_SPLIT: Final = "test"
 NUM_FRAMES: Final = 400
@@ -58,27 +62,6 @@ def write_video(
             writer.write(frame)
     finally:
         writer.release()
-
-
-def read_video(path: Path) -> NDArray[np.uint8]:
-    """Decode every frame of a video file into a BGR array (N, H, W, 3)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise RuntimeError(f"OpenCV cannot open {path}")
-    frames: list[NDArray[np.uint8]] = []
-    try:
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frames.append(np.asarray(frame, dtype=np.uint8))
-    finally:
-        capture.release()
-    if not frames:
-        raise RuntimeError(f"no frame decoded from {path}")
-    return np.stack(frames)
 
 
 def sha256_file(path: Path) -> str:
