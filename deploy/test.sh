@@ -19,5 +19,7 @@ say "ruff"
 "$VENV/bin/ruff" check edgefleet/__init__.py agent server tests bench
 say "mypy"
 "$VENV/bin/mypy"
+say "import contracts"
+"$VENV/bin/lint-imports" --no-cache
 say "pytest"
 exec "$VENV/bin/python" -m pytest "$@"
