@@ -41,6 +41,9 @@ options:
                            --fleet-key first, refused if it does not verify
   --wheel PATH_OR_SPEC     what to pip install: a wheel, a source directory, or a requirement
                            such as 'edgefleet==0.2.0' (default: this checkout, $CHECKOUT)
+  --lock FILE              exact versions for edgefleet's dependencies and its build (default:
+                           deploy/lock/agent.txt of this checkout, the versions CI tested);
+                           'none' lets pip take the newest releases
   --python PY              interpreter for the virtualenv (default python3; 3.10 or newer)
   --root DIR               install under DIR instead of / (tests, staging); never runs
                            useradd, chown or systemctl. The virtualenv only works at DIR/...:
@@ -69,7 +72,7 @@ usage_error() {
 
 # ---------------------------------------------------------------- arguments
 BROKER="" DEVICE_ID="" FLEET_KEY="" CAMERA="0" GROUP="" ROOT="" WHEEL="" PYTHON="python3" BUNDLE=""
-REUSE_FROM="" ENABLE=1 BUILD_TMP=""
+REUSE_FROM="" ENABLE=1 BUILD_TMP="" LOCK="$CHECKOUT/deploy/lock/agent.txt"
 while [ $# -gt 0 ]; do
     opt="$1"
     val=""
@@ -78,7 +81,7 @@ while [ $# -gt 0 ]; do
         --no-enable) ENABLE=0; shift; continue ;;
         --*=*) val="${opt#*=}"; opt="${opt%%=*}"; shift ;;
         --broker | --device-id | --fleet-key | --camera | --group | --root | --wheel | --python \
-            | --reuse-site-packages | --bundle)
+            | --reuse-site-packages | --bundle | --lock)
             [ $# -ge 2 ] || usage_error "$opt needs a value"
             val="$2"
             shift 2
@@ -96,6 +99,7 @@ while [ $# -gt 0 ]; do
         --python) PYTHON="$val" ;;
         --reuse-site-packages) REUSE_FROM="$val" ;;
         --bundle) BUNDLE="$val" ;;
+        --lock) LOCK="$val" ;;
         --no-enable | -h | --help) usage_error "$opt takes no value" ;;
         *) usage_error "unknown argument: $opt" ;;
     esac
@@ -270,11 +274,19 @@ shutil.copytree(src, sys.argv[2], ignore=skip, symlinks=True)
 PY
 fi
 
+# The lock as pip constraints: the dependencies at exactly the versions CI tested, and (through
+# the environment, which pip's isolated build inherits) setuptools and wheel for the build too.
+lock_env=()
+if [ "$LOCK" != "none" ]; then
+    [ -f "$LOCK" ] || die "--lock: '$LOCK' does not exist (use --lock none for the newest releases)"
+    lock_env=("PIP_CONSTRAINT=$(cd "$(dirname "$LOCK")" && pwd)/$(basename "$LOCK")")
+fi
 before="$(package_state)"
-say "pip install $WHEEL (this can take a few minutes on a Pi)"
-"$VENV/bin/python" -I -m pip install --quiet --disable-pip-version-check --no-input \
-    --progress-bar off --upgrade --upgrade-strategy only-if-needed "$pip_target" ||
-    die "pip could not install '$WHEEL' into $VENV"
+say "pip install $WHEEL${lock_env[*]:+ with the versions of $LOCK} (this can take a few minutes on a Pi)"
+env ${lock_env[@]+"${lock_env[@]}"} "$VENV/bin/python" -I -m pip install --quiet \
+    --disable-pip-version-check --no-input --progress-bar off --upgrade \
+    --upgrade-strategy only-if-needed "$pip_target" ||
+    die "pip could not install '$WHEEL' into $VENV${lock_env[*]:+ with the versions of $LOCK}"
 after="$(package_state)"
 [ -x "$VENV/bin/edgefleet-agent" ] || die "pip installed '$WHEEL' but $VENV/bin/edgefleet-agent is missing: is it edgefleet?"
 version="$("$VENV/bin/edgefleet-agent" --version)" || die "$VENV/bin/edgefleet-agent does not run"

@@ -16,7 +16,7 @@ ensure_postgres
 cd "$EDGEFLEET_ROOT"
 
 say "ruff"
-"$VENV/bin/ruff" check edgefleet/__init__.py agent server tests bench
+"$VENV/bin/ruff" check edgefleet/__init__.py agent server tests bench training
 say "mypy"
 "$VENV/bin/mypy"
 say "import contracts"

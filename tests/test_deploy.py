@@ -191,7 +191,7 @@ def test_install_tree(installed: Installed) -> None:
     version = subprocess.run([agent, "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("edgefleet-agent ")
     where = subprocess.run(
-        [venv / "bin" / "python", "-I", "-c", "import agent; print(agent.__file__)"],
+        [venv / "bin" / "python", "-I", "-c", "import edgefleet.agent as a; print(a.__file__)"],
         capture_output=True,
         text=True,
         check=True,
@@ -298,6 +298,19 @@ def test_second_run_changes_nothing_and_keeps_the_owners_config(installed: Insta
     assert "unchanged" in again.stderr  # the same package: a running agent is not restarted
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched} == before
     assert load_config(config, env={}).telemetry.interval_s == 30.0
+
+
+def test_the_lock_decides_the_versions(installed: Installed, tmp_path: Path) -> None:
+    # The default run installed with the checkout's lock ...
+    assert "deploy/lock/agent.txt" in installed.first.stderr
+    # ... and a lock pinning a version that does not exist makes pip fail, naming the lock.
+    lock = tmp_path / "impossible.txt"
+    lock.write_text("paho-mqtt==0.0.1\n")
+    args = install_args(tmp_path / "root", installed.key, installed.source)
+    res = run_install(*args, "--lock", lock)
+    assert res.returncode == 1 and f"with the versions of {lock}" in res.stderr, res.stderr
+    missing = run_install(*args, "--lock", tmp_path / "nope.txt")
+    assert missing.returncode == 1 and "--lock:" in missing.stderr and "nope.txt" in missing.stderr
 
 
 def test_missing_device_id_is_a_clear_error(tmp_path: Path) -> None:
