@@ -20,7 +20,6 @@ Run from the repository root: `.venv/bin/python -m bench.agent [--out FILE]`.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import shutil
 import signal
 import statistics
@@ -41,7 +40,17 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.optimize import emit_report, load_avg, machine_info, rounded_floats, run_optimizer, say
+from bench.reference_bundle import run_optimizer
+from bench.report import (
+    Targets,
+    emit_report,
+    load_avg,
+    machine_info,
+    report_head,
+    rounded_floats,
+    say,
+    target_check,
+)
 from edgefleet.agent.bundle import verify_bundle
 from edgefleet.agent.protocol import Result, Telemetry, TopicTree, decode_topic
 from edgefleet.agent.runtime.preprocess import Preprocessor
@@ -49,13 +58,14 @@ from edgefleet.agent.runtime.staged import StagedModel
 from edgefleet.agent.window import TelemetryWindow
 from edgefleet.server.keystore import FleetKey
 from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.optimize.latency import interleaved, medians, round_ratios
 from edgefleet.server.optimize.runner import make_session
 from edgefleet.server.reference import VIDEO_PATH
 
 U8 = npt.NDArray[np.uint8]
 
 # (kind, bound): "max" targets are upper bounds.
-TARGETS: dict[str, tuple[str, float]] = {
+TARGETS: Targets = {
     "overhead": ("max", 0.10),
     "rss_mb": ("max", 150.0),
     "cold_start_s": ("max", 2.0),
@@ -83,6 +93,7 @@ def decode_frames(n: int) -> list[U8]:
 # ---------------------------------------------------------------- overhead
 
 Step = Callable[[int], object]  # one frame by index
+CHUNK, WARMUP = 10, 20  # frames per interleaved chunk; untimed frames per contender first
 
 
 def agent_step(model: StagedModel, pre: Preprocessor, frames: list[U8]) -> Step:
@@ -96,30 +107,6 @@ def agent_step(model: StagedModel, pre: Preprocessor, frames: list[U8]) -> Step:
         return pred
 
     return run
-
-
-def interleaved(
-    steps: dict[str, Step], n: int, rounds: int, chunk: int = 10
-) -> dict[str, list[float]]:
-    """Mean ms per frame of every step, one value per round; chunks rotate the order."""
-    names = list(steps)
-    for step in steps.values():
-        for i in range(min(20, n)):
-            step(i)
-    per_round: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        total = dict.fromkeys(names, 0.0)
-        for c, start in enumerate(range(0, n, chunk)):
-            shift = (r + c) % len(names)
-            for name in names[shift:] + names[:shift]:
-                step = steps[name]
-                for i in range(start, min(start + chunk, n)):
-                    t0 = time.perf_counter()
-                    step(i)
-                    total[name] += (time.perf_counter() - t0) * 1000.0
-        for name in names:
-            per_round[name].append(total[name] / n)
-    return per_round
 
 
 def overhead_section(out: Path, key: FleetKey, frames: list[U8], rounds: int) -> dict[str, Any]:
@@ -149,14 +136,14 @@ def overhead_section(out: Path, key: FleetKey, frames: list[U8], rounds: int) ->
         "diag_staged_predict_no_exits": lambda i: no_exits.predict(inputs[i]),
     }
     say(f"overhead: {len(frames)} frames x {rounds} interleaved rounds, 1 thread")
-    per_round = interleaved(steps, len(frames), rounds)
-    med = {k: statistics.median(v) for k, v in per_round.items()}
+    per_round = interleaved(steps, range(len(frames)), rounds=rounds, chunk=CHUNK, warmup=WARMUP)
+    med = medians(per_round)
     say("  " + ", ".join(f"{k} {v:.4f} ms" for k, v in med.items()))
+
     def paired(name: str) -> list[float]:
         # Each round's ratio to the bare run of the same round: a noisy neighbour's burst
         # slows both sides of a pair, so the ratio drifts less than either time.
-        bare = per_round["bare_ort_int8"]
-        return [a / b - 1.0 for a, b in zip(per_round[name], bare, strict=True)]
+        return [r - 1.0 for r in round_ratios(per_round, name, "bare_ort_int8")]
 
     ratios = paired("agent_no_exits")
     exits = [with_exits.predict(x).exit_index for x in inputs]
@@ -419,26 +406,10 @@ def process_section(
 # ---------------------------------------------------------------- report
 
 
-def target_check(result: dict[str, Any]) -> dict[str, bool | None]:
-    """Each target met or not (None where the figure is missing)."""
-    meets: dict[str, bool | None] = {}
-    for name, (kind, bound) in TARGETS.items():
-        value = result.get(name)
-        if value is None:
-            meets[name] = None
-        else:
-            meets[name] = value <= bound if kind == "max" else value >= bound
-    return meets
-
-
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     """Run every section and assemble the JSON report."""
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "benchmark": "edgefleet agent (reference mnist_cnn, INT8 early-exit bundle)",
-        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "load_avg": {"start": load_avg()},
-    }
+    result = report_head("edgefleet agent (reference mnist_cnn, INT8 early-exit bundle)")
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         work = Path(tmp)
         out, key, _report, _test = run_optimizer(work)
@@ -467,7 +438,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "without exits, so early exits can take the ratio above 1.",
         "targets": {k: {kind: bound} for k, (kind, bound) in TARGETS.items()},
     }
-    result["meets"] = target_check(result)
+    result["meets"] = target_check(TARGETS, result)
     result["overhead_detail"] = {k: v for k, v in over.items() if k != "overhead"}
     result["agent_process"] = proc["agent_process"]
     result["load_avg"]["end"] = load_avg()
@@ -479,7 +450,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_frames": args.frames,
         "statistic": "overhead: median over rounds of each round's ratio of mean ms per frame "
         "(agent / bare - 1); latency_ms: median over rounds of each round's mean; rounds "
-        "interleave contenders in chunks of 10 frames in rotating order",
+        f"interleave contenders in chunks of {CHUNK} frames in rotating order",
         "video": str(VIDEO_PATH.name),
         "camera": "file looped, realtime = false (replayed: no pacing, no frame dropped)",
         "telemetry_interval_s": 1.0,

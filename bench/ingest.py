@@ -43,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.optimize import emit_report, load_avg, machine_info, rounded_floats, say
+from bench.report import emit_report, load_avg, machine_info, rounded_floats, say
 from edgefleet.agent.protocol import Percentiles, Telemetry, TopicTree, encode
 from edgefleet.server.fleet.ingest import IngestConfig, Ingestor, tune_gc
 from edgefleet.server.fleet.store import open_store
