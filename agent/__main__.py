@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgefleet.agent import __version__
 from edgefleet.agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
+from edgefleet.agent.helpformat import CliParser
 
 DEFAULT_CONFIG = Path("/etc/edgefleet/agent.toml")
 
@@ -67,18 +68,24 @@ def _check(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from edgefleet.agent.benchmark import as_json, bench_bundle, read_frames
+    from edgefleet.agent.benchmark import as_json, bench_bundle, read_frames, report
 
     verified = verify_bundle(args.bundle, [load_public_key(p) for p in args.key])
     source: str | int = int(args.source) if args.source.isdigit() else args.source
     try:
+        if args.frames < 1 or args.rounds < 1:
+            raise ValueError(f"--frames and --rounds must be >= 1 (got {args.frames}, "
+                             f"{args.rounds})")
         frames = read_frames(source, args.frames)
     except ValueError as exc:
         print(f"edgefleet-agent bench: error: {exc}", file=sys.stderr)
         return 1
     m = verified.manifest
     say = (lambda _m: None) if args.json else print
-    say(f"{m.model_id} v{m.version}: {len(frames)} frames of {args.source}, {args.threads} thr")
+    say(
+        f"{m.model_id} v{m.version}: {len(frames)} frames of {args.source} x {args.rounds} "
+        f"round(s) per operating point, {args.threads} thread(s)"
+    )
     results = bench_bundle(
         verified,
         frames,
@@ -89,39 +96,67 @@ def _bench(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(as_json(results), indent=2))
+    else:
+        print(report(results))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Commands available on a device."""
-    parser = argparse.ArgumentParser(prog="edgefleet-agent", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"edgefleet-agent {__version__}")
+    parser = CliParser(prog="edgefleet-agent", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"edgefleet-agent {__version__}",
+        help="print the package version and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     v = sub.add_parser("verify", help="verify a bundle's signature and hashes as the device would")
-    v.add_argument("bundle", type=Path)
-    v.add_argument("--key", type=Path, action="append", required=True, help="trusted public key")
+    v.add_argument("bundle", type=Path, help="bundle directory")
+    v.add_argument(
+        "--key", type=Path, action="append", required=True,
+        help="trusted public key, PEM (repeat for several)",
+    )
     v.set_defaults(func=_verify)
     r = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
-    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    r.add_argument("-v", "--verbose", action="store_true")
+    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="agent config (TOML)")
+    r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     r.set_defaults(func=_run)
     c = sub.add_parser("check", help="check config, bundle, camera and broker; say what is wrong")
-    c.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    c.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="agent config (TOML)")
     c.set_defaults(func=_check)
-    b = sub.add_parser("bench", help="latency, fps and energy per frame of a bundle on this device")
-    b.add_argument("bundle", type=Path)
-    b.add_argument("--key", type=Path, action="append", required=True, help="trusted public key")
-    b.add_argument("--source", required=True, help="video file or camera index/path")
-    b.add_argument("--frames", type=int, default=200)
-    b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--threads", type=int, default=1)
+    b = sub.add_parser(
+        "bench",
+        help="latency, fps and energy per frame of a bundle on this device",
+        description="Time every operating point of a bundle (and all exits off) on the same "
+        "decoded frames: each point over every frame once per round, the points taking turns "
+        "every few frames in a rotating order, each warmed up first. Times are frame to "
+        "prediction, preprocessing included, as the agent's telemetry reports them; the "
+        "report says what each figure is.",
+    )
+    b.add_argument("bundle", type=Path, help="bundle directory")
+    b.add_argument(
+        "--key", type=Path, action="append", required=True,
+        help="trusted public key, PEM (repeat for several)",
+    )
+    b.add_argument(
+        "--source", required=True,
+        help="video file, or camera index (0) or device path (/dev/video0)",
+    )
+    b.add_argument(
+        "--frames", type=int, default=200,
+        help="distinct frames read from the source (a short video is looped)",
+    )
+    b.add_argument(
+        "--rounds", type=int, default=3,
+        help="times each point runs over all the frames; figures are medians over rounds",
+    )
+    b.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     b.add_argument(
         "--provider",
         action="append",
-        help="onnxruntime execution provider, in order of preference (repeat; default CPU), "
-        "as model.providers in agent.toml",
+        help="onnxruntime execution provider, in order of preference, as model.providers in "
+        "agent.toml (repeat for several; default: CPUExecutionProvider)",
     )
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the results as JSON only")
     b.set_defaults(func=_bench)
     return parser
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from edgefleet.agent import __version__
+from edgefleet.agent.helpformat import CliParser
 from edgefleet.agent.protocol import DEFAULT_ROOT, TopicTree
 from edgefleet.server.listen import Listener
 
@@ -100,12 +101,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Coordinator commands."""
-    parser = argparse.ArgumentParser(prog="edgefleet-server", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"edgefleet-server {__version__}")
+    parser = CliParser(prog="edgefleet-server", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"edgefleet-server {__version__}",
+        help="print the package version and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("listen", help="decode and print every device message on a broker")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--host", default="127.0.0.1", help="MQTT broker host")
+    p.add_argument("--port", type=int, default=1883, help="MQTT broker port")
     p.add_argument("--root", default=DEFAULT_ROOT, help="topic root")
     p.set_defaults(func=_listen)
     p = sub.add_parser("run", help="ingest the fleet's traffic and serve the HTTP API")
@@ -117,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="sqlite:///PATH or a PostgreSQL URL/DSN (several coordinators need PostgreSQL)",
     )
     p.add_argument("--http", default="127.0.0.1:8080", help="HOST:PORT of the HTTP API")
-    p.add_argument("--token-file", help=f"API token for actions (else ${TOKEN_ENV})")
+    p.add_argument(
+        "--token-file",
+        help="file holding the API token for actions (default: the systemd credential "
+        f"api-token, else ${TOKEN_ENV}; none: actions are refused)",
+    )
     p.add_argument("--client-id", default="edgefleet-coordinator-1",
                    help="MQTT client id: unique per coordinator, stable across restarts")
     p.add_argument(

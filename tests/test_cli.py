@@ -1,7 +1,9 @@
-"""The console scripts as real processes: keys, bundle verify, agent verify, server listen."""
+"""The console scripts: keys, bundle verify, agent verify, server listen as real processes;
+--version and --help of all three."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import signal
@@ -15,8 +17,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefleet import __version__
+from edgefleet.agent import __main__ as agent_main
 from edgefleet.agent.bundle import load_private_key, write_bundle
+from edgefleet.agent.helpformat import has_default, walk
 from edgefleet.agent.protocol import TopicTree, encode
+from edgefleet.server import __main__ as server_main
+from edgefleet.server.cli import app as cli_app
 from edgefleet.server.localbroker import MosquittoBroker
 from tests.bundle_helpers import two_stage_body, two_stage_files
 from tests.protocol_samples import telemetry as sample_telemetry
@@ -122,3 +129,48 @@ def test_server_listen_decodes_and_counts_rejects(
     assert f"telemetry {telemetry.device_id} seq={telemetry.seq}" in out
     assert "rejected" in err and "payload is not JSON" in err
     assert "'Telemetry': 1" in err and "'rejected': 1" in err
+
+
+def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every parser and subcommand parser of the three console scripts."""
+    found: list[tuple[str, argparse.ArgumentParser]] = []
+    for build in (agent_main.build_parser, server_main.build_parser, cli_app.build_parser):
+        found += walk(build())
+    return found
+
+
+def test_every_console_script_says_its_version(tmp_path: Path) -> None:
+    for module, prog in (
+        ("edgefleet.server.cli", "edgefleet"),
+        ("edgefleet.server", "edgefleet-server"),
+        ("edgefleet.agent", "edgefleet-agent"),
+    ):
+        res = _run("-m", module, "--version", home=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == f"{prog} {__version__}"
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    progs = {prog for prog, _ in _parsers()}
+    assert {"edgefleet fleet cmd", "edgefleet-agent bench", "edgefleet-server run"} <= progs
+    for prog, parser in _parsers():
+        parser.format_help()  # every help string formats (a stray % would raise here)
+        formatter = parser.formatter_class(prog)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help, f"{prog} {choice.dest}: no help"
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help, f"{prog} {name}: no help text"
+            if has_default(action):
+                shown = formatter._expand_help(action)  # the text --help prints
+                assert "(default" in shown, f"{prog} {name}: default {action.default!r} not shown"
+
+
+def test_subcommand_help_shows_defaults_as_a_newcomer_reads_them(tmp_path: Path) -> None:
+    res = _run("-m", "edgefleet.agent", "bench", "--help", home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "(default: 200)" in text and "(default: 3)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text

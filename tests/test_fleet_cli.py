@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from edgefleet.agent.helpformat import walk
+from edgefleet.server.cli import build_parser
 from edgefleet.server.cli.fleet import device_rows, parse_fields
 from edgefleet.server.fleet.client import ApiError, FleetClient
 from edgefleet.server.localbroker import MosquittoBroker
@@ -123,6 +126,44 @@ def test_cli_without_coordinator_says_so(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     r = _fleet(url, "ls")
     assert r.returncode == 1 and f"cannot reach the coordinator at {url}" in r.stderr
+    after = subprocess.run(  # as a newcomer types it: the option after the action
+        [sys.executable, "-m", "edgefleet.server.cli", "fleet", "ls", "--url", url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert after.returncode == 1 and f"cannot reach the coordinator at {url}" in after.stderr
+
+
+# The smallest valid arguments of every `fleet` action; the test below checks none is missing.
+ACTION_ARGS = {
+    "ls": [],
+    "show": ["cam-01"],
+    "groups": [],
+    "register": ["cam-01"],
+    "assign": ["cam-01", "lobby"],
+    "cmd": ["cam-01", "ping"],
+}
+
+
+def _fleet_actions() -> set[str]:
+    fleet = next(p for prog, p in walk(build_parser()) if prog == "edgefleet fleet")
+    sub = next(a for a in fleet._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
+def test_url_and_token_before_or_after_every_action() -> None:
+    assert _fleet_actions() == set(ACTION_ARGS)
+    parser = build_parser()
+    for action, rest in ACTION_ARGS.items():
+        conn = ["--url", "http://coord:1", "--token", "t0"]
+        before = parser.parse_args(["fleet", *conn, action, *rest])
+        after = parser.parse_args(["fleet", action, *rest, *conn])
+        neither = parser.parse_args(["fleet", action, *rest])
+        assert (before.url, before.token) == ("http://coord:1", "t0"), action
+        assert (after.url, after.token) == ("http://coord:1", "t0"), action
+        assert (neither.url, neither.token) == (None, None), action  # the env or default
+        mixed = parser.parse_args(["fleet", "--url", "http://a:1", action, *rest,
+                                   "--token", "t1"])
+        assert (mixed.url, mixed.token) == ("http://a:1", "t1"), action
 
 
 def test_field_parsing_and_table() -> None:

@@ -2,6 +2,6 @@
 
 import sys
 
-from edgefleet.server.cli import main
+from edgefleet.server.cli.app import main
 
 sys.exit(main())

@@ -10,24 +10,24 @@ from edgefleet.agent.bundle import VerifiedBundle, load_public_key, pack, verify
 from edgefleet.server.keystore import PUBLIC_NAME
 from edgefleet.server.paths import keys_dir
 
+KEY_HELP = (
+    "trusted public key, PEM (repeat for several; default: the fleet key, "
+    f"$EDGEFLEET_HOME/keys/{PUBLIC_NAME})"
+)
+
 
 def register(sub: Any) -> None:
     """Add `bundle verify|pack` to the command tree."""
     p = sub.add_parser("bundle", help="signed model bundles")
     bs = p.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
     verify = bs.add_parser("verify", help="check signature and hashes, print a summary")
-    verify.add_argument("path", type=Path)
-    verify.add_argument(
-        "--key",
-        type=Path,
-        action="append",
-        help="trusted public key (repeatable); default: fleet key",
-    )
+    verify.add_argument("path", type=Path, help="bundle directory")
+    verify.add_argument("--key", type=Path, action="append", help=KEY_HELP)
     verify.set_defaults(func=_verify)
     packp = bs.add_parser("pack", help="verify, then write one .tar.gz for transfer")
-    packp.add_argument("path", type=Path)
-    packp.add_argument("archive", type=Path)
-    packp.add_argument("--key", type=Path, action="append")
+    packp.add_argument("path", type=Path, help="bundle directory")
+    packp.add_argument("archive", type=Path, help="archive to write (.tar.gz)")
+    packp.add_argument("--key", type=Path, action="append", help=KEY_HELP)
     packp.set_defaults(func=_pack)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from edgefleet.server.fleet.client import URL_ENV, FleetClient
+from edgefleet.server.fleet.client import DEFAULT_URL, TOKEN_ENV, URL_ENV, FleetClient
 from edgefleet.server.fleet.views import DeviceDetail, DeviceView
 
 
@@ -20,39 +20,69 @@ class _Error(Exception):
     pass
 
 
+def _connection(defaults: bool) -> argparse.ArgumentParser:
+    """--url and --token, for `fleet` itself and (as a parent) for each of its actions.
+
+    The actions' copies default to SUPPRESS: given after the action they win, left out they
+    leave what was given before the action (or the group's default None) in place.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    default = None if defaults else argparse.SUPPRESS
+    p.add_argument(
+        "--url",
+        default=default,
+        help=f"coordinator API (default: ${URL_ENV}, else {DEFAULT_URL})",
+    )
+    p.add_argument(
+        "--token",
+        default=default,
+        help=f"API token for actions (default: ${TOKEN_ENV})",
+    )
+    return p
+
+
 def register(sub: Any) -> None:
     """Add `fleet ls|show|groups|register|assign|cmd`."""
-    p = sub.add_parser("fleet", help="devices, groups and commands (via the coordinator)")
-    p.add_argument("--url", help=f"coordinator API (default ${URL_ENV} or http://127.0.0.1:8080)")
-    p.add_argument("--token", help="API token for actions (default $EDGEFLEET_API_TOKEN)")
+    p = sub.add_parser(
+        "fleet",
+        help="devices, groups and commands (via the coordinator)",
+        parents=[_connection(defaults=True)],
+        description="The fleet as the coordinator sees it. --url and --token may come before "
+        "or after the action.",
+    )
     fs = p.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    shared = [_connection(defaults=False)]
 
-    ls = fs.add_parser("ls", help="one line per device")
-    ls.add_argument("--group", help="only this group")
+    ls = fs.add_parser("ls", help="one line per device", parents=shared)
+    ls.add_argument("--group", help="only this group (default: all)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_ls)
 
-    show = fs.add_parser("show", help="a device's recent windows and events")
-    show.add_argument("device")
-    show.add_argument("--windows", type=int, default=10)
-    show.add_argument("--events", type=int, default=10)
-    show.add_argument("--json", action="store_true")
+    show = fs.add_parser("show", help="a device's recent windows and events", parents=shared)
+    show.add_argument("device", help="device id")
+    show.add_argument("--windows", type=int, default=10, help="telemetry windows to show")
+    show.add_argument("--events", type=int, default=10, help="events to show")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=_show)
 
-    groups = fs.add_parser("groups", help="groups and their sizes")
-    groups.add_argument("--json", action="store_true")
+    groups = fs.add_parser("groups", help="groups and their sizes", parents=shared)
+    groups.add_argument("--json", action="store_true", help="machine-readable output")
     groups.set_defaults(func=_groups)
 
     reg = fs.add_parser(
-        "register", help="admit a device before it connects (for --closed-registration)"
+        "register",
+        help="admit a device before it connects (for --closed-registration)",
+        parents=shared,
     )
-    reg.add_argument("device")
+    reg.add_argument("device", help="device id")
     reg.add_argument("--group", help="put it in this group")
     reg.set_defaults(func=_register)
 
-    assign = fs.add_parser("assign", help="put a device in a group ('-' removes it)")
-    assign.add_argument("device")
-    assign.add_argument("group")
+    assign = fs.add_parser(
+        "assign", help="put a device in a group ('-' removes it)", parents=shared
+    )
+    assign.add_argument("device", help="device id")
+    assign.add_argument("group", help="group name, or '-' for none")
     assign.set_defaults(func=_assign)
 
     cmd = fs.add_parser(
@@ -61,6 +91,7 @@ def register(sub: Any) -> None:
         description="Examples: `fleet cmd cam-01 ping`, "
         "`fleet cmd --group lobby set_operating_point index=2 pin=true`, "
         "`fleet cmd cam-01 snapshot --out frame.jpg`.",
+        parents=shared,
     )
     cmd.add_argument("device", nargs="?", help="target device (or use --group)")
     cmd.add_argument("--group", help="target every device of this group")
@@ -68,7 +99,7 @@ def register(sub: Any) -> None:
     cmd.add_argument("args", nargs="*", metavar="KEY=VALUE", help="command fields (JSON values)")
     cmd.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for replies")
     cmd.add_argument("--out", type=Path, help="snapshot: write the JPEG here")
-    cmd.add_argument("--json", action="store_true")
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
     cmd.set_defaults(func=_cmd)
 
 

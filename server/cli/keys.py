@@ -10,16 +10,21 @@ from edgefleet.agent.bundle.keys import public_key_pem
 from edgefleet.server.keystore import init_key, load_key
 from edgefleet.server.paths import keys_dir
 
+KEYS_DIR_HELP = (
+    "fleet key directory (default: $EDGEFLEET_HOME/keys, else "
+    "$XDG_DATA_HOME/edgefleet/keys or ~/.local/share/edgefleet/keys)"
+)
+
 
 def register(sub: Any) -> None:
     """Add `keys init|show` to the command tree."""
     p = sub.add_parser("keys", help="the fleet signing key (Ed25519)")
     ks = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     init = ks.add_parser("init", help="create the fleet key if none exists")
-    init.add_argument("--dir", type=Path, default=None, help="key directory")
+    init.add_argument("--dir", type=Path, default=None, help=KEYS_DIR_HELP)
     init.set_defaults(func=_init)
     show = ks.add_parser("show", help="print the key id and the public key (PEM)")
-    show.add_argument("--dir", type=Path, default=None, help="key directory")
+    show.add_argument("--dir", type=Path, default=None, help=KEYS_DIR_HELP)
     show.set_defaults(func=_show)
 
 

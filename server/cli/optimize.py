@@ -8,6 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .errors import CliError
+from .keys import KEYS_DIR_HELP
+
 
 def register(sub: Any) -> None:
     """Add `optimize` to the command tree."""
@@ -28,35 +31,71 @@ def register(sub: Any) -> None:
         "--max-drop", type=float, default=0.01, help="accepted accuracy drop (0.01 = 1 pt)"
     )
     p.add_argument(
-        "--labels", help="comma-separated class names in output order, or @file (one per line)"
+        "--labels",
+        help="comma-separated class names in output order, or @file (one per line) "
+        "(default: the labels found in the data, in natural order)",
     )
     g = p.add_argument_group("preprocessing (inferred from the model input where possible)")
-    g.add_argument("--size", help="HxW or N (square)")
-    g.add_argument("--color", choices=["GRAY", "RGB", "BGR"])
-    g.add_argument("--layout", choices=["NCHW", "NHWC"])
-    g.add_argument("--mean", help="per-channel, comma-separated, after scaling (default 0)")
-    g.add_argument("--std", help="per-channel, comma-separated (default 1)")
-    g.add_argument("--scale", type=float, default=1 / 255, help="pixel multiplier (default 1/255)")
-    g.add_argument("--resize", choices=["stretch", "letterbox", "center_crop"], default="stretch")
+    g.add_argument("--size", help="input HxW, or N for NxN (default: the model's fixed input)")
     g.add_argument(
-        "--interpolation", choices=["nearest", "linear", "area", "cubic"], default="linear"
+        "--color",
+        choices=["GRAY", "RGB", "BGR"],
+        help="channel order the model expects (default: GRAY for 1 channel, else RGB)",
+    )
+    g.add_argument(
+        "--layout",
+        choices=["NCHW", "NHWC"],
+        help="input tensor layout (default: NHWC if the last dim is 1 or 3, else NCHW)",
+    )
+    g.add_argument("--mean", help="per-channel, comma-separated, after scaling (default: 0)")
+    g.add_argument("--std", help="per-channel, comma-separated (default: 1)")
+    g.add_argument(
+        "--scale", type=float, default=1 / 255, help="pixel multiplier (default: 1/255)"
+    )
+    g.add_argument(
+        "--resize",
+        choices=["stretch", "letterbox", "center_crop"],
+        default="stretch",
+        help="how a frame of another shape is fitted to the input",
+    )
+    g.add_argument(
+        "--interpolation",
+        choices=["nearest", "linear", "area", "cubic"],
+        default="linear",
+        help="resampling used when resizing",
     )
     q = p.add_argument_group("quantization")
     q.add_argument(
-        "--quantization", choices=["static", "dynamic", "fp16", "none"], default="static"
+        "--quantization",
+        choices=["static", "dynamic", "fp16", "none"],
+        default="static",
+        help="static: INT8 weights and activations, calibrated on the data",
     )
-    q.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], default="minmax")
-    q.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto")
+    q.add_argument(
+        "--calibration",
+        choices=["minmax", "entropy", "percentile"],
+        default="minmax",
+        help="how static quantization picks activation ranges",
+    )
+    q.add_argument(
+        "--reduce-range",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="7-bit weights; auto: on for x86 CPUs without VNNI",
+    )
     p.add_argument(
         "--head-precision",
         choices=["float", "int8"],
         default="float",
-        help="float (default): pooling and a small final linear layer stay fp32",
+        help="float: pooling and a small final linear layer stay fp32",
     )
     e = p.add_argument_group("early exits")
     e.add_argument("--exits", default="auto", help="auto, none, or comma-separated tensor names")
     e.add_argument(
-        "--exit-rule", choices=["max_softmax", "entropy", "margin"], default="max_softmax"
+        "--exit-rule",
+        choices=["max_softmax", "entropy", "margin"],
+        default="max_softmax",
+        help="confidence an exit compares with its threshold",
     )
     e.add_argument(
         "--exit-grid", type=int, default=2, help="pool exit features to GxG (1 = global)"
@@ -69,12 +108,23 @@ def register(sub: Any) -> None:
     )
     c = p.add_argument_group("compression passes (each kept only within budget)")
     c.add_argument("--prune", type=float, default=0.0, help="fraction of conv channels (L1)")
-    c.add_argument("--low-rank", type=float, default=None, help="SVD energy to keep, e.g. 0.95")
-    c.add_argument("--share", type=int, default=None, help="k-means clusters per weight channel")
+    c.add_argument(
+        "--low-rank", type=float, default=None, help="SVD energy to keep, e.g. 0.95 (default: off)"
+    )
+    c.add_argument(
+        "--share", type=int, default=None, help="k-means clusters per weight channel (default: off)"
+    )
     p.add_argument("--threads", type=int, default=1, help="threads for latency measurement")
-    p.add_argument("--model-id", default=None)
-    p.add_argument("--version", type=int, default=1)
-    p.add_argument("--keys-dir", type=Path, default=None, help="fleet key directory")
+    p.add_argument(
+        "--model-id", default=None, help="model id in the manifest (default: the model file's name)"
+    )
+    p.add_argument(
+        "--version",
+        type=int,
+        default=1,
+        help="bundle version in the manifest (devices install only newer versions)",
+    )
+    p.add_argument("--keys-dir", type=Path, default=None, help=KEYS_DIR_HELP)
     p.set_defaults(func=_optimize)
 
 
@@ -96,14 +146,13 @@ def _labels(text: str | None) -> list[str] | None:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    # The optimizer pulls in onnx and its quantization tools: only this command pays for them.
     from edgefleet.server.keystore import init_key
     from edgefleet.server.optimize.errors import OptimizeError
     from edgefleet.server.optimize.options import OptimizeOptions
     from edgefleet.server.optimize.pipeline import optimize
     from edgefleet.server.optimize.preprocessing import infer_preprocessing
     from edgefleet.server.paths import keys_dir
-
-    from . import CliError
 
     try:
         opts = OptimizeOptions(

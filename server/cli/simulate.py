@@ -10,6 +10,8 @@ from typing import Any
 
 from edgefleet.agent.protocol import DEFAULT_ROOT
 
+from .errors import CliError
+
 
 def register(sub: Any) -> None:
     """Add `simulate` to the command tree."""
@@ -32,13 +34,18 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="broker host")
     p.add_argument("--port", type=int, default=1883, help="broker port")
     p.add_argument("--root", default=DEFAULT_ROOT, help="topic root")
-    p.add_argument("--prefix", default="sim", help="device ids are PREFIX-00000, PREFIX-00001...")
+    p.add_argument(
+        "--prefix", default="sim", help="device ids are PREFIX-00000, PREFIX-00001, ..."
+    )
     p.add_argument("--group", default=None, help="group whose commands the devices obey")
     p.add_argument(
         "--events-every", type=int, default=50, help="one event per this many windows (0: none)"
     )
     p.add_argument(
-        "--backlog-limit", type=int, default=10_000, help="per-device backlog while offline"
+        "--backlog-limit",
+        type=int,
+        default=10_000,
+        help="windows a device keeps while offline; more are counted as overflow",
     )
     p.add_argument("--connect-rate", type=float, default=400.0, help="new connections per second")
     p.add_argument(
@@ -48,14 +55,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--procs", type=int, default=1, help="processes to spread the devices over")
     p.add_argument(
-        "--progress-every", type=float, default=2.0, help="seconds between progress lines"
+        "--progress-every", type=float, default=2.0, help="seconds between progress lines (stderr)"
     )
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     p.set_defaults(func=_simulate)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from edgefleet.server.cli import CliError  # late: server.cli imports this module
+    # Only this command needs the simulator (paho, multiprocessing): `edgefleet --help` skips it.
     from edgefleet.server.fleet.simulate import Progress, SimConfig, run_simulation
 
     cfg = SimConfig(
