@@ -38,7 +38,8 @@ from edgefleet.agent.protocol import (
     encode,
 )
 from edgefleet.server.fleet.simulate import SimConfig, Simulator, run_simulation
-from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,15 +132,19 @@ class Collector:
         return [t.seq for t in self.of(Telemetry, device)]
 
     def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Poll cond until true; fail naming what was awaited."""
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"timed out waiting for {what}; decode errors: {self.errors[:3]}; "
-                    f"{self.describe()}"
-                )
-            time.sleep(0.05)
+        """Poll cond until true; fail naming what was awaited and what arrived."""
+        wait_until(
+            cond,
+            timeout,
+            what,
+            poll=0.05,
+            detail=lambda: f"decode errors: {self.errors[:3]}; {self.describe()}",
+        )
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll cond until true; fail naming what was awaited (tests without a collector)."""
+    wait_until(cond, timeout, what, poll=0.05)
 
 
 def _device(msg: Message) -> str | None:
@@ -162,6 +167,17 @@ def sims() -> Iterator[list[Simulator]]:
     yield started
     for sim in started:
         sim.stop(graceful=False)
+
+
+@pytest.fixture
+def publisher(mqtt_broker: MosquittoBroker) -> Iterator[mqtt.Client]:
+    """A plain client that publishes commands, as the coordinator would."""
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect(mqtt_broker.host, mqtt_broker.port)
+    pub.loop_start()
+    yield pub
+    pub.disconnect()
+    pub.loop_stop()
 
 
 def _start(sims: list[Simulator], cfg: SimConfig) -> Simulator:
@@ -190,7 +206,10 @@ def test_births_and_contiguous_telemetry(
     )
     sim = _start(sims, cfg)
     assert sim.device_ids() == [f"sim-{i:05d}" for i in range(20)]
-    time.sleep(2.0)
+    wait_for(
+        "5 windows from every device",
+        lambda: min(d.next_seq for d in sim.stats().devices) >= 5,
+    )
     sim.pause()
     assert sim.wait_drained(10)
     collector.wait_for("every window", lambda: _all_seqs_received(collector, sim))
@@ -232,7 +251,10 @@ def test_take_offline_fires_will_and_replays(
     cfg = SimConfig(mqtt_broker.host, mqtt_broker.port, devices=6, rate=5, root=topic_prefix)
     sim = _start(sims, cfg)
     away = ["sim-00001", "sim-00004"]
-    time.sleep(0.5)
+    wait_for(
+        "windows acknowledged before the outage",
+        lambda: all(sim.stats().by_id()[d].acked >= 2 for d in away),
+    )
     sim.take_offline(away)
 
     def offline(dev: str) -> list[Status]:
@@ -245,7 +267,10 @@ def test_take_offline_fires_will_and_replays(
     assert not any(offline(d) for d in sim.device_ids() if d not in away)
 
     before = sim.stats().by_id()
-    time.sleep(1.0)  # ~5 windows each go to the backlog
+    wait_for(
+        "5 windows each into the backlog",
+        lambda: all(sim.stats().by_id()[d].next_seq >= before[d].next_seq + 5 for d in away),
+    )
     during = sim.stats().by_id()
     for dev in away:
         assert not during[dev].online
@@ -317,17 +342,26 @@ def test_broker_restart_loses_nothing(
 ) -> None:
     cfg = SimConfig(mqtt_broker.host, mqtt_broker.port, devices=20, rate=5, root=topic_prefix)
     sim = _start(sims, cfg)
-    time.sleep(1.0)
+    wait_for("windows acknowledged", lambda: min(d.acked for d in sim.stats().devices) >= 3)
     mqtt_broker.stop()
-    time.sleep(3.0)
+    at_stop = sim.stats().by_id()
+    # Long enough offline that every device queues windows and its reconnects are refused.
+    wait_for(
+        "every device offline with 5 more windows",
+        lambda: (
+            (now := sim.stats()).online == 0
+            and all(d.next_seq >= at_stop[d.device_id].next_seq + 5 for d in now.devices)
+        ),
+    )
     during = sim.stats()
     assert during.online == 0 and during.backlog > 0
     mqtt_broker.start()
-    deadline = time.monotonic() + 15
-    while sim.stats().online < 20:
-        assert time.monotonic() < deadline, f"only {sim.stats().online}/20 reconnected"
-        time.sleep(0.1)
-    time.sleep(0.5)
+    wait_for("every device reconnected", lambda: sim.stats().online == 20, timeout=15)
+    back = sim.stats().by_id()
+    wait_for(
+        "live windows after the reconnect",
+        lambda: all(d.next_seq >= back[d.device_id].next_seq + 2 for d in sim.stats().devices),
+    )
     sim.pause()
     assert sim.wait_drained(15)
     collector.wait_for("every seq", lambda: _all_seqs_received(collector, sim), timeout=15)
@@ -339,7 +373,11 @@ def test_broker_restart_loses_nothing(
 
 
 def test_commands_get_replies(
-    mqtt_broker: MosquittoBroker, topic_prefix: str, collector: Collector, sims: list[Simulator]
+    mqtt_broker: MosquittoBroker,
+    topic_prefix: str,
+    collector: Collector,
+    sims: list[Simulator],
+    publisher: mqtt.Client,
 ) -> None:
     cfg = SimConfig(
         mqtt_broker.host, mqtt_broker.port, devices=3, rate=5, root=topic_prefix, group="line-1"
@@ -347,64 +385,142 @@ def test_commands_get_replies(
     sim = _start(sims, cfg)
     tree = TopicTree(topic_prefix)
     target = "sim-00002"
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.connect(mqtt_broker.host, mqtt_broker.port)
-    pub.loop_start()
-    try:
 
-        def send(payload: bytes, topic: str = tree.device(target, "cmd")) -> None:
-            pub.publish(topic, payload, qos=1).wait_for_publish(5)
+    def send(payload: bytes, topic: str = tree.device(target, "cmd")) -> None:
+        publisher.publish(topic, payload, qos=1).wait_for_publish(5)
 
-        def reply(cid: str) -> Reply:
-            collector.wait_for(f"reply {cid}", lambda: any(r.id == cid for r in replies()))
-            return next(r for r in replies() if r.id == cid)
+    def reply(cid: str) -> Reply:
+        collector.wait_for(f"reply {cid}", lambda: any(r.id == cid for r in replies()))
+        return next(r for r in replies() if r.id == cid)
 
-        def replies() -> list[Reply]:
-            return collector.of(Reply)
+    def replies() -> list[Reply]:
+        return collector.of(Reply)
 
-        send(encode(Command(id="ping-1", ts=time.time(), command=Ping())))
-        ok = reply("ping-1")
-        assert ok.ok and ok.device_id == target and ok.error is None
+    send(encode(Command(id="ping-1", ts=time.time(), command=Ping())))
+    ok = reply("ping-1")
+    assert ok.ok and ok.device_id == target and ok.error is None
 
-        send(
-            encode(Command(id="op-1", ts=time.time(), command=SetOperatingPoint(index=3, pin=True)))
-        )
-        assert reply("op-1").ok
-        n_before = len(collector.of(Telemetry, target))
-        collector.wait_for(
-            "a window after the reply", lambda: len(collector.of(Telemetry, target)) > n_before
-        )
-        assert all(t.operating_point == 3 for t in collector.of(Telemetry, target)[n_before:])
+    send(encode(Command(id="op-1", ts=time.time(), command=SetOperatingPoint(index=3, pin=True))))
+    assert reply("op-1").ok
+    n_before = len(collector.of(Telemetry, target))
+    collector.wait_for(
+        "a window after the reply", lambda: len(collector.of(Telemetry, target)) > n_before
+    )
+    assert all(t.operating_point == 3 for t in collector.of(Telemetry, target)[n_before:])
 
-        send(encode(Command(id="op-2", ts=time.time(), command=SetOperatingPoint(index=9))))
-        bad = reply("op-2")
-        assert not bad.ok and bad.error is not None and "does not exist" in bad.error
+    send(encode(Command(id="op-2", ts=time.time(), command=SetOperatingPoint(index=9))))
+    bad = reply("op-2")
+    assert not bad.ok and bad.error is not None and "does not exist" in bad.error
 
-        send(b'{"v": 1, "id": "x-1", "ts": 1.0, "command": {"name": "self_destruct"}}')
-        unknown = reply("x-1")
-        assert not unknown.ok and unknown.error
+    send(b'{"v": 1, "id": "x-1", "ts": 1.0, "command": {"name": "self_destruct"}}')
+    unknown = reply("x-1")
+    assert not unknown.ok and unknown.error
 
-        send(encode(Command(id="old-1", ts=1.0, expires_at=2.0, command=Ping())))
-        assert not reply("old-1").ok
+    send(encode(Command(id="old-1", ts=1.0, expires_at=2.0, command=Ping())))
+    assert not reply("old-1").ok
 
-        # No correlation id to answer: logged, counted, refused under the uncorrelated id.
-        send(b"not json at all")
-        collector.wait_for(
-            "the rejection", lambda: sim.stats().by_id()[target].commands_rejected == 1
-        )
-        refused = reply(UNCORRELATED_ID)
-        assert not refused.ok and "payload is not JSON" in (refused.error or "")
+    # No correlation id to answer: logged, counted, refused under the uncorrelated id.
+    send(b"not json at all")
+    collector.wait_for("the rejection", lambda: sim.stats().by_id()[target].commands_rejected == 1)
+    refused = reply(UNCORRELATED_ID)
+    assert not refused.ok and "payload is not JSON" in (refused.error or "")
 
-        send(encode(Command(id="grp-1", ts=time.time(), command=Ping())), tree.group_cmd("line-1"))
-        collector.wait_for(
-            "a reply from every group member",
-            lambda: {r.device_id for r in replies() if r.id == "grp-1"} == set(sim.device_ids()),
-        )
-        assert sim.stats().by_id()[target].commands == 6
-        assert all(decode(Reply, encode(r)) == r for r in replies())
-    finally:
-        pub.disconnect()
-        pub.loop_stop()
+    send(encode(Command(id="grp-1", ts=time.time(), command=Ping())), tree.group_cmd("line-1"))
+    collector.wait_for(
+        "a reply from every group member",
+        lambda: {r.device_id for r in replies() if r.id == "grp-1"} == set(sim.device_ids()),
+    )
+    assert sim.stats().by_id()[target].commands == 6
+    assert all(decode(Reply, encode(r)) == r for r in replies())
+
+
+def test_operating_points_run_from_accurate_to_fast(
+    mqtt_broker: MosquittoBroker,
+    topic_prefix: str,
+    collector: Collector,
+    sims: list[Simulator],
+    publisher: mqtt.Client,
+) -> None:
+    """Point 0 is the most accurate and slowest, the last the fastest, as in docs/bundle.md."""
+    points = 4
+    cfg = SimConfig(
+        mqtt_broker.host,
+        mqtt_broker.port,
+        devices=points,
+        rate=4,
+        root=topic_prefix,
+        events_every=0,  # no governor: each device stays at the point it is pinned to
+    )
+    sim = _start(sims, cfg)
+    tree = TopicTree(topic_prefix)
+    ids = sim.device_ids()
+    for k, dev in enumerate(ids):  # device k runs point k
+        cmd = Command(id=f"op-{k}", ts=time.time(), command=SetOperatingPoint(index=k, pin=True))
+        publisher.publish(tree.device(dev, "cmd"), encode(cmd), qos=1).wait_for_publish(5)
+    collector.wait_for(
+        "the pins' replies",
+        lambda: {r.id for r in collector.of(Reply) if r.ok} >= {f"op-{k}" for k in range(points)},
+    )
+
+    def at(k: int) -> list[Telemetry]:
+        # seq 0 is the short window the spread start gives; skip it.
+        return [
+            t
+            for t in collector.of(Telemetry, ids[k])
+            if t.operating_point == k and t.seq > 0 and t.frames_processed > 0
+        ]
+
+    collector.wait_for(
+        "8 windows at every point", lambda: all(len(at(k)) >= 8 for k in range(points))
+    )
+    windows = [at(k) for k in range(points)]
+    for k in range(points - 1):  # every window of a faster point has a lower median latency
+        slower = min(t.latency_ms.p50 for t in windows[k])
+        faster = max(t.latency_ms.p50 for t in windows[k + 1])
+        assert faster < slower, f"point {k + 1} p50 {faster:.1f} ms >= point {k} {slower:.1f} ms"
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    accurate, fast = windows[0], windows[-1]
+    assert mean([t.fps for t in accurate]) < mean([t.fps for t in fast])
+    early = [mean([t.exit_histogram[0] / t.frames_processed for t in w]) for w in (accurate, fast)]
+    assert early[0] < early[1]  # a fast point lets more frames leave at the first exit
+    power = [mean([t.power_w or 0.0 for t in w]) for w in (accurate, fast)]
+    assert power[0] > power[1]
+
+
+def test_governor_moves_like_the_agent(
+    mqtt_broker: MosquittoBroker, topic_prefix: str, collector: Collector, sims: list[Simulator]
+) -> None:
+    """One point faster under pressure, back toward the default when calm, never past it."""
+    cfg = SimConfig(
+        mqtt_broker.host, mqtt_broker.port, devices=3, rate=5, root=topic_prefix, events_every=1
+    )
+    sim = _start(sims, cfg)
+    sim.pause()
+    sim.produce_now(30)  # a governor step with every window
+    assert sim.wait_drained(10)
+    counts = {d.device_id: d.events for d in sim.stats().devices}
+    collector.wait_for(
+        "every move",
+        lambda: all(len(collector.of(Event, d)) == n for d, n in counts.items()),
+    )
+    fastest = 3
+    for dev in sim.device_ids():
+        default = next(s for s in collector.of(Status, dev) if s.online).operating_point
+        assert default < fastest  # room to speed up under pressure
+        moves = [e for e in collector.of(Event, dev) if e.kind == "operating_point_changed"]
+        assert len(moves) >= 30
+        current = default
+        for e in moves:
+            src, dst = e.details["from"], e.details["to"]
+            assert src == current and default <= dst <= fastest, (dev, default, e.details)
+            if dst == src + 1:
+                assert "pressure" in e.details["reason"]
+            else:
+                assert dst == src - 1 and "recovery" in e.details["reason"], e.details
+            current = dst
 
 
 def test_cli_prints_json(mqtt_broker: MosquittoBroker, topic_prefix: str) -> None:
@@ -452,7 +568,7 @@ def test_300_devices_one_loop_thread(
     assert time.monotonic() - t0 < 15
     assert threading.active_count() == threads_before + 1  # one loop thread for 300 clients
     assert sim.stats().online == 300
-    time.sleep(2.5)
+    wait_for("600 windows", lambda: sim.stats().produced >= 600, timeout=15)
     sim.pause()
     assert sim.wait_drained(10)
     stats = sim.stats()
