@@ -1,15 +1,10 @@
-"""Run the real agent process against a real broker, and watch what it publishes."""
+"""What only agent tests need: the reference bundle, a coordinator-side collector, and a look
+into a running agent's outbox. The agent process itself is `edgefleet.server.local.agents`."""
 
 from __future__ import annotations
 
-import os
-import queue
-import shutil
-import signal
-import subprocess
-import sys
+import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +28,9 @@ from edgefleet.agent.protocol import (
 )
 from edgefleet.server.bundles.plain import plain_body, write_plain_bundle
 from edgefleet.server.keystore import FleetKey, init_key
-from edgefleet.server.localbroker import MosquittoBroker
-from edgefleet.server.reference import MODEL_PATH, VIDEO_PATH, reference_preprocessing
+from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.waiting import poll_until
+from edgefleet.server.reference import MODEL_PATH, reference_preprocessing
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -53,82 +49,6 @@ def reference_bundle(root: Path) -> tuple[Path, FleetKey]:
     out = root / "bundle"
     write_plain_bundle(out, body, MODEL_PATH, key)
     return out, key
-
-
-def write_config(
-    root: Path,
-    *,
-    device_id: str,
-    broker: MosquittoBroker,
-    topic_root: str,
-    bundle: Path,
-    key: FleetKey,
-    video: Path | None = None,
-    interval_s: float = 1.0,
-    extra: str = "",
-) -> Path:
-    """An agent.toml for a test agent (video looped at 30 fps, 1 s telemetry windows)."""
-    if video is None:
-        video = root / "camera.avi"
-        shutil.copy(VIDEO_PATH, video)
-    path = root / "agent.toml"
-    path.write_text(
-        f'device_id = "{device_id}"\n'
-        f'state_dir = "{root / "state"}"\n'
-        "[camera]\n"
-        f'source = "{video}"\nloop = true\nfps = 30\n'
-        "reconnect_initial_s = 0.2\nreconnect_max_s = 1.0\n"
-        "[model]\n"
-        f'bundle = "{bundle}"\ntrusted_keys = ["{key.public_path}"]\nthreads = 1\n'
-        "[mqtt]\n"
-        f'host = "{broker.host}"\nport = {broker.port}\ntopic_root = "{topic_root}"\n'
-        "keepalive_s = 5\n"
-        "[telemetry]\n"
-        f"interval_s = {interval_s}\n"
-        '[power]\nsource = "auto"\n' + extra
-    )
-    return path
-
-
-class AgentProcess:
-    """`python -m edgefleet.agent run` as a child process with its output in a log file."""
-
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._fh = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(config)],
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.proc.poll() is None
-
-    def terminate(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait; returns the exit status."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # never leave a stuck agent behind a failed test
-            self.proc.wait(10)
-            raise
-        finally:
-            self._fh.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to flush anything."""
-        self.proc.kill()
-        self.proc.wait(10)
-        self._fh.close()
-
-    def output(self) -> str:
-        """Everything the agent logged."""
-        return self.log.read_text(errors="replace")
 
 
 @dataclass
@@ -188,15 +108,13 @@ class Collector:
             return [t.seq for t in self.telemetry]
 
     def wait(self, pred: Callable[[Collector], bool], timeout: float) -> bool:
-        """Poll pred(self) until true or timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Poll pred(self) until true (True) or timeout (False)."""
+
+        def holds() -> bool:
             with self._lock:
-                if pred(self):
-                    return True
-            time.sleep(0.1)
-        with self._lock:
-            return pred(self)
+                return pred(self)
+
+        return poll_until(holds, timeout)
 
     def publish(self, topic: str, payload: bytes) -> None:
         """Send something (a command) as the coordinator."""
@@ -215,9 +133,23 @@ def missing(seqs: list[int]) -> list[int]:
     return sorted(set(range(max(seqs) + 1)) - set(seqs))
 
 
-def drain_queue(q: queue.Queue[Any]) -> list[Any]:
-    """Everything currently in a queue."""
-    out = []
-    while not q.empty():
-        out.append(q.get_nowait())
-    return out
+def queued(state_dir: Path, kind: str) -> int:
+    """How many `kind` messages (telemetry, events...) a running agent holds in its outbox.
+
+    Read-only, beside the agent's own connection (WAL lets a reader in without blocking the
+    writer); 0 until the agent has created the file.
+    """
+    db = state_dir / "outbox.db"
+    if not db.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.OperationalError:
+        return 0
+    try:
+        row = conn.execute("SELECT COUNT(*) FROM outbox WHERE kind = ?", (kind,)).fetchone()
+        return int(row[0])
+    except sqlite3.OperationalError:  # opened while the agent was still creating it
+        return 0
+    finally:
+        conn.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.mosquitto import MosquittoBroker, MosquittoNotFound
+from edgefleet.server.local.broker import MosquittoBroker, MosquittoNotFound
 from tests.harness.postgres import postgres_server, scratch_database
 
 

@@ -1,28 +1,19 @@
-"""Helpers for coordinator tests: wait for a condition, build ingestors, publish raw bytes."""
+"""Helpers for coordinator tests: build ingestors, publish raw bytes."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
 from edgefleet.server.fleet.store.base import Store
-from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.waiting import wait_until
 
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, poll: float = 0.1) -> None:
-    """Poll pred until it holds; fail naming what did not happen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(poll)
-    if not pred():
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+# wait_until is the harness's own; tests that import it from here get that one.
+__all__ = ["RawPublisher", "start_ingestor", "wait_until"]
 
 
 def start_ingestor(
@@ -38,9 +29,12 @@ def start_ingestor(
     ing = Ingestor(cfg, store, writer_url=writer_url)
     ing.start()
     assert ing.wait_connected(10), f"{client_id} did not connect"
-    # The subscriptions are in place once the broker answered them; a ping round trip is not
-    # exposed by paho, so give SUBACK a moment.
-    time.sleep(0.3)
+    # It subscribed on CONNACK, before anything else on this connection; the broker handles
+    # one connection's packets in order, so once it acknowledged a QoS 1 publish sent after
+    # the SUBSCRIBE, the subscriptions are in place (no topic anyone listens to is used).
+    probe = ing.client.publish(f"{root}/harness/{client_id}/subscribed", b"", qos=1)
+    probe.wait_for_publish(10)
+    assert probe.is_published(), f"{client_id}: the broker never acknowledged the probe"
     return ing
 
 

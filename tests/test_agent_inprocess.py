@@ -23,9 +23,10 @@ from edgefleet.agent.config import load_config
 from edgefleet.agent.protocol import Event, decode
 from edgefleet.agent.service import Agent
 from edgefleet.server.keystore import FleetKey, load_key
-from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.local.agents import write_config
+from edgefleet.server.local.broker import MosquittoBroker
 from edgefleet.server.reference import VIDEO_PATH
-from tests.agent_harness import reference_bundle, write_config
+from tests.agent_harness import reference_bundle
 from tests.bundle_helpers import two_stage_body, two_stage_files
 
 

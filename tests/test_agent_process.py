@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.protocol import TopicTree
-from edgefleet.server.localbroker import MosquittoBroker
-from tests.agent_harness import (
-    AgentProcess,
-    Collector,
-    missing,
-    reference_bundle,
-    write_config,
-)
+from edgefleet.server.local.agents import AgentProcess, write_config
+from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.waiting import wait_until
+from tests.agent_harness import Collector, missing, queued, reference_bundle
+
+# Telemetry windows the agent produces while the broker is down in the outage test: with
+# 1 s windows, an outage of well over the 5 s keepalive and several reconnect attempts.
+OUTAGE_WINDOWS = 17
+# systemd SIGKILLs an agent TimeoutStopSec=10 after SIGTERM (systemd/edgefleet-agent.service);
+# the agent plans to be done within 4 s, so this bound only catches a hang.
+STOP_TIMEOUT_S = 10.0
 
 
 @pytest.fixture
@@ -29,7 +32,7 @@ def setup(tmp_path: Path, mqtt_broker: MosquittoBroker, topic_prefix: str):  # t
     collector.close()
 
 
-def test_telemetry_survives_a_20s_broker_outage(setup, mqtt_broker: MosquittoBroker) -> None:  # type: ignore[no-untyped-def]
+def test_telemetry_survives_a_long_broker_outage(setup, mqtt_broker: MosquittoBroker) -> None:  # type: ignore[no-untyped-def]
     tmp, bundle, key, root, col = setup
     cfg = write_config(
         tmp, device_id="pi-outage", broker=mqtt_broker, topic_root=root, bundle=bundle, key=key
@@ -38,43 +41,56 @@ def test_telemetry_survives_a_20s_broker_outage(setup, mqtt_broker: MosquittoBro
     try:
         assert col.wait(lambda c: len(c.telemetry) >= 3, 60), agent.output()
         mqtt_broker.stop()
-        time.sleep(20)
+        before = max(col.seqs())
+        wait_until(
+            lambda: queued(tmp / "state", "telemetry") >= OUTAGE_WINDOWS,
+            60,
+            f"{OUTAGE_WINDOWS} telemetry windows in the outbox while the broker is down",
+            detail=agent.tail,
+        )
         assert agent.alive(), agent.output()  # it kept inferring while the broker was gone
         mqtt_broker.start()
         # Windows produced during the outage arrive after reconnect, none missing.
-        assert col.wait(lambda c: max(c.seqs(), default=0) >= 26 and not missing(c.seqs()), 60), (
-            f"missing {missing(col.seqs())} of {sorted(set(col.seqs()))}\n{agent.output()[-3000:]}"
+        last = before + OUTAGE_WINDOWS
+        assert col.wait(lambda c: max(c.seqs()) >= last and not missing(c.seqs()), 60), (
+            f"missing {missing(col.seqs())} of {sorted(set(col.seqs()))}\n{agent.tail()}"
         )
-        outage = [t for t in col.telemetry if t.seq > 3 and t.seq < 20]
-        assert outage and all(t.frames_processed > 0 for t in outage)
+        outage = [t for t in col.telemetry if before < t.seq <= last]
+        assert len({t.seq for t in outage}) == OUTAGE_WINDOWS
+        assert all(t.frames_processed > 0 for t in outage)
         assert any(t.outbox_depth > 0 for t in col.telemetry)  # the backlog was reported
     finally:
         assert agent.terminate() == 0, agent.output()
     assert col.status and col.status[-1].online is False  # clean stop publishes offline
 
 
-def test_sigterm_while_offline_ends_within_5s_with_everything_on_disk(
+def test_sigterm_while_offline_ends_in_time_with_everything_on_disk(
     setup, mqtt_broker: MosquittoBroker
 ) -> None:  # type: ignore[no-untyped-def]
     """The worst case for a clean stop: the broker is gone, so nothing can be delivered."""
     from edgefleet.agent.outbox import Outbox
     from edgefleet.agent.protocol import Event, Telemetry, decode
 
-    tmp, bundle, key, root, _col = setup
+    tmp, bundle, key, root, col = setup
     cfg = write_config(
         tmp, device_id="pi-term", broker=mqtt_broker, topic_root=root, bundle=bundle, key=key
     )
     agent = AgentProcess(cfg, tmp / "agent.log")
-    time.sleep(4)  # connected, a few windows out
-    mqtt_broker.stop()
-    time.sleep(2.5)  # windows now pile up in the outbox
-    t0 = time.monotonic()
-    assert agent.terminate() == 0, agent.output()[-3000:]
-    assert time.monotonic() - t0 < 5.0, agent.output()[-3000:]
+    with agent:
+        assert col.wait(lambda c: len(c.telemetry) >= 2, 60), agent.tail()  # connected
+        mqtt_broker.stop()
+        wait_until(
+            lambda: queued(tmp / "state", "telemetry") >= 2,
+            60,
+            "telemetry windows piling up in the outbox",
+            detail=agent.tail,
+        )
+        # Raises (and kills it) if the agent is still stopping when systemd would kill it.
+        assert agent.terminate(STOP_TIMEOUT_S) == 0, agent.tail()
     with Outbox(tmp / "state" / "outbox.db") as outbox:
-        queued = [decode(e.kind, e.payload) for e in outbox.peek(1000)]  # type: ignore[arg-type]
-    windows = [m for m in queued if isinstance(m, Telemetry)]
-    events = [m for m in queued if isinstance(m, Event)]
+        kept = [decode(e.kind, e.payload) for e in outbox.peek(1000)]  # type: ignore[arg-type]
+    windows = [m for m in kept if isinstance(m, Telemetry)]
+    events = [m for m in kept if isinstance(m, Event)]
     assert len(windows) >= 2 and [w.seq for w in windows] == sorted(w.seq for w in windows)
     assert events and events[-1].kind == "stopping"
 
@@ -88,9 +104,15 @@ def test_backlog_survives_sigkill_and_is_replayed_in_order(
     )
     mqtt_broker.stop()
     agent = AgentProcess(cfg, tmp / "agent.log")
-    time.sleep(6)  # ~5 windows go to the outbox only
-    assert agent.alive(), agent.output()
-    agent.kill()
+    with agent:
+        wait_until(
+            lambda: queued(tmp / "state", "telemetry") >= 5,
+            60,
+            "5 telemetry windows in the outbox only",
+            detail=agent.tail,
+        )
+        assert agent.alive(), agent.output()
+        agent.kill()
     mqtt_broker.start()
     agent = AgentProcess(cfg, tmp / "agent2.log")
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -14,9 +13,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgefleet.server import localbroker as mosquitto_mod
+from edgefleet.server.local import broker as broker_module
+from edgefleet.server.local.broker import MosquittoBroker, MosquittoNotFound
+from edgefleet.server.local.waiting import wait_until
 from edgefleet.server.netutil import wait_listening
-from tests.harness.mosquitto import MosquittoBroker, MosquittoNotFound
 
 
 def _client(client_id: str, *, persistent: bool) -> mqtt.Client:
@@ -44,6 +44,14 @@ def _connect(client: mqtt.Client, broker: MosquittoBroker, *, persistent: bool) 
     assert connected.wait(10), "no CONNACK from the test broker"
 
 
+def _subscribe(client: mqtt.Client, topic: str) -> None:
+    """Subscribe and wait for the broker's SUBACK: from then on the topic reaches us."""
+    acked = threading.Event()
+    client.on_subscribe = lambda *_a: acked.set()
+    client.subscribe(topic, qos=1)
+    assert acked.wait(10), f"no SUBACK for {topic}"
+
+
 def test_broker_accepts_connections(mqtt_broker: MosquittoBroker) -> None:
     assert mqtt_broker.running
     assert wait_listening(mqtt_broker.host, mqtt_broker.port, timeout=1)
@@ -58,8 +66,7 @@ def test_publish_across_restart_with_persistent_session(
     sub = _client(f"{topic_prefix}-sub".replace("/", "-"), persistent=True)
     sub.on_message = lambda c, u, m: received.put(m.payload)
     _connect(sub, mqtt_broker, persistent=True)
-    sub.subscribe(topic, qos=1)
-    time.sleep(0.2)
+    _subscribe(sub, topic)
     sub.loop_stop()
     sub.disconnect()
 
@@ -95,17 +102,16 @@ def test_client_reconnects_and_delivers_qos1_published_while_broker_down(
     sub.on_message = lambda c, u, m: received.put(m.payload)
     sub.reconnect_delay_set(min_delay=1, max_delay=1)
     _connect(sub, mqtt_broker, persistent=True)
-    sub.subscribe(topic, qos=1)
+    _subscribe(sub, topic)
     pub = _client(f"{topic_prefix}-p".replace("/", "-"), persistent=True)
     pub.reconnect_delay_set(min_delay=1, max_delay=1)
     _connect(pub, mqtt_broker, persistent=True)
-    time.sleep(0.2)
 
     mqtt_broker.stop()
+    wait_until(lambda: not pub.is_connected(), 10, "the publisher to notice the broker is gone")
     # paho keeps a QoS 1 message published while disconnected and sends it on reconnect
     # (rc says "not connected", but the message is queued).
     pub.publish(topic, b"during-outage", qos=1)
-    time.sleep(0.5)
     mqtt_broker.start()
     assert received.get(timeout=20) == b"during-outage"
     for c in (pub, sub):
@@ -116,7 +122,7 @@ def test_client_reconnects_and_delivers_qos1_published_while_broker_down(
 def test_missing_mosquitto_is_an_instruction(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(mosquitto_mod.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setattr(broker_module.shutil, "which", lambda *a, **k: None)
     with pytest.raises(MosquittoNotFound, match="apt-get install -y mosquitto"):
         MosquittoBroker(tmp_path)
 

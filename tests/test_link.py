@@ -12,8 +12,8 @@ from edgefleet.agent.hardware import describe
 from edgefleet.agent.link import Link
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.protocol import Status
-from edgefleet.server.localbroker import MosquittoBroker
-from tests.fleet_helpers import wait_until
+from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.waiting import wait_until
 
 BOOT = str(uuid.uuid4())
 
