@@ -7,11 +7,12 @@ The points are compared fairly: every stage and exit branch is warmed up, then e
 a few frames of its own untimed; each round times every point over all the frames, a few frames
 at a time, the points taking turns in an order that rotates from chunk to chunk and round to
 round. A clock that ramps up (turbo, the Pi's governor) or down (heat) over the run, or a noisy
-neighbour's burst, then weighs on all points alike instead of on the ones timed last (timed one
-after another, `fast` came out slower than `balanced-5`: 9 of 200 frames apart, 0.004 ms of
-mean time, less than the drift between points timed in sequence). Figures are medians over
-rounds. With early exits the *mean* time per frame is what a faster point saves: the median is
-the time of the exit most frames take, which several points share.
+neighbour's burst, then weighs on all points alike instead of on the ones timed first or last.
+Timed one after another, `fast` of the reference bundle came out slower than `balanced-5`: they
+differ in 9 of 200 frames, about 0.003 ms (4%) of mean time, less than the measured effect of a
+point's place in the sequence (about 10%). Figures are medians over rounds. With early exits
+the *mean* time per frame is what a faster point saves: the median is the time of the exit
+most frames take, which several points share.
 """
 
 from __future__ import annotations
