@@ -322,7 +322,7 @@ def test_cli_reports_errors_in_one_line(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "edgefleet.server.cli",
             "optimize",
             str(MODEL_PATH),
             "--data",
