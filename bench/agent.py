@@ -9,10 +9,11 @@ Prints one JSON report to stdout (progress goes to stderr) and writes it to --ou
   order, median over rounds of each round's ratio. The quoted `overhead` has every early exit
   disabled (same network as the bare run: apples to apples); `overhead_with_exits` is the
   agent at its default operating point (negative: exits save).
-- rss_mb, cold_start_s, fps, telemetry_seq_missing: a real `python -m edgefleet.agent run` process
-  against a private mosquitto, camera = the reference video looped and replayed
-  (`realtime = false`: every frame handed over as soon as the previous one was taken, so fps
-  is the agent's own throughput), 1 s telemetry windows, 1 thread.
+- rss_mb, cold_start_s, fps, telemetry_seq_missing (bench.agent_process): a real
+  `python -m edgefleet.agent run` process against a private mosquitto, camera = the reference
+  video looped and replayed (`realtime = false`: every frame handed over as soon as the
+  previous one was taken, so fps is the agent's own throughput), 1 s telemetry windows,
+  1 thread.
 
 Run from the repository root: `.venv/bin/python -m bench.agent [--out FILE]`.
 """
@@ -20,15 +21,10 @@ Run from the repository root: `.venv/bin/python -m bench.agent [--out FILE]`.
 from __future__ import annotations
 
 import argparse
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,10 +32,8 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
-import paho.mqtt.client as mqtt
-import psutil
-from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.agent_process import process_section
 from bench.reference_bundle import run_optimizer
 from bench.report import (
     Targets,
@@ -52,12 +46,10 @@ from bench.report import (
     target_check,
 )
 from edgefleet.agent.bundle import verify_bundle
-from edgefleet.agent.protocol import Result, Telemetry, TopicTree, decode_topic
 from edgefleet.agent.runtime.preprocess import Preprocessor
 from edgefleet.agent.runtime.staged import StagedModel
 from edgefleet.agent.window import TelemetryWindow
 from edgefleet.server.keystore import FleetKey
-from edgefleet.server.localbroker import MosquittoBroker
 from edgefleet.server.optimize.latency import interleaved, medians, round_ratios
 from edgefleet.server.optimize.runner import make_session
 from edgefleet.server.reference import VIDEO_PATH
@@ -180,227 +172,6 @@ def time_call(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1000.0
-
-
-# ---------------------------------------------------------------- real agent process
-
-
-class Watch:
-    """A paho client on one device's results and telemetry: first result, telemetry seen."""
-
-    def __init__(self, broker: MosquittoBroker, tree: TopicTree, device_id: str) -> None:
-        self.tree = tree
-        self.first: float | None = None
-        self.count = 0
-        self.telemetry: list[Telemetry] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._topics = [
-            (tree.device(device_id, "results"), 0),
-            (tree.device(device_id, "telemetry"), 1),
-        ]
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:8]}"
-        )
-        self.client.on_connect = lambda c, *_a: c.subscribe(self._topics)
-        self.client.on_subscribe = lambda *_a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port, keepalive=5)
-        self.client.loop_start()
-        if not self._subscribed.wait(10):
-            raise RuntimeError("bench subscriber could not subscribe")
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        now = time.monotonic()
-        decoded = decode_topic(self.tree, msg.topic, bytes(msg.payload))
-        with self._lock:
-            if isinstance(decoded, Result):
-                if self.first is None:
-                    self.first = now
-                self.count += 1
-            elif isinstance(decoded, Telemetry):
-                self.telemetry.append(decoded)
-
-    def seqs(self) -> list[int]:
-        """Telemetry sequence numbers received so far."""
-        with self._lock:
-            return [t.seq for t in self.telemetry]
-
-    def close(self) -> None:
-        """Disconnect."""
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-def missing(seqs: list[int]) -> list[int]:
-    """Sequence numbers absent between 0 and the highest seen."""
-    return sorted(set(range(max(seqs) + 1)) - set(seqs)) if seqs else []
-
-
-def agent_config(
-    root: Path, broker: MosquittoBroker, tree: TopicTree, out: Path, key: FleetKey, device_id: str
-) -> Path:
-    """agent.toml (as tests/agent_harness.write_config writes it) with the video replayed."""
-    video = root / "camera.avi"
-    shutil.copy(VIDEO_PATH, video)
-    path = root / "agent.toml"
-    path.write_text(
-        f'device_id = "{device_id}"\n'
-        f'state_dir = "{root / "state"}"\n'
-        "[camera]\n"
-        f'source = "{video}"\nloop = true\nrealtime = false\n'
-        "reconnect_initial_s = 0.2\nreconnect_max_s = 1.0\n"
-        "[model]\n"
-        f'bundle = "{out / "bundle"}"\ntrusted_keys = ["{key.public_path}"]\nthreads = 1\n'
-        "[mqtt]\n"
-        f'host = "{broker.host}"\nport = {broker.port}\ntopic_root = "{tree.root}"\n'
-        "keepalive_s = 5\n"
-        "[telemetry]\ninterval_s = 1.0\n"
-        '[power]\nsource = "auto"\n'
-    )
-    return path
-
-
-class AgentProc:
-    """`python -m edgefleet.agent run` as a child process, its output in a log file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log
-        self._fh = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(config)],
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-        )
-
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.proc.poll() is None
-
-    def terminate(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait (SIGKILL if it hangs); returns the exit status."""
-        try:
-            if self.alive():
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return self.proc.wait(10)
-        finally:
-            self._fh.close()
-
-    def output(self) -> str:
-        """Everything the agent logged."""
-        return self.log.read_text(errors="replace")
-
-
-def cold_start(
-    root: Path,
-    broker: MosquittoBroker,
-    tree: TopicTree,
-    out: Path,
-    key: FleetKey,
-    device_id: str,
-    timeout: float = 30.0,
-) -> tuple[float, AgentProc, Watch]:
-    """Spawn the agent and wait for its first result; returns seconds, process, watcher."""
-    root.mkdir(parents=True, exist_ok=True)
-    config = agent_config(root, broker, tree, out, key, device_id)
-    watch = Watch(broker, tree, device_id)
-    t0 = time.monotonic()
-    proc = AgentProc(config, root / "agent.log")
-    while watch.first is None and time.monotonic() - t0 < timeout and proc.alive():
-        time.sleep(0.002)
-    if watch.first is None:
-        proc.terminate()
-        watch.close()
-        raise RuntimeError(f"no result within {timeout} s; agent log:\n{proc.output()[-2000:]}")
-    return watch.first - t0, proc, watch
-
-
-def process_section(
-    work: Path, out: Path, key: FleetKey, run_s: float, extra_cold: int, bare_ms: float
-) -> dict[str, Any]:
-    """One long agent run (cold start, RSS, fps, telemetry seqs) plus extra cold starts."""
-    broker = MosquittoBroker(work / "broker")
-    broker.start()
-    try:
-        tree = TopicTree(f"bench-{uuid.uuid4().hex[:8]}")
-        device = "bench-agent"
-        say(f"agent process: cold start, then {run_s:.0f} s replaying {VIDEO_PATH.name}")
-        first_s, proc, watch = cold_start(work / "run", broker, tree, out, key, device)
-        say(f"  first result after {first_s:.3f} s")
-        t_start = time.monotonic()
-        time.sleep(max(0.0, 5.0 - (time.monotonic() - t_start)))
-        rss_5s = psutil.Process(proc.proc.pid).memory_info().rss / 2**20
-        say(f"  rss after ~5 s: {rss_5s:.1f} MiB")
-        time.sleep(max(0.0, run_s - (time.monotonic() - t_start)))
-        proc_rss_end = psutil.Process(proc.proc.pid).memory_info().rss / 2**20
-        rc = proc.terminate()
-        time.sleep(1.0)  # the final window goes out at shutdown (QoS 1)
-        watch.close()
-        seqs = watch.seqs()
-        telemetry = sorted(watch.telemetry, key=lambda t: t.seq)
-        # Steady windows: drop the first two (start-up) and the last (cut short by SIGTERM).
-        steady = telemetry[2:-1]
-        frames = sum(t.frames_processed for t in steady)
-        span = sum(t.window_end - t.window_start for t in steady)
-        fps = frames / span if span > 0 else 0.0
-        lat = [t.latency_ms.p50 for t in steady]
-        exits = [
-            sum(t.exit_histogram[e] for t in steady)
-            for e in range(len(steady[0].exit_histogram) if steady else 0)
-        ]
-        say(f"  sustained {fps:.1f} fps over {len(steady)} windows; agent exit status {rc}")
-        colds = [first_s]
-        for k in range(extra_cold):
-            s, p, w = cold_start(work / f"cold{k}", broker, tree, out, key, f"bench-cold{k}")
-            p.terminate()
-            w.close()
-            colds.append(s)
-            say(f"  extra cold start {k + 1}: {s:.3f} s")
-    finally:
-        broker.stop()
-    return {
-        "rss_mb": rss_5s,
-        "cold_start_s": statistics.median(colds),
-        "fps": fps,
-        "fps_ceiling_ratio": fps / (1000.0 / bare_ms),
-        "telemetry_seq_missing": len(missing(seqs)),
-        "agent_process": {
-            "cold_starts_s": colds,
-            "cold_start_first_run_s": first_s,
-            "rss_mb_at_end": proc_rss_end,
-            "run_s": run_s,
-            "telemetry_windows": len(telemetry),
-            "telemetry_seqs": [min(seqs), max(seqs)] if seqs else None,
-            "telemetry_duplicates": len(seqs) - len(set(seqs)),
-            "steady_windows": len(steady),
-            "steady_fps_per_window": [
-                round(t.frames_processed / (t.window_end - t.window_start), 1)
-                for t in steady
-                if t.window_end > t.window_start
-            ],
-            "steady_frames_captured": sum(t.frames_captured for t in steady),
-            "steady_capture_fps": sum(t.frames_captured for t in steady) / span
-            if span > 0
-            else 0.0,
-            "steady_frames_processed": frames,
-            "steady_frames_dropped": sum(t.frames_dropped for t in steady),
-            "steady_exit_histogram": exits,
-            "steady_latency_p50_ms_median": statistics.median(lat) if lat else None,
-            "steady_cpu_percent_median": statistics.median(t.cpu_percent for t in steady)
-            if steady
-            else None,
-            "agent_rss_mb_reported_median": statistics.median(t.rss_mb for t in steady)
-            if steady
-            else None,
-            "results_received": watch.count,
-            "exit_status": rc,
-            "fps_ceiling": 1000.0 / bare_ms,
-        },
-    }
 
 
 # ---------------------------------------------------------------- report

@@ -45,9 +45,10 @@ from paho.mqtt.properties import Properties
 
 from bench.report import emit_report, load_avg, machine_info, rounded_floats, say
 from edgefleet.agent.protocol import Percentiles, Telemetry, TopicTree, encode
-from edgefleet.server.fleet.ingest import IngestConfig, Ingestor, tune_gc
+from edgefleet.server.fleet.gc_tuning import tune_gc
+from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
 from edgefleet.server.fleet.store import open_store
-from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.local.broker import MosquittoBroker
 from tests.harness.postgres import postgres_server, scratch_database
 
 ROOT = "bench/v1"
@@ -74,14 +75,29 @@ def telemetry_payloads(n: int, devices: int = DEVICES) -> list[tuple[str, bytes]
     for i in range(n):
         dev, seq = f"dev-{i % devices:05d}", i // devices
         t = Telemetry(
-            device_id=dev, seq=seq, window_start=now - 10, window_end=now, frames_captured=300,
-            frames_processed=296, frames_dropped=4, fps=29.6,
+            device_id=dev,
+            seq=seq,
+            window_start=now - 10,
+            window_end=now,
+            frames_captured=300,
+            frames_processed=296,
+            frames_dropped=4,
+            fps=29.6,
             latency_ms=Percentiles(p50=3.1, p95=6.2, p99=8.0),
             stage_latency_ms=[Percentiles(p50=1.0, p95=2.0, p99=2.5)] * 3,
-            exit_histogram=[200, 60, 36], operating_point=1, cpu_percent=95.0, rss_mb=120.0,
-            temperature_c=55.0, throttled=False, power_w=4.2, power_source="estimate",
-            energy_per_frame_mj=141.9, outbox_depth=0, outbox_overflow=0,
-            model_id="mnist-ee", model_version=2,
+            exit_histogram=[200, 60, 36],
+            operating_point=1,
+            cpu_percent=95.0,
+            rss_mb=120.0,
+            temperature_c=55.0,
+            throttled=False,
+            power_w=4.2,
+            power_source="estimate",
+            energy_per_frame_mj=141.9,
+            outbox_depth=0,
+            outbox_overflow=0,
+            model_id="mnist-ee",
+            model_version=2,
         )
         out.append((tree.device(dev, "telemetry"), encode(t)))
     return out
@@ -130,8 +146,7 @@ def drain_bare(broker: MosquittoBroker, payloads: list[tuple[str, bytes]], tag: 
             done.set()
 
     def client() -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{tag}",
-                        protocol=mqtt.MQTTv5)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{tag}", protocol=mqtt.MQTTv5)
         c.on_message = on_message
         return c
 
@@ -157,8 +172,9 @@ def drain_bare(broker: MosquittoBroker, payloads: list[tuple[str, bytes]], tag: 
 
 
 def _coordinator_cfg(broker: MosquittoBroker, client_id: str, share: str) -> IngestConfig:
-    return IngestConfig(host=broker.host, port=broker.port, root=ROOT, client_id=client_id,
-                        share_group=share)
+    return IngestConfig(
+        host=broker.host, port=broker.port, root=ROOT, client_id=client_id, share_group=share
+    )
 
 
 def _subscribe_once(broker: MosquittoBroker, store_url: str, client_id: str, share: str) -> None:
@@ -173,8 +189,16 @@ def _subscribe_once(broker: MosquittoBroker, store_url: str, client_id: str, sha
 
 
 def _drain_process(
-    host: str, port: int, store_url: str, client_id: str, share: str, n_total: int,
-    solo: bool, ready: Any, go: Any, result: Any,
+    host: str,
+    port: int,
+    store_url: str,
+    client_id: str,
+    share: str,
+    n_total: int,
+    solo: bool,
+    ready: Any,
+    go: Any,
+    result: Any,
 ) -> None:
     """One coordinator process: resume the session, ingest until the store holds n_total."""
     store = open_store(store_url)
@@ -195,7 +219,10 @@ def _drain_process(
 
 
 def drain_coordinators(
-    broker: MosquittoBroker, payloads: list[tuple[str, bytes]], store_url: str, tag: str,
+    broker: MosquittoBroker,
+    payloads: list[tuple[str, bytes]],
+    store_url: str,
+    tag: str,
     count: int = 1,
 ) -> tuple[float, int]:
     """Rate at which `count` coordinator processes drain the backlog into store_url; lost."""
@@ -208,9 +235,21 @@ def drain_coordinators(
     ready = [ctx.Event() for _ in ids]
     go, result = ctx.Event(), ctx.Queue()
     procs = [
-        ctx.Process(target=_drain_process,
-                    args=(broker.host, broker.port, store_url, cid, share, len(payloads),
-                          count == 1, ready[i], go, result))
+        ctx.Process(
+            target=_drain_process,
+            args=(
+                broker.host,
+                broker.port,
+                store_url,
+                cid,
+                share,
+                len(payloads),
+                count == 1,
+                ready[i],
+                go,
+                result,
+            ),
+        )
         for i, cid in enumerate(ids)
     ]
     for p in procs:
@@ -237,18 +276,40 @@ def live_phase(
 ) -> dict[str, float]:
     """1,000 simulated devices (`edgefleet simulate`, its own process) and one coordinator."""
     store = open_store(store_url)
-    ing = Ingestor(_coordinator_cfg(broker, "coord-live", SHARE + "live"), store,
-                   writer_url=store_url)
+    ing = Ingestor(
+        _coordinator_cfg(broker, "coord-live", SHARE + "live"), store, writer_url=store_url
+    )
     tune_gc()
     ing.start()
     ing.wait_connected(10)
     say(f"live: {DEVICES} devices for {seconds:.0f} s at {rate} windows/s each")
     started = time.time()
     sim = subprocess.run(
-        [sys.executable, "-m", "edgefleet.server.cli", "simulate", "--devices", str(DEVICES),
-         "--rate", str(rate), "--duration", str(seconds), "--host", broker.host,
-         "--port", str(broker.port), "--root", ROOT, "--prefix", "live", "--json"],
-        capture_output=True, text=True, timeout=seconds + 300, check=True,
+        [
+            sys.executable,
+            "-m",
+            "edgefleet.server.cli",
+            "simulate",
+            "--devices",
+            str(DEVICES),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(seconds),
+            "--host",
+            broker.host,
+            "--port",
+            str(broker.port),
+            "--root",
+            ROOT,
+            "--prefix",
+            "live",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 300,
+        check=True,
     )
     sim_report = json.loads(sim.stdout)
     produced = int(sim_report["produced"])
@@ -278,8 +339,10 @@ def live_phase(
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     payloads = telemetry_payloads(args.messages)
-    say(f"{len(payloads)} telemetry messages of {DEVICES} devices, "
-        f"{sum(len(p) for _, p in payloads) / len(payloads):.0f} bytes each")
+    say(
+        f"{len(payloads)} telemetry messages of {DEVICES} devices, "
+        f"{sum(len(p) for _, p in payloads) / len(payloads):.0f} bytes each"
+    )
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-ingest-"))
     broker = MosquittoBroker(work / "broker", max_queued_messages=10 * args.messages)
     broker.start()
@@ -300,16 +363,19 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             )
             coords.append(rate)
             lost += lost_r
-            say(f"repeat {r + 1}/{args.repeats}: ceiling {ceilings[-1]:.0f}/s, "
-                f"coordinator {rate:.0f}/s")
+            say(
+                f"repeat {r + 1}/{args.repeats}: ceiling {ceilings[-1]:.0f}/s, "
+                f"coordinator {rate:.0f}/s"
+            )
         report["ceiling_msgs_per_s"] = statistics.median(ceilings)
         report["coordinator_msgs_per_s"] = statistics.median(coords)
         report["ratio"] = statistics.median(c / b for c, b in zip(coords, ceilings, strict=True))
         report["lost"] = lost
         report["ceiling_runs"] = ceilings
         report["coordinator_runs"] = coords
-        report.update(live_phase(broker, f"sqlite:///{work / 'live.db'}", args.live_seconds,
-                                 args.live_rate))
+        report.update(
+            live_phase(broker, f"sqlite:///{work / 'live.db'}", args.live_seconds, args.live_rate)
+        )
         report["live_rate_per_device"] = args.live_rate
         if not args.skip_postgres:
             with postgres_server() as admin:
