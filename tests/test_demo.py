@@ -1,21 +1,28 @@
-"""The README's main job runs end to end (fewer video frames, same path)."""
+"""The README's main job runs end to end (fewer video frames, same path), and fails loudly.
+
+The second test kills one of the demo's real agents while it runs, as a crash on a device
+would, and expects the demo's own checks to notice it and exit non-zero.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
+
+DEMO = [sys.executable, "-m", "edgefleet.server.cli", "demo", "--frames", "60"]
+# A log record as logging's default CLI format prints it: none may reach the console.
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ", re.MULTILINE)
 
 
 def test_demo_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    res = subprocess.run(
-        [sys.executable, "-m", "edgefleet.server.cli", "demo", "--out", str(out), "--frames", "60"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = subprocess.run([*DEMO, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["split_sizes"] == {
@@ -37,4 +44,66 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert device["rejected"] == 0 and device["events"] >= 2
     assert device["agents_offline_after_stop"] == ["demo-pi-1", "demo-pi-2"]
     assert (out / "bundles" / "mnist-cnn-int8-exits" / "report.png").exists()
-    assert "edgefleet fleet ls" in res.stdout and "demo-pi-1" in res.stdout
+
+    # Every check passed, and the console says so last.
+    checks = report["checks"]
+    assert report["passed"] is True and len(checks) >= 10
+    assert all(c["ok"] for c in checks), checks
+    lines = res.stdout.splitlines()
+    assert lines[-1] == f"All {len(checks)} checks passed."
+    for c in checks:
+        assert any(line.startswith(f"  pass  {c['name']}") for line in lines), c["name"]
+    # The story: six numbered steps, the fleet view with its legend, the ping's reply.
+    for n in range(1, 7):
+        assert any(line.startswith(f"{n}. ") for line in lines), n
+    assert "$ edgefleet fleet ls" in res.stdout and "demo-pi-1" in res.stdout
+    assert "estimated from CPU load" in res.stdout
+    ping = lines.index("   $ edgefleet fleet cmd demo-pi-1 ping")
+    assert lines[ping + 1].strip().startswith("demo-pi-1: ok")
+    # Library logs go to the log file, none to the console.
+    assert not LOG_RECORD.search(res.stdout) and not LOG_RECORD.search(res.stderr), res.stderr
+    log = (out / "demo.log").read_text()
+    assert "edgefleet.server.fleet" in log and "optimizer:" in log
+
+
+def _agent_process(demo: psutil.Process, config: Path) -> psutil.Process | None:
+    for child in demo.children(recursive=True):
+        try:
+            if str(config) in child.cmdline():
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def test_demo_fails_when_an_agent_dies(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    config = out / "device" / "demo-pi-1" / "agent.toml"
+    demo = subprocess.Popen(
+        [*DEMO, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        parent = psutil.Process(demo.pid)
+        agent = None
+        deadline = time.monotonic() + 500
+        while agent is None and demo.poll() is None and time.monotonic() < deadline:
+            agent = _agent_process(parent, config)
+            time.sleep(0.05)
+        assert agent is not None, "the demo never started demo-pi-1"
+        agent.kill()  # a crash: no clean shutdown, no goodbye
+        stdout, stderr = demo.communicate(timeout=300)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+    assert demo.returncode == 1, stdout[-3000:] + stderr[-3000:]
+    lines = stdout.splitlines()
+    failed = [line for line in lines if line.startswith("FAILED: ")]
+    # The first check to see the crash names the device; which one that is depends only on
+    # when the kill landed (normally while the demo waits for the agents' first reports).
+    assert failed and lines[-len(failed) :] == failed, stdout[-3000:]
+    assert any("demo-pi-1" in line for line in failed), failed
+    assert any(line.startswith("  FAIL  ") for line in lines)
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False
+    assert any(not c["ok"] for c in report["checks"])

@@ -1,0 +1,353 @@
+"""The demo's local fleet: a broker, a coordinator, real agents on the reference video and a
+crowd of simulated devices; the operator's view as `edgefleet fleet ls` prints it, a command
+through the coordinator's API, then a clean stop whose outcome is checked."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgefleet.server.cli.fleet import device_rows, table
+from edgefleet.server.demo.checks import Checks
+from edgefleet.server.demo.console import Story
+from edgefleet.server.fleet.client import FleetClient
+from edgefleet.server.fleet.ingest import IngestConfig
+from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
+from edgefleet.server.fleet.simulate import SimConfig, Simulator
+from edgefleet.server.fleet.store.base import Store
+from edgefleet.server.fleet.views import DeviceView
+from edgefleet.server.keystore import FleetKey
+from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.reference import VIDEO_PATH
+
+INTERVAL_S = 2  # the agents' telemetry window
+WINDOWS_BEFORE_VIEW = 3  # telemetry windows each agent sends before the fleet view is shown
+FIRST_REPORT_TIMEOUT_S = 90  # loading a bundle and opening a camera: slow on a busy Pi
+STOP_TIMEOUT_S = 10  # systemd's TimeoutStopSec in the agent's unit
+SETTLE_TIMEOUT_S = 30  # for the last messages to arrive and the offline statuses to show
+PING_TIMEOUT_S = 10
+SHOWN_OTHERS = 4  # simulated devices shown in the fleet view, after the real agents
+LEGEND = (
+    "OP: operating point, the early-exit setting a device runs (0 = most accurate)",
+    "~ after a power figure: estimated from CPU load (the device has no power meter)",
+)
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """How big the local fleet is."""
+
+    agents: int = 2
+    simulated: int = 48
+
+
+def agent_config(
+    out: Path, device_id: str, bundle: Path, key: FleetKey, broker: MosquittoBroker
+) -> Path:
+    """A device's agent.toml: the reference video as its camera, 2 s telemetry windows."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "agent.toml"
+    path.write_text(
+        f'device_id = "{device_id}"\n'
+        f'state_dir = "{out / "state"}"\n'
+        f'[camera]\nsource = "{VIDEO_PATH}"\nloop = true\nfps = 30\n'
+        f'[model]\nbundle = "{bundle}"\ntrusted_keys = ["{key.public_path}"]\nthreads = 1\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        f"[telemetry]\ninterval_s = {INTERVAL_S}\n"
+    )
+    return path
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return pred()
+
+
+def exit_text(code: int | None) -> str:
+    """An exit status in words: 'exit code 0', 'killed by SIGKILL', 'still running'."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _received(store: Store) -> dict[str, int]:
+    """Telemetry windows stored per device."""
+    return {r.device_id: r.received for r in store.sequence_reports()}
+
+
+class _Agents:
+    """The real agents: `python -m edgefleet.agent run`, as systemd starts it, output in a log."""
+
+    def __init__(self, out: Path, ids: list[str]) -> None:
+        self.out = out
+        self.ids = ids
+        self.logs = {i: out / f"{i}.log" for i in ids}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, bundle: Path, key: FleetKey, broker: MosquittoBroker) -> None:
+        for device_id in self.ids:
+            cfg = agent_config(self.out / device_id, device_id, bundle, key, broker)
+            with self.logs[device_id].open("wb") as log:
+                self.procs[device_id] = subprocess.Popen(
+                    [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(cfg)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+
+    def exited(self) -> dict[str, int]:
+        """The agents that have ended, with their exit status."""
+        return {i: c for i, p in self.procs.items() if (c := p.poll()) is not None}
+
+    def terminate(self) -> dict[str, int | None]:
+        """SIGTERM to all, then each one's exit status (None: still running after the wait)."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        for i, p in self.procs.items():
+            try:
+                codes[i] = p.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                codes[i] = None
+        return codes
+
+    def kill(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def run_fleet(
+    out: Path,
+    bundle: Path,
+    key: FleetKey,
+    story: Story,
+    checks: Checks,
+    plan: FleetPlan = FleetPlan(),
+) -> dict[str, Any]:
+    """Run the local fleet, show the operator's view and a command, stop it, check the outcome.
+
+    Raises StepFailed (after recording the check) when the fleet cannot go on.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    broker = MosquittoBroker(out / "broker")
+    token = secrets.token_hex(16)
+    coordinator = Coordinator(
+        CoordinatorConfig(
+            store=f"sqlite:///{out / 'coordinator.db'}",
+            mqtt=IngestConfig(host=broker.host, port=broker.port, client_id="demo-coordinator"),
+            http_port=0,
+            token=token,
+        )
+    )
+    sim_cfg = SimConfig(
+        host=broker.host,
+        port=broker.port,
+        devices=plan.simulated,
+        rate=0.5,
+        prefix="sim-cam",
+        group="simulated",
+    )
+    sim = Simulator(sim_cfg)
+    agents = _Agents(out, [f"demo-pi-{i + 1}" for i in range(plan.agents)])
+    coordinator_started = False
+    try:
+        broker.start()
+        coordinator.start()
+        coordinator_started = True
+        story.say(f"MQTT broker (mosquitto) on {broker.host}:{broker.port}")
+        story.say(f"coordinator (registry, telemetry, commands) with its API on {coordinator.url}")
+        connected = coordinator.ingestor.wait_connected(10)
+        checks.require(
+            "coordinator connected to the broker",
+            connected,
+            f"{broker.host}:{broker.port}" if connected else "no connection within 10 s",
+        )
+        agents.start(bundle, key, broker)
+        sim.start()
+        ids, sim_ids = agents.ids, sim_cfg.device_ids()
+        story.say(f"{' and '.join(ids)}: the real device agent, running the optimized bundle")
+        story.say("  with the reference video as their camera")
+        story.say(f"{plan.simulated} simulated devices ({sim_ids[0]} ... {sim_ids[-1]}) send")
+        story.say("  made-up telemetry, so the fleet view shows more than two devices")
+        story.say(
+            f"waiting for {WINDOWS_BEFORE_VIEW} telemetry reports from each agent "
+            f"(one every {INTERVAL_S} s) ..."
+        )
+        _agents_reporting(coordinator.store, agents, checks)
+
+        client = FleetClient(coordinator.url, token)
+        fleet = client.devices()
+        _show_fleet(fleet, ids, story)
+        online = sum(d.online for d in fleet)
+        expected = plan.agents + plan.simulated
+        checks.check(
+            "every device online in the fleet view",
+            len(fleet) == expected and online == expected,
+            f"{online} of {len(fleet)} devices online, {expected} started",
+        )
+        ping_ok = _ping(client, ids[0], story, checks)
+
+        story.say("stopping: SIGTERM to each agent (as systemd stops a service); the simulated")
+        story.say("  devices send what they still hold, then disconnect")
+        result = _stop_and_account(coordinator.store, agents, sim, sim_ids, story, checks)
+        return {
+            "devices": len(fleet),
+            "online_at_view": online,
+            "agents_reporting": sum(
+                1 for d in fleet if d.device_id in ids and d.fps is not None and d.fps > 0
+            ),
+            "ping_ok": ping_ok,
+            **result,
+        }
+    finally:
+        agents.kill()
+        sim.stop()
+        if coordinator_started:
+            coordinator.stop()
+        broker.stop()
+
+
+def _agents_reporting(store: Store, agents: _Agents, checks: Checks) -> None:
+    """Wait for every agent's first reports; an agent that dies ends the wait at once."""
+
+    def reported() -> bool:
+        got = _received(store)
+        return all(got.get(i, 0) >= WINDOWS_BEFORE_VIEW for i in agents.ids)
+
+    started = time.monotonic()
+    _wait(lambda: reported() or bool(agents.exited()), FIRST_REPORT_TIMEOUT_S)
+    waited = time.monotonic() - started
+    exited = agents.exited()
+    got = _received(store)
+    problems = [f"{i} {exit_text(c)} (its log: {agents.logs[i]})" for i, c in exited.items()] + [
+        f"{i} had sent {got.get(i, 0)} of {WINDOWS_BEFORE_VIEW} reports after {waited:.0f} s "
+        f"(its log: {agents.logs[i]})"
+        for i in agents.ids
+        if i not in exited and got.get(i, 0) < WINDOWS_BEFORE_VIEW
+    ]
+    checks.require(
+        "agents running and sending telemetry",
+        not problems,
+        "; ".join(problems) or f"{WINDOWS_BEFORE_VIEW} reports from each of {len(agents.ids)}",
+    )
+
+
+def _show_fleet(fleet: list[DeviceView], ids: list[str], story: Story) -> None:
+    """The operator's view, formatted as `edgefleet fleet ls` prints it, with a legend."""
+    shown = [d for d in fleet if d.device_id in ids]
+    shown += [d for d in fleet if d.device_id not in ids][:SHOWN_OTHERS]
+    story.say(f"$ edgefleet fleet ls        (first {len(shown)} of {len(fleet)} devices)")
+    for line in table(device_rows(shown)).splitlines():
+        story.say("  " + line)
+    for line in LEGEND:
+        story.say("  " + line)
+
+
+def _ping(client: FleetClient, device_id: str, story: Story, checks: Checks) -> bool:
+    """`edgefleet fleet cmd DEVICE ping`: the same API call, which publishes the command and
+    collects the device's reply by its id; returns whether it came back ok."""
+    story.say(f"$ edgefleet fleet cmd {device_id} ping")
+    sent = time.monotonic()
+    outcome = client.command({"name": "ping"}, device=device_id, timeout_s=PING_TIMEOUT_S)
+    took_ms = (time.monotonic() - sent) * 1000
+    for r in outcome.replies:
+        answer = "ok" if r.ok else f"error: {r.error}"
+        story.say(f"  {r.device_id}: {answer}   (the reply took {took_ms:.0f} ms)")
+    for silent in outcome.missing:
+        story.say(f"  {silent}: no reply within {PING_TIMEOUT_S} s")
+    ok = bool(outcome.replies) and all(r.ok for r in outcome.replies) and not outcome.missing
+    checks.check(
+        "ping answered through the coordinator's API",
+        ok,
+        f"{device_id} answered in {took_ms:.0f} ms"
+        if ok
+        else "; ".join(
+            [f"{r.device_id}: {r.error}" for r in outcome.replies if not r.ok]
+            + [f"{silent}: no reply in {PING_TIMEOUT_S} s" for silent in outcome.missing]
+        ),
+    )
+    return ok
+
+
+def _stop_and_account(
+    store: Store,
+    agents: _Agents,
+    sim: Simulator,
+    sim_ids: list[str],
+    story: Story,
+    checks: Checks,
+) -> dict[str, Any]:
+    """Stop agents and simulator; check exit codes, offline statuses and that nothing was lost."""
+    codes = agents.terminate()
+    checks.check(
+        "agents stopped cleanly on SIGTERM",
+        all(c == 0 for c in codes.values()),
+        ", ".join(
+            f"{i}: {exit_text(c)}" + ("" if c == 0 else f" (its log: {agents.logs[i]})")
+            for i, c in codes.items()
+        ),
+    )
+    sim.pause()
+    drained = sim.wait_drained(SETTLE_TIMEOUT_S)
+    produced = sim.stats().produced
+
+    def offline() -> list[str]:
+        return [i for i in agents.ids if (rec := store.device(i)) is not None and not rec.online]
+
+    def sim_stored() -> int:
+        got = _received(store)
+        return sum(got.get(i, 0) for i in sim_ids)
+
+    _wait(lambda: offline() == agents.ids and sim_stored() >= produced, SETTLE_TIMEOUT_S)
+    gone = offline()
+    checks.check(
+        "stopped agents shown offline",
+        gone == agents.ids,
+        f"offline: {', '.join(gone) or 'none'} (of {', '.join(agents.ids)})",
+    )
+    missing = sum(r.missing for r in store.sequence_reports())
+    stored = store.telemetry_count()
+    checks.check(
+        "no telemetry missing",
+        drained and missing == 0 and sim_stored() >= produced,
+        f"{stored} reports stored, {missing} gaps in sequence numbers; simulated devices "
+        f"sent {produced}, {sim_stored()} stored"
+        + ("" if drained else f"; {sim.stats().backlog} still unsent after {SETTLE_TIMEOUT_S} s"),
+    )
+    rejected = sum(store.reject_counts().values())
+    checks.check("no message rejected by the coordinator", rejected == 0, f"{rejected} rejected")
+    story.say(
+        "agents stopped: "
+        + ", ".join(f"{i} {exit_text(c)}" for i, c in codes.items())
+        + f"; shown offline: {', '.join(gone) or 'none'}"
+    )
+    story.say(
+        f"telemetry: {stored} reports stored, {missing} missing (by sequence number), "
+        f"{rejected} rejected"
+    )
+    return {
+        "agent_exit_codes": list(codes.values()),
+        "telemetry_windows": stored,
+        "missing": missing,
+        "rejected": rejected,
+        "agents_offline_after_stop": gone,
+        "events": len(store.events(limit=1000)),
+    }
