@@ -67,6 +67,8 @@ THROTTLED_UNDER_VOLTAGE = "throttled=0x50005"
 THROTTLED_SOFT_TEMP = "throttled=0x80008"
 
 RAPL_MAX_RANGE_UJ = 262143328850
+# A Jetson Orin Nano's INA3221 on JetPack 5: (label, millivolts, milliamps) per channel.
+ORIN_NANO_RAILS = [("VDD_IN", 5072, 1208), ("VDD_CPU_GPU_CV", 5072, 412), ("VDD_SOC", 5072, 352)]
 
 
 def write(root: Path, path: str, text: str) -> Path:

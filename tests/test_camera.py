@@ -12,6 +12,7 @@ import pytest
 
 from edgefleet.agent.camera import Camera, backoff_delays, describe_source
 from edgefleet.agent.config import CameraConfig
+from edgefleet.server.local.waiting import wait_until
 from edgefleet.server.reference import VIDEO_PATH
 
 
@@ -26,22 +27,14 @@ class Events:
         return [k for k, _ in self.seen]
 
 
-def _wait(pred: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_frames_arrive_in_order_and_latest_wins() -> None:
     cam = Camera(CameraConfig(source=str(VIDEO_PATH), fps=200))
     cam.start()
     try:
         first = cam.latest(timeout=10)
         assert first is not None and first.image.shape == (96, 96, 3)
-        time.sleep(0.3)  # a slow consumer: many frames are overwritten meanwhile
+        # A slow consumer: ten frames are captured (and all but the last overwritten) meanwhile.
+        wait_until(lambda: cam.stats.captured >= first.index + 10, 15, "ten more frames")
         second = cam.latest(timeout=5)
         assert second is not None and second.index > first.index + 5
         assert cam.stats.dropped >= second.index - first.index - 2
@@ -71,7 +64,9 @@ def test_replay_hands_over_every_frame_in_order_to_a_slow_consumer() -> None:
             assert frame is not None
             indices.append(frame.index)
             if k % 10 == 0:
-                time.sleep(0.2)  # a slow frame: a real-time camera would drop meanwhile
+                # Deliberately slow (time must pass, there is nothing to wait for): a
+                # real-time camera would drop frames meanwhile, a replay must not.
+                time.sleep(0.2)
         assert indices == list(range(1, 41))
         assert cam.stats.dropped == 0
         assert cam.stats.captured <= 41  # at most the one being read ahead
@@ -97,7 +92,8 @@ def test_file_loops_when_asked(tmp_path: Path) -> None:
     cam = Camera(CameraConfig(source=str(VIDEO_PATH), loop=True, fps=1000))
     cam.start()
     try:
-        assert _wait(lambda: cam.stats.captured > 450)  # the video has 400 frames
+        # The video has 400 frames.
+        wait_until(lambda: cam.stats.captured > 450, 15, "more frames than the video has")
         assert cam.stats.connected
     finally:
         cam.stop()
@@ -110,7 +106,7 @@ def test_missing_source_reports_once_retries_then_recovers(tmp_path: Path) -> No
     cam = Camera(cfg, on_event=events)
     cam.start()
     try:
-        assert _wait(lambda: cam.stats.reconnects >= 3)
+        wait_until(lambda: cam.stats.reconnects >= 3, 15, "3 reconnect attempts")
         assert events.kinds() == ["camera_lost"]  # once per outage, not once per attempt
         assert "no such device or file" in events.seen[0][1]
         assert cam.latest(timeout=0.2) is None  # nothing to hand out; the agent goes on
@@ -130,7 +126,7 @@ def test_unreadable_file_is_a_lost_source(tmp_path: Path) -> None:
     )
     cam.start()
     try:
-        assert _wait(lambda: cam.stats.reconnects >= 2)
+        wait_until(lambda: cam.stats.reconnects >= 2, 15, "2 reconnect attempts")
         assert events.kinds()[0] == "camera_lost"
     finally:
         cam.stop()
@@ -144,9 +140,10 @@ def test_source_ending_without_loop_is_lost_and_retried(tmp_path: Path) -> None:
     cam = Camera(cfg, events)
     cam.start()
     try:
-        assert _wait(lambda: "camera_lost" in events.kinds())
+        wait_until(lambda: "camera_lost" in events.kinds(), 15, "a camera_lost event")
         assert "stopped delivering frames" in dict(events.seen)["camera_lost"]
-        assert _wait(lambda: "camera_restored" in events.kinds())  # the file is still there
+        # The file is still there: the reconnect finds it.
+        wait_until(lambda: "camera_restored" in events.kinds(), 15, "a camera_restored event")
     finally:
         cam.stop()
 

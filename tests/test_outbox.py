@@ -201,7 +201,7 @@ for i in range(int(sys.argv[2])):
     box.put("t", f"m{i:06d}".encode())
 print(box.next_seq("telemetry"), flush=True)
 print("done", flush=True)
-time.sleep(120)
+time.sleep(120)  # idle with the database open until the test kills us
 """
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import numpy.typing as npt
@@ -165,12 +164,11 @@ def test_greedy_search_for_many_exits() -> None:
     assert points[-1].mean_cost == cost[0]
 
 
-def test_three_exits_are_fast_enough_and_deterministic() -> None:
+def test_three_exits_are_deterministic() -> None:
+    # Speed is for the benchmarks to measure; a unit test checks: same input, same points.
     conf, correct, cost = _random_case(3, 500, seed=9)
-    start = time.perf_counter()
     first = pareto_operating_points(conf, correct, cost)
-    assert time.perf_counter() - start < 5.0
-    assert pareto_operating_points(conf, correct, cost) == first
+    assert first and pareto_operating_points(conf, correct, cost) == first
 
 
 def test_thinning_keeps_both_ends() -> None:
