@@ -10,10 +10,11 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
+
+from edgefleet.server.local.waiting import wait_until
 
 DEMO = [sys.executable, "-m", "edgefleet.server.cli", "demo", "--frames", "60"]
 # A log record as logging's default CLI format prints it: none may reach the console.
@@ -67,6 +68,7 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
 
 
 def _agent_process(demo: psutil.Process, config: Path) -> psutil.Process | None:
+    """The demo's agent process started with this config, if it runs now."""
     for child in demo.children(recursive=True):
         try:
             if str(config) in child.cmdline():
@@ -84,13 +86,15 @@ def test_demo_fails_when_an_agent_dies(tmp_path: Path) -> None:
     )
     try:
         parent = psutil.Process(demo.pid)
-        agent = None
-        deadline = time.monotonic() + 500
-        while agent is None and demo.poll() is None and time.monotonic() < deadline:
-            agent = _agent_process(parent, config)
-            time.sleep(0.05)
-        assert agent is not None, "the demo never started demo-pi-1"
-        agent.kill()  # a crash: no clean shutdown, no goodbye
+        found: list[psutil.Process] = []
+
+        def started() -> bool:
+            found[:] = [p for p in [_agent_process(parent, config)] if p is not None]
+            return bool(found) or demo.poll() is not None
+
+        wait_until(started, 500, "the demo to start demo-pi-1", poll=0.05)
+        assert found, f"the demo ended without starting demo-pi-1: {demo.returncode}"
+        found[0].kill()  # a crash: no clean shutdown, no goodbye
         stdout, stderr = demo.communicate(timeout=300)
     finally:
         if demo.poll() is None:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import secrets
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,9 @@ from edgefleet.server.fleet.simulate import SimConfig, Simulator
 from edgefleet.server.fleet.store.base import Store
 from edgefleet.server.fleet.views import DeviceView
 from edgefleet.server.keystore import FleetKey
-from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.local.agents import AgentProcess, write_config
+from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.waiting import WaitTimeout, poll_until
 from edgefleet.server.reference import VIDEO_PATH
 
 INTERVAL_S = 2  # the agents' telemetry window
@@ -48,36 +47,10 @@ class FleetPlan:
     simulated: int = 48
 
 
-def agent_config(
-    out: Path, device_id: str, bundle: Path, key: FleetKey, broker: MosquittoBroker
-) -> Path:
-    """A device's agent.toml: the reference video as its camera, 2 s telemetry windows."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "agent.toml"
-    path.write_text(
-        f'device_id = "{device_id}"\n'
-        f'state_dir = "{out / "state"}"\n'
-        f'[camera]\nsource = "{VIDEO_PATH}"\nloop = true\nfps = 30\n'
-        f'[model]\nbundle = "{bundle}"\ntrusted_keys = ["{key.public_path}"]\nthreads = 1\n'
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
-        f"[telemetry]\ninterval_s = {INTERVAL_S}\n"
-    )
-    return path
-
-
-def _wait(pred: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return pred()
-
-
 def exit_text(code: int | None) -> str:
-    """An exit status in words: 'exit code 0', 'killed by SIGKILL', 'still running'."""
+    """An exit status in words: 'exit code 0', 'killed by SIGKILL'; None: it did not stop."""
     if code is None:
-        return "still running"
+        return f"still running after {STOP_TIMEOUT_S} s (killed)"
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -92,46 +65,49 @@ def _received(store: Store) -> dict[str, int]:
 
 
 class _Agents:
-    """The real agents: `python -m edgefleet.agent run`, as systemd starts it, output in a log."""
+    """The demo's real agents, started, watched and stopped together."""
 
     def __init__(self, out: Path, ids: list[str]) -> None:
         self.out = out
         self.ids = ids
         self.logs = {i: out / f"{i}.log" for i in ids}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, AgentProcess] = {}
 
     def start(self, bundle: Path, key: FleetKey, broker: MosquittoBroker) -> None:
-        for device_id in self.ids:
-            cfg = agent_config(self.out / device_id, device_id, bundle, key, broker)
-            with self.logs[device_id].open("wb") as log:
-                self.procs[device_id] = subprocess.Popen(
-                    [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(cfg)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+        """Start one agent per id, each with the shipped video as its camera."""
+        for i in self.ids:
+            config = write_config(
+                self.out / i,
+                device_id=i,
+                broker=broker,
+                bundle=bundle,
+                key=key,
+                video=VIDEO_PATH,
+                interval_s=INTERVAL_S,
+            )
+            self.procs[i] = AgentProcess(config, self.logs[i])
 
     def exited(self) -> dict[str, int]:
         """The agents that have ended, with their exit status."""
-        return {i: c for i, p in self.procs.items() if (c := p.poll()) is not None}
+        return {i: a.proc.returncode for i, a in self.procs.items() if not a.alive()}
 
     def terminate(self) -> dict[str, int | None]:
-        """SIGTERM to all, then each one's exit status (None: still running after the wait)."""
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        """SIGTERM to all at once, then each one's exit status (None: killed after the wait)."""
+        for a in self.procs.values():
+            if a.alive():
+                a.proc.send_signal(signal.SIGTERM)
         codes: dict[str, int | None] = {}
-        for i, p in self.procs.items():
+        for i, a in self.procs.items():
             try:
-                codes[i] = p.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
+                codes[i] = a.wait(STOP_TIMEOUT_S)
+            except WaitTimeout:
                 codes[i] = None
         return codes
 
     def kill(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        """Kill any agent still running (the demo failed half-way)."""
+        for a in self.procs.values():
+            a.kill()
 
 
 def run_fleet(
@@ -233,7 +209,7 @@ def _agents_reporting(store: Store, agents: _Agents, checks: Checks) -> None:
         return all(got.get(i, 0) >= WINDOWS_BEFORE_VIEW for i in agents.ids)
 
     started = time.monotonic()
-    _wait(lambda: reported() or bool(agents.exited()), FIRST_REPORT_TIMEOUT_S)
+    poll_until(lambda: reported() or bool(agents.exited()), FIRST_REPORT_TIMEOUT_S)
     waited = time.monotonic() - started
     exited = agents.exited()
     got = _received(store)
@@ -316,7 +292,7 @@ def _stop_and_account(
         got = _received(store)
         return sum(got.get(i, 0) for i in sim_ids)
 
-    _wait(lambda: offline() == agents.ids and sim_stored() >= produced, SETTLE_TIMEOUT_S)
+    poll_until(lambda: offline() == agents.ids and sim_stored() >= produced, SETTLE_TIMEOUT_S)
     gone = offline()
     checks.check(
         "stopped agents shown offline",
