@@ -10,9 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
-import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,49 +32,12 @@ from edgefleet.server.local.agents import AgentProcess, write_config
 from edgefleet.server.local.broker import MosquittoBroker
 from edgefleet.server.reference import VIDEO_PATH
 from tests.agent_harness import reference_bundle
-
-Message = tuple[float, str]  # (monotonic arrival time, datagram)
+from tests.harness.notify import FakeSystemd, Message
 
 # The slow model's inference is sized to about this long here: long enough that scheduling
 # noise is small against it, short enough for a quick test.
 HANG_TARGET_S = 2.0
 CALIBRATION_DEPTH = 20  # MatMuls in the model that measures this machine's speed
-
-
-class NotifySocket:
-    """The receiving end of NOTIFY_SOCKET, standing in for systemd."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.address = str(path)
-
-    def collect_until(self, done: Callable[[list[Message]], bool], timeout: float) -> list[Message]:
-        """Datagrams as they arrive until done(all so far) holds; fails naming what came."""
-        out: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while not done(out):
-            left = deadline - time.monotonic()
-            assert left > 0, f"no expected notification within {timeout:g} s; got {out}"
-            self.sock.settimeout(min(left, 0.5))
-            try:
-                out.append((time.monotonic(), self.sock.recv(4096).decode()))
-            except TimeoutError:
-                continue
-        return out
-
-    def drain(self) -> list[str]:
-        """Every datagram already queued, without waiting."""
-        self.sock.setblocking(False)
-        out = []
-        try:
-            while True:
-                out.append(self.sock.recv(4096).decode())
-        except BlockingIOError:
-            return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _texts(msgs: list[Message]) -> list[str]:
@@ -164,7 +125,7 @@ def test_watchdog_fed_while_running_and_silent_when_inference_hangs(
     tmp_path: Path, mqtt_broker: MosquittoBroker, topic_prefix: str
 ) -> None:
     root = f"{topic_prefix}/edgefleet/v1"
-    notify = NotifySocket(tmp_path / "notify.sock")
+    notify = FakeSystemd(str(tmp_path / "notify.sock"))
 
     # A quick model: frames flow, so a ping goes out every half timeout.
     timeout_s = 1.0
@@ -173,7 +134,7 @@ def test_watchdog_fed_while_running_and_silent_when_inference_hangs(
         tmp_path / "ok", device_id="pi-wd", broker=mqtt_broker, topic_root=root,
         bundle=bundle, key=key,
     )  # fmt: skip
-    env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": str(round(timeout_s * 1e6))}
+    env = {"NOTIFY_SOCKET": notify.env_value, "WATCHDOG_USEC": str(round(timeout_s * 1e6))}
     with AgentProcess(cfg, tmp_path / "ok.log", env=env) as agent:
         msgs = notify.collect_until(lambda m: len(_pings(m)) >= 5, 60)
         assert agent.terminate() == 0, agent.tail()
@@ -192,7 +153,7 @@ def test_watchdog_fed_while_running_and_silent_when_inference_hangs(
         tmp_path / "slowcfg", device_id="pi-wd2", broker=mqtt_broker, topic_root=root,
         bundle=slow, key=slow_key, warmup_runs=0,  # start looping (and pinging) at once
     )  # fmt: skip
-    env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": str(round(timeout_s * 1e6))}
+    env = {"NOTIFY_SOCKET": notify.env_value, "WATCHDOG_USEC": str(round(timeout_s * 1e6))}
     with AgentProcess(cfg, tmp_path / "slow.log", env=env) as agent:
         msgs = notify.collect_until(lambda m: len(_pings(m)) >= 3, 60 + 10 * hang_s)
         assert agent.alive(), agent.tail()
@@ -214,7 +175,7 @@ def test_no_camera_at_boot_extends_the_start_and_says_why(
         tmp_path, device_id="pi-nocam", broker=mqtt_broker,
         topic_root=f"{topic_prefix}/edgefleet/v1", bundle=bundle, key=key, video=video,
     )  # fmt: skip
-    notify = NotifySocket(tmp_path / "notify.sock")
+    notify = FakeSystemd(str(tmp_path / "notify.sock"))
     waiting_status = f"STATUS=waiting for camera {video}: "
 
     def says_why(msgs: list[Message]) -> bool:
@@ -222,7 +183,9 @@ def test_no_camera_at_boot_extends_the_start_and_says_why(
             m.startswith(waiting_status) and "no such device or file" in m for m in _texts(msgs)
         )
 
-    with AgentProcess(cfg, tmp_path / "agent.log", env={"NOTIFY_SOCKET": notify.address}) as agent:
+    with AgentProcess(
+        cfg, tmp_path / "agent.log", env={"NOTIFY_SOCKET": notify.env_value}
+    ) as agent:
         waiting = _texts(notify.collect_until(says_why, 60))
         assert not any(m.startswith("READY=1") for m in waiting), waiting
         assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in waiting), waiting

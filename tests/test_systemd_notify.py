@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -13,57 +12,10 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.systemd import Notifier, WatchdogFeeder
+from tests.harness.notify import FakeSystemd
 
 WATCHDOG_USEC = 200_000  # systemd would kill us 0.2 s after the last ping
 INTERVAL_S = WATCHDOG_USEC / 1e6
-
-
-class FakeSystemd:
-    """The receiving end of NOTIFY_SOCKET."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-
-    def recv(self, timeout: float = 2.0) -> str:
-        self.sock.settimeout(timeout)
-        return self.sock.recv(4096).decode()
-
-    def drain(self) -> list[str]:
-        """Every datagram already queued, without waiting."""
-        self.sock.setblocking(False)
-        out = []
-        try:
-            while True:
-                out.append(self.sock.recv(4096).decode())
-        except BlockingIOError:
-            return out
-        finally:
-            self.sock.setblocking(True)
-
-    def receive(self, count: int, timeout: float = 10.0) -> list[str]:
-        """The next `count` datagrams, however long they take up to timeout (then fail)."""
-        out = []
-        deadline = time.monotonic() + timeout
-        while len(out) < count:
-            left = deadline - time.monotonic()
-            assert left > 0, f"only {out} within {timeout:g} s, expected {count} datagrams"
-            try:
-                out.append(self.recv(left))
-            except TimeoutError:
-                continue
-        return out
-
-    def collect(self, seconds: float) -> list[str]:
-        """Everything that arrives within the next `seconds` (to show that nothing does)."""
-        out = []
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                out.append(self.recv(left))
-            except TimeoutError:
-                break
-        return out
 
 
 @pytest.fixture
@@ -72,7 +24,7 @@ def systemd(tmp_path: Path) -> Iterator[tuple[FakeSystemd, str]]:
     assert len(path) < 108, "sun_path limit"
     fake = FakeSystemd(path)
     yield fake, path
-    fake.sock.close()
+    fake.close()
 
 
 def _env(path: str, **extra: str) -> dict[str, str]:
@@ -104,14 +56,14 @@ def test_abstract_socket() -> None:
     name = f"edgefleet-test-{uuid.uuid4().hex}"
     fake = FakeSystemd("\0" + name)
     try:
-        notifier = Notifier.from_env(_env("@" + name))
+        notifier = Notifier.from_env(_env(fake.env_value))
         assert notifier.ready("up")
         assert fake.recv() == "READY=1\nSTATUS=up"
         assert notifier.stopping()
         assert fake.recv() == "STOPPING=1"
         notifier.close()
     finally:
-        fake.sock.close()
+        fake.close()
 
 
 def test_watchdog_fed_while_progress_and_not_once_the_loop_stalls(
