@@ -222,7 +222,8 @@ def _agents_reporting(store: Store, agents: _Agents, checks: Checks) -> None:
     checks.require(
         "agents running and sending telemetry",
         not problems,
-        "; ".join(problems) or f"{WINDOWS_BEFORE_VIEW} reports from each of {len(agents.ids)}",
+        "; ".join(problems)
+        or f"{WINDOWS_BEFORE_VIEW} reports from each of {len(agents.ids)} agents",
     )
 
 
