@@ -1,6 +1,7 @@
 """The coordinator's persistent store: one interface, SQLite and PostgreSQL behind it.
 
-Decisions other code relies on (the reasons are next to the code, mostly in logic.py):
+Decisions other code relies on (the reasons are next to the code, mostly in logic.py and
+ingest.py, the one ingest algorithm every backend runs):
 - Registration: with registration closed, messages of unknown devices (statuses, telemetry,
   events, replies) become 'unregistered' rejects with topic dev/{device}/{kind}, relative to
   the topic root the store does not know. Rejects never register or touch a device.

@@ -1,25 +1,21 @@
-"""Decisions both store backends share, kept free of SQL so they are tested once.
+"""Decisions every store backend shares, kept free of SQL so they are tested once.
 
-The backends read what they need under a lock (a row lock in PostgreSQL, the database write
-lock in SQLite), ask these functions what a batch means, and write the answer.
+The ingest algorithm (ingest.py) reads what it needs under a lock (a row lock in PostgreSQL,
+the database write lock in SQLite), asks these functions what a batch means, and writes the
+answer.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from edgefleet.agent.protocol import Reply, Status, Telemetry
+from edgefleet.agent.protocol import Status, Telemetry
 from edgefleet.server.fleet.store.base import (
-    CommandRecord,
-    DeviceRecord,
     EventIn,
     IngestBatch,
     Reject,
-    RollupRecord,
-    SequenceReport,
     StatusIn,
     TelemetryIn,
 )
@@ -31,15 +27,6 @@ SeqRange = tuple[int, int]  # inclusive (first, last)
 
 
 # -- devices --------------------------------------------------------------------------------
-
-
-def message_devices(batch: IngestBatch) -> set[str]:
-    """Ids of the devices whose messages are in the batch (rejects name no trusted device)."""
-    ids = {s.status.device_id for s in batch.statuses}
-    ids.update(t.telemetry.device_id for t in batch.telemetry)
-    ids.update(e.event.device_id for e in batch.events)
-    ids.update(r.reply.device_id for r in batch.replies)
-    return ids
 
 
 def seen_span(batch: IngestBatch) -> dict[str, tuple[float, float]]:
@@ -337,85 +324,11 @@ def range_size(r: SeqRange) -> int:
     return r[1] - r[0] + 1
 
 
-# -- rollups --------------------------------------------------------------------------------
-
-
-def bucket_start(received_at: float, bucket_s: float) -> float:
-    """The bucket a window falls into, by the coordinator's clock (never the device's)."""
-    return math.floor(received_at / bucket_s) * bucket_s
-
-
-@dataclass
-class RollupSums:
-    """The additive state of a rollup row: sums and maxima, so buckets merge by adding."""
-
-    windows: int = 0
-    frames_processed: int = 0
-    fps_sum: float = 0.0
-    p95_max: float = 0.0
-    power_sum: float = 0.0
-    power_n: int = 0
-    energy_j: float = 0.0
-
-    def add(self, t: Telemetry) -> None:
-        """Fold one raw window in."""
-        self.windows += 1
-        self.frames_processed += t.frames_processed
-        self.fps_sum += t.fps
-        self.p95_max = max(self.p95_max, t.latency_ms.p95)
-        if t.power_w is not None:
-            self.power_sum += t.power_w
-            self.power_n += 1
-            self.energy_j += t.power_w * (t.window_end - t.window_start)
-
-    def record(self, device_id: str, start: float) -> RollupRecord:
-        return rollup_record(
-            device_id,
-            start,
-            windows=self.windows,
-            frames_processed=self.frames_processed,
-            fps_sum=self.fps_sum,
-            p95_max=self.p95_max,
-            power_sum=self.power_sum,
-            power_n=self.power_n,
-            energy_j=self.energy_j,
-        )
-
-
-def rollup_record(
-    device_id: str,
-    start: float,
-    *,
-    windows: int,
-    frames_processed: int,
-    fps_sum: float,
-    p95_max: float,
-    power_sum: float,
-    power_n: int,
-    energy_j: float,
-) -> RollupRecord:
-    """Turn stored sums into means; power and energy are None when no window knew its power."""
-    return RollupRecord(
-        device_id=device_id,
-        bucket_start=start,
-        windows=windows,
-        frames_processed=frames_processed,
-        fps_mean=fps_sum / windows if windows else 0.0,
-        p95_ms_max=p95_max,
-        power_w_mean=power_sum / power_n if power_n else None,
-        energy_j=energy_j if power_n else None,
-    )
-
-
-def rollup_windows(
-    items: Iterable[TelemetryIn], bucket_s: float
-) -> dict[tuple[str, float], RollupSums]:
-    """Reference aggregation of raw windows by (device, bucket); the backends do it in SQL."""
-    sums: dict[tuple[str, float], RollupSums] = {}
-    for item in items:
-        key = (item.telemetry.device_id, bucket_start(item.received_at, bucket_s))
-        sums.setdefault(key, RollupSums()).add(item.telemetry)
-    return sums
+def lost_candidates(tally: TelemetryTally, lost: int, max_seq_before: int | None) -> list[int]:
+    """Inserted seqs that may be in a lost range: only old ones, only if anything is lost."""
+    if lost <= 0 or max_seq_before is None:
+        return []
+    return [s for s in tally.inserted_seqs if s <= max_seq_before]
 
 
 # -- grouping helpers -----------------------------------------------------------------------
@@ -445,219 +358,3 @@ def merged_counts(stored: Mapping[str, int], known: Iterable[str]) -> dict[str, 
     out = dict.fromkeys(known, 0)
     out.update(stored)
     return out
-
-
-# -- the per-device write of one batch ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviceDelta:
-    """What one batch changes on a device row; both backends write it in one UPDATE.
-
-    Counters are increments and sequence bounds are min/max merges, so the write stays right
-    even if another writer changed the row in between (PostgreSQL also holds the row lock).
-    """
-
-    device_id: str
-    first_seen: float
-    last_seen: float
-    status: Status | None  # the status to store; None leaves online/boot/status alone
-    group: str | None  # None leaves the group alone
-    id_conflicts: int
-    first_seq: int | None  # lowest seq inserted by the batch
-    max_seq: int | None
-    received: int
-    duplicates: int
-    unlost: int  # lost seqs that arrived after all
-    overflow: int | None  # highest outbox_overflow reported; None without telemetry
-    newest: Telemetry | None  # the inserted window with the highest seq
-
-    def params(self, json_of: JsonOf | None = None) -> dict[str, object]:
-        """Named parameters for the backends' UPDATE statements."""
-        dump = json_of or _dump
-        return {
-            "device_id": self.device_id,
-            "first_seen": self.first_seen,
-            "last_seen": self.last_seen,
-            "online": None if self.status is None else self.status.online,
-            "status_json": None if self.status is None else self.status.model_dump_json(),
-            "status_ts": None if self.status is None else self.status.ts,
-            "boot_id": None if self.status is None else self.status.boot_id,
-            "device_group": self.group,
-            "id_conflicts": self.id_conflicts,
-            "first_seq": self.first_seq,
-            "max_seq": self.max_seq,
-            "received": self.received,
-            "duplicates": self.duplicates,
-            "unlost": self.unlost,
-            "overflow": self.overflow,
-            "newest_seq": None if self.newest is None else self.newest.seq,
-            "newest_json": None if self.newest is None else dump(self.newest),
-        }
-
-
-JsonOf = Callable[[Telemetry], str]
-
-
-def _dump(t: Telemetry) -> str:
-    return t.model_dump_json()
-
-
-class TelemetryJson:
-    """JSON of the batch's windows: the received text where there is one, else serialized."""
-
-    def __init__(self, items: Iterable[TelemetryIn]) -> None:
-        # By identity: the models live as long as the batch, and equal windows may differ in
-        # their received text only by formatting.
-        self._raw = {id(i.telemetry): i.raw for i in items if i.raw is not None}
-
-    def __call__(self, t: Telemetry) -> str:
-        raw = self._raw.get(id(t))
-        return raw if raw is not None else t.model_dump_json()
-
-
-def device_deltas(
-    span: Mapping[str, tuple[float, float]],
-    known: AbstractSet[str],
-    folds: Mapping[str, StatusFold],
-    tallies: Mapping[str, TelemetryTally],
-    unlost: Mapping[str, int],
-) -> list[DeviceDelta]:
-    """One delta per known device of the batch, sorted by id (the backends' lock order)."""
-    out: list[DeviceDelta] = []
-    for device_id in sorted(d for d in span if d in known):
-        lo, hi = span[device_id]
-        fold = folds.get(device_id)
-        tally = tallies.get(device_id)
-        out.append(
-            DeviceDelta(
-                device_id=device_id,
-                first_seen=lo,
-                last_seen=hi,
-                status=None if fold is None else fold.applied,
-                group=None if fold is None else fold.group,
-                id_conflicts=0 if fold is None else fold.conflicts,
-                first_seq=None if tally is None else tally.min_seq,
-                max_seq=None if tally is None else tally.max_seq,
-                received=0 if tally is None else tally.inserted,
-                duplicates=0 if tally is None else tally.duplicates,
-                unlost=unlost.get(device_id, 0),
-                overflow=None if tally is None else tally.max_overflow,
-                newest=None if tally is None else tally.newest,
-            )
-        )
-    return out
-
-
-def lost_candidates(tally: TelemetryTally, lost: int, max_seq_before: int | None) -> list[int]:
-    """Inserted seqs that may be in a lost range: only old ones, only if anything is lost."""
-    if lost <= 0 or max_seq_before is None:
-        return []
-    return [s for s in tally.inserted_seqs if s <= max_seq_before]
-
-
-# -- reading --------------------------------------------------------------------------------
-
-# Column order of device rows as both backends select them for device_record().
-DEVICE_COLUMNS = (
-    "device_id, device_group, online, registered_at, first_seen, last_seen, status_json, "
-    "last_telemetry_json, id_conflicts"
-)
-
-
-def device_record(row: Sequence[object]) -> DeviceRecord:
-    """A DeviceRecord from a row selected with DEVICE_COLUMNS.
-
-    A pre-registered device that never spoke reports its registration time as first and
-    last seen: the record has no "never", and that is when the coordinator learnt of it.
-    """
-    (
-        device_id,
-        group,
-        online,
-        registered_at,
-        first_seen,
-        last_seen,
-        status_json,
-        telemetry_json,
-        conflicts,
-    ) = row
-    registered = _float(registered_at)
-    return DeviceRecord(
-        device_id=str(device_id),
-        group=None if group is None else str(group),
-        online=bool(online),
-        first_seen=registered if first_seen is None else _float(first_seen),
-        last_seen=registered if last_seen is None else _float(last_seen),
-        status=None if status_json is None else Status.model_validate_json(str(status_json)),
-        last_telemetry=(
-            None if telemetry_json is None else Telemetry.model_validate_json(str(telemetry_json))
-        ),
-        id_conflicts=_int(conflicts),
-    )
-
-
-SEQUENCE_COLUMNS = "device_id, first_seq, max_seq, received, duplicates, lost, reported_overflow"
-
-
-def sequence_report(row: Sequence[object]) -> SequenceReport:
-    """A SequenceReport from a row selected with SEQUENCE_COLUMNS."""
-    device_id, first_seq, max_seq, received, duplicates, lost, overflow = row
-    first, top, got = _int(first_seq), _int(max_seq), _int(received)
-    return SequenceReport(
-        device_id=str(device_id),
-        first_seq=first,
-        max_seq=top,
-        received=got,
-        duplicates=_int(duplicates),
-        missing=missing(first, top, got),
-        lost=_int(lost),
-        reported_overflow=_int(overflow),
-    )
-
-
-ROLLUP_COLUMNS = (
-    "device_id, bucket_start, windows, frames_processed, fps_sum, p95_max, power_sum, "
-    "power_n, energy_j"
-)
-
-
-def rollup_from_row(row: Sequence[object]) -> RollupRecord:
-    """A RollupRecord from a row selected with ROLLUP_COLUMNS."""
-    device_id, start, windows, frames, fps_sum, p95_max, power_sum, power_n, energy = row
-    return rollup_record(
-        str(device_id),
-        _float(start),
-        windows=_int(windows),
-        frames_processed=_int(frames),
-        fps_sum=_float(fps_sum),
-        p95_max=_float(p95_max),
-        power_sum=_float(power_sum),
-        power_n=_int(power_n),
-        energy_j=_float(energy),
-    )
-
-
-def command_record(row: Sequence[object], replies: Sequence[Reply]) -> CommandRecord:
-    """A CommandRecord from (command_id, target, name, body_json, sent_at) and its replies."""
-    command_id, target, name, body_json, sent_at = row
-    return CommandRecord(
-        command_id=str(command_id),
-        target=str(target),
-        name=str(name),
-        body_json=str(body_json),
-        sent_at=_float(sent_at),
-        replies=tuple(replies),
-    )
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer column, got {value!r}")
-    return value
-
-
-def _float(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number column, got {value!r}")
-    return float(value)

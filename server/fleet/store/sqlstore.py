@@ -1,0 +1,235 @@
+"""Every Store method, written once over a backend's transactions (sql.Sql).
+
+A backend subclasses SqlStore and supplies _run (a transaction around a body, with its
+connection handling and retries) and close(); the SQL here runs on every backend.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import TypeVar, get_args
+
+from edgefleet.agent.protocol import Event, Reply, Telemetry
+from edgefleet.server.fleet.store import ingest, logic, losses, rows
+from edgefleet.server.fleet.store.base import (
+    CommandRecord,
+    DeviceRecord,
+    EventRecord,
+    IngestBatch,
+    IngestOutcome,
+    RejectReason,
+    RetentionOutcome,
+    RetentionPolicy,
+    RollupRecord,
+    SequenceReport,
+    Store,
+    TelemetryRecord,
+)
+from edgefleet.server.fleet.store.schema import pending
+from edgefleet.server.fleet.store.sql import Lock, Row, Sql
+
+_T = TypeVar("_T")
+
+DAY_S = 86_400.0
+
+
+class SqlStore(Store):
+    """The store's behaviour on any SQL backend; subclasses bring the connection."""
+
+    @abstractmethod
+    def _run(self, body: Callable[[Sql], _T], *, write: bool) -> _T:
+        """Run body in one transaction (taking the write lock up front when write)."""
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        def step(sql: Sql) -> int | None:
+            sql.lock(Lock.MIGRATE)
+            sql.run(sql.VERSION_TABLE)
+            current = _version(sql)
+            todo = pending(current)
+            if not todo:
+                return current
+            m = todo[0]
+            sql.run_script(m)
+            sql.run(
+                "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+                (m.version, m.description, time.time()),
+            )
+            return None
+
+        # One transaction per version, so a crash leaves the database at a whole version.
+        while True:
+            done = self._run(step, write=True)
+            if done is not None:
+                return done
+
+    def schema_version(self) -> int:
+        return self._run(
+            lambda sql: _version(sql) if sql.table_exists("schema_version") else 0, write=False
+        )
+
+    # -- writing --------------------------------------------------------------------------
+
+    def ingest(self, batch: IngestBatch, *, registration_open: bool = True) -> IngestOutcome:
+        return self._run(
+            lambda sql: ingest.write(
+                sql, batch, registration_open=registration_open, tolerance_s=self.CLOCK_TOLERANCE_S
+            ),
+            write=True,
+        )
+
+    def register(self, device_id: str, group: str | None = None) -> None:
+        self._run(
+            lambda sql: sql.run(
+                "INSERT INTO devices (device_id, device_group, registered_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET "
+                "device_group = coalesce(excluded.device_group, devices.device_group)",
+                (device_id, group, time.time()),
+            ),
+            write=True,
+        )
+
+    def set_group(self, device_id: str, group: str | None) -> None:
+        changed = self._run(
+            lambda sql: sql.run(
+                "UPDATE devices SET device_group = ? WHERE device_id = ?", (group, device_id)
+            ),
+            write=True,
+        )
+        if changed == 0:
+            raise KeyError(device_id)
+
+    def log_command(self, record: CommandRecord) -> None:
+        self._run(
+            lambda sql: sql.run(
+                "INSERT INTO commands (command_id, target, name, body_json, sent_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING",
+                (record.command_id, record.target, record.name, record.body_json, record.sent_at),
+            ),
+            write=True,
+        )
+
+    def declare_losses(self, now: float, grace_s: float) -> int:
+        return self._run(lambda sql: losses.declare(sql, now, grace_s), write=True)
+
+    def apply_retention(self, now: float, policy: RetentionPolicy) -> RetentionOutcome:
+        raw_cutoff = now - policy.raw_days * DAY_S
+        keep = now - policy.rollup_days * DAY_S
+
+        def write(sql: Sql) -> RetentionOutcome:
+            sql.lock(Lock.RETENTION)
+            deleted, rolled = sql.roll_up(raw_cutoff, policy.bucket_s, keep)
+            return RetentionOutcome(
+                windows_rolled_up=rolled,
+                windows_deleted=deleted,
+                rollups_deleted=sql.run("DELETE FROM rollups WHERE bucket_start < ?", (keep,)),
+                events_deleted=sql.run(
+                    "DELETE FROM events WHERE received_at < ?",
+                    (now - policy.events_days * DAY_S,),
+                ),
+            )
+
+        return self._run(write, write=True)
+
+    # -- reading --------------------------------------------------------------------------
+    # A parameter that may be NULL gets a query of its own: PostgreSQL cannot type "? IS NULL".
+
+    def devices(self, group: str | None = None) -> list[DeviceRecord]:
+        select = f"SELECT {rows.DEVICE_COLUMNS} FROM devices"
+        if group is None:
+            found = self._read(f"{select} ORDER BY device_id")
+        else:
+            found = self._read(f"{select} WHERE device_group = ? ORDER BY device_id", (group,))
+        return [rows.device_record(r) for r in found]
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        found = self._read(
+            f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)
+        )
+        return rows.device_record(found[0]) if found else None
+
+    def groups(self) -> dict[str, int]:
+        found = self._read(
+            "SELECT device_group, count(*) FROM devices WHERE device_group IS NOT NULL "
+            "GROUP BY device_group ORDER BY device_group"
+        )
+        return {str(g): int(n) for g, n in found}
+
+    def telemetry(self, device_id: str, limit: int = 100) -> list[TelemetryRecord]:
+        found = self._read(
+            "SELECT device_id, seq, received_at, payload FROM telemetry "
+            "WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
+            (device_id, limit),
+        )
+        return [
+            TelemetryRecord(str(d), int(s), float(t), Telemetry.model_validate_json(p))
+            for d, s, t, p in found
+        ]
+
+    def rollups(self, device_id: str, since: float = 0.0) -> list[RollupRecord]:
+        found = self._read(
+            f"SELECT {rows.ROLLUP_COLUMNS} FROM rollups "
+            "WHERE device_id = ? AND bucket_start >= ? ORDER BY bucket_start",
+            (device_id, since),
+        )
+        return [rows.rollup_from_row(r) for r in found]
+
+    def events(self, device_id: str | None = None, limit: int = 100) -> list[EventRecord]:
+        select = "SELECT device_id, seq, received_at, payload FROM events"
+        if device_id is None:
+            found = self._read(
+                f"{select} ORDER BY received_at DESC, device_id, seq DESC LIMIT ?", (limit,)
+            )
+        else:
+            found = self._read(
+                f"{select} WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)
+            )
+        return [
+            EventRecord(str(d), int(s), float(t), Event.model_validate_json(p))
+            for d, s, t, p in found
+        ]
+
+    def commands(self, limit: int = 100) -> list[CommandRecord]:
+        def read(sql: Sql) -> tuple[list[Row], dict[str, list[Reply]]]:
+            listed = sql.rows(
+                "SELECT command_id, target, name, body_json, sent_at FROM commands "
+                "ORDER BY sent_at DESC, command_id LIMIT ?",
+                (limit,),
+            )
+            replies: dict[str, list[Reply]] = {}
+            for command_id, payload in sql.rows(
+                f"SELECT command_id, payload FROM replies WHERE command_id {sql.IN_LIST} "
+                "ORDER BY command_id, device_id",
+                (sql.as_list([c[0] for c in listed]),),
+            ):
+                replies.setdefault(str(command_id), []).append(Reply.model_validate_json(payload))
+            return listed, replies
+
+        found, replies = self._run(read, write=False)
+        return [rows.command_record(r, replies.get(str(r[0]), [])) for r in found]
+
+    def sequence_reports(self, device_id: str | None = None) -> list[SequenceReport]:
+        select = f"SELECT {rows.SEQUENCE_COLUMNS} FROM devices WHERE max_seq IS NOT NULL"
+        if device_id is None:
+            found = self._read(f"{select} ORDER BY device_id")
+        else:
+            found = self._read(f"{select} AND device_id = ? ORDER BY device_id", (device_id,))
+        return [rows.sequence_report(r) for r in found]
+
+    def reject_counts(self) -> dict[str, int]:
+        stored = {str(r): int(n) for r, n in self._read("SELECT reason, n FROM reject_counts")}
+        return logic.merged_counts(stored, get_args(RejectReason))
+
+    def telemetry_count(self) -> int:
+        (n,) = self._run(lambda sql: sql.one("SELECT count(*) FROM telemetry"), write=False)
+        return int(n)
+
+    def _read(self, query: str, params: tuple[object, ...] = ()) -> list[Row]:
+        return self._run(lambda sql: sql.rows(query, params), write=False)
+
+
+def _version(sql: Sql) -> int:
+    return int(sql.one("SELECT coalesce(max(version), 0) FROM schema_version")[0])

@@ -1,0 +1,1 @@
+"""The coordinator's store: one suite run against SQLite and a real PostgreSQL."""
