@@ -24,7 +24,6 @@ messages to shared subscribers unevenly.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -54,20 +53,6 @@ _SHARED_KINDS: tuple[DeviceKind, ...] = ("telemetry", "events")
 # Replies go to every coordinator: the one whose command waits for them may not be the one a
 # shared subscription would pick. Storing them is idempotent (command id, device id).
 _EVERY_COORDINATOR: tuple[DeviceKind, ...] = ("status", "reply")
-
-
-def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for a process that ingests all day.
-
-    Every message allocates a few tracked objects (the queued message, the pydantic model),
-    so with default thresholds the collector runs every few hundred messages and walks
-    everything the process imported: measured here, that doubled the per-message decode
-    cost. Freezing what exists after start-up and collecting the young generation less
-    often keeps collection (nothing here makes reference cycles on purpose).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 class IngestConfig(BaseModel):

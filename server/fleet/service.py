@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.server.fleet.api import create_app
 from edgefleet.server.fleet.commander import Commander
-from edgefleet.server.fleet.ingest import IngestConfig, Ingestor, tune_gc
+from edgefleet.server.fleet.gc_tuning import tune_gc
+from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import RetentionPolicy, Store
 

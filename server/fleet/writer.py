@@ -29,6 +29,8 @@ from edgefleet.agent.protocol import (
     decode,
 )
 from edgefleet.agent.protocol.codec import TOPIC_PAYLOADS
+from edgefleet.server.fleet.gc_tuning import tune_gc
+from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import (
     EventIn,
     IngestBatch,
@@ -183,9 +185,6 @@ def _child(conn: Connection, store_url: str, root: str, registration_open: bool)
     """The writer process: receive batches, answer each with Written or an error string."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from edgefleet.server.fleet.ingest import tune_gc
-    from edgefleet.server.fleet.store import open_store
-
     store = open_store(store_url)
     decoder = Decoder(root)
     tune_gc()
