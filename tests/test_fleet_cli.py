@@ -77,6 +77,11 @@ def test_coordinator_agent_and_operator_cli(
         assert "pi-e2e" in ls.stdout and "mnist-cnn@1" in ls.stdout and "yes" in ls.stdout
         as_json = json.loads(_fleet(url, "ls", "--json").stdout)
         assert as_json[0]["device_id"] == "pi-e2e" and as_json[0]["fps"] > 0
+        # The legend says what OP is, and what '~' means whenever a power figure carries it.
+        assert "OP: operating point" in ls.stdout
+        estimated = as_json[0]["power_source"] == "estimate" and as_json[0]["power_w"] is not None
+        assert ("W~" in ls.stdout) == estimated
+        assert ("~ after a power figure: estimated from CPU load" in ls.stdout) == estimated
 
         assign = _fleet(url, "assign", "pi-e2e", "lobby")
         assert assign.returncode == 0, assign.stderr

@@ -133,6 +133,19 @@ def _dump(obj: BaseModel | list[Any]) -> None:
         print(obj.model_dump_json(indent=2))
 
 
+# What the table's columns and marks mean, printed under it.
+LEGEND = (
+    "OP: operating point, the early-exit setting a device runs (0 = most accurate)",
+    "~ after a power figure: estimated from CPU load (the device has no power meter)",
+)
+
+
+def legend(devices: list[DeviceView]) -> list[str]:
+    """The legend lines that the table of these devices needs."""
+    estimated = any(d.power_w is not None and d.power_source == "estimate" for d in devices)
+    return [LEGEND[0], *LEGEND[1:] * estimated]
+
+
 def device_rows(devices: list[DeviceView]) -> list[list[str]]:
     """The `fleet ls` table, header first."""
     rows = [["DEVICE", "GROUP", "ONLINE", "MODEL", "OP", "FPS", "P95", "POWER", "TEMP",
@@ -167,6 +180,8 @@ def _ls(args: argparse.Namespace) -> int:
         print(table(device_rows(devices)))
         online = sum(d.online for d in devices)
         print(f"{len(devices)} devices, {online} online")
+        for line in legend(devices):
+            print(line)
     return 0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefleet.server.cli.fleet import device_rows, table
+from edgefleet.server.cli.fleet import device_rows, legend, table
 from edgefleet.server.demo.checks import Checks
 from edgefleet.server.demo.console import Story
 from edgefleet.server.fleet.client import FleetClient
@@ -33,10 +33,6 @@ STOP_TIMEOUT_S = 10  # systemd's TimeoutStopSec in the agent's unit
 SETTLE_TIMEOUT_S = 30  # for the last messages to arrive and the offline statuses to show
 PING_TIMEOUT_S = 10
 SHOWN_OTHERS = 4  # simulated devices shown in the fleet view, after the real agents
-LEGEND = (
-    "OP: operating point, the early-exit setting a device runs (0 = most accurate)",
-    "~ after a power figure: estimated from CPU load (the device has no power meter)",
-)
 
 
 @dataclass(frozen=True)
@@ -234,7 +230,7 @@ def _show_fleet(fleet: list[DeviceView], ids: list[str], story: Story) -> None:
     story.say(f"$ edgefleet fleet ls        (first {len(shown)} of {len(fleet)} devices)")
     for line in table(device_rows(shown)).splitlines():
         story.say("  " + line)
-    for line in LEGEND:
+    for line in legend(shown):
         story.say("  " + line)
 
 

@@ -60,7 +60,13 @@ class Coordinator:
         )
         self.http = uvicorn.Server(
             uvicorn.Config(
-                app, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning"
+                app,
+                host=self.cfg.http_host,
+                port=self.cfg.http_port,
+                log_level="warning",
+                # uvicorn's default dictConfig closes every handler the embedding process
+                # (the demo, a test) already set up; its loggers propagate to ours instead.
+                log_config=None,
             )
         )
         tune_gc()
