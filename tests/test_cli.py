@@ -11,7 +11,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,7 +23,7 @@ from edgefleet.agent.helpformat import has_default, walk
 from edgefleet.agent.protocol import TopicTree, encode
 from edgefleet.server import __main__ as server_main
 from edgefleet.server.cli import app as cli_app
-from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.local.broker import MosquittoBroker
 from tests.bundle_helpers import two_stage_body, two_stage_files
 from tests.protocol_samples import telemetry as sample_telemetry
 
@@ -91,13 +90,16 @@ def test_server_listen_decodes_and_counts_rejects(
         text=True,
     )
     err_lines: queue.Queue[str] = queue.Queue()
-    assert proc.stderr is not None
-    reader = threading.Thread(
-        target=lambda: [err_lines.put(ln) for ln in proc.stderr],  # type: ignore[union-attr]
-        daemon=True,
-    )
-    reader.start()
+    out_lines: queue.Queue[str] = queue.Queue()
+    assert proc.stderr is not None and proc.stdout is not None
+    readers = [
+        threading.Thread(target=lambda s=stream, q=q: [q.put(ln) for ln in s], daemon=True)
+        for stream, q in ((proc.stderr, err_lines), (proc.stdout, out_lines))
+    ]
+    for reader in readers:
+        reader.start()
     seen: list[str] = []
+    printed: list[str] = []
     try:
         while not any("listening under" in ln for ln in seen):
             seen.append(err_lines.get(timeout=20))
@@ -115,16 +117,19 @@ def test_server_listen_decodes_and_counts_rejects(
         pub.disconnect()
         while not any("rejected" in ln for ln in seen):
             seen.append(err_lines.get(timeout=20))
-        time.sleep(0.5)
+        want = f"telemetry {telemetry.device_id} seq={telemetry.seq}"
+        while not any(want in ln for ln in printed):
+            printed.append(out_lines.get(timeout=20))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-        reader.join(timeout=10)  # stderr is read to EOF by the reader alone
-        assert proc.stdout is not None
-        out = proc.stdout.read()
+        for reader in readers:
+            reader.join(timeout=10)  # each stream is read to EOF by its reader alone
     while not err_lines.empty():
         seen.append(err_lines.get())
-    err = "".join(seen)
+    while not out_lines.empty():
+        printed.append(out_lines.get())
+    err, out = "".join(seen), "".join(printed)
     assert proc.returncode == 0, err
     assert f"telemetry {telemetry.device_id} seq={telemetry.seq}" in out
     assert "rejected" in err and "payload is not JSON" in err
