@@ -2,6 +2,8 @@
 # Install the edgefleet agent on a device (Raspberry Pi, Jetson, x86 gateway) as a systemd
 # service. Run it again at any time: it upgrades the package and changes nothing else that is
 # already in place; a device owner's agent.toml and MQTT password are never overwritten.
+# One file of ~500 lines on purpose: a device owner copies this single script to a device and
+# runs it; its sections (arguments, virtualenv, service user, config, bundle, unit) run in order.
 set -euo pipefail
 
 PROG="install-agent.sh"
