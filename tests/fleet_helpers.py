@@ -10,10 +10,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
 from edgefleet.server.fleet.store.base import Store
 from edgefleet.server.local.broker import MosquittoBroker
-from edgefleet.server.local.waiting import wait_until
-
-# wait_until is the harness's own; tests that import it from here get that one.
-__all__ = ["RawPublisher", "start_ingestor", "wait_until"]
 
 
 def start_ingestor(

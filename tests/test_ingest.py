@@ -12,9 +12,10 @@ from edgefleet.server.fleet.ingest import Ingestor
 from edgefleet.server.fleet.simulate import SimConfig, Simulator
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import Store
-from edgefleet.server.localbroker import MosquittoBroker
+from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.waiting import wait_until
 from tests import protocol_samples as samples
-from tests.fleet_helpers import RawPublisher, start_ingestor, wait_until
+from tests.fleet_helpers import RawPublisher, start_ingestor
 
 
 def _produced(sim: Simulator) -> dict[str, int]:
@@ -54,6 +55,12 @@ def _assert_lossless(store: Store, produced: dict[str, int]) -> None:
         assert rep.missing == 0 and rep.lost == 0, device
 
 
+def _wait_produced(sim: Simulator, more: int, what: str) -> None:
+    """Let the devices produce `more` windows (time passing, measured in work, not seconds)."""
+    target = sim.stats().produced + more
+    wait_until(lambda: sim.stats().produced >= target, 60, what)
+
+
 def test_200_devices_survive_broker_and_coordinator_restarts(
     mqtt_broker: MosquittoBroker, topic_prefix: str, tmp_path: Path
 ) -> None:
@@ -68,19 +75,21 @@ def test_200_devices_survive_broker_and_coordinator_restarts(
     sim.start()
     try:
         wait_until(lambda: len(store.devices()) == 200, 30, "200 devices registered")
-        time.sleep(2)
+        _wait_produced(sim, 400, "two windows per device while all is well")
 
         # The broker goes away for a while: devices buffer, then replay.
         mqtt_broker.stop()
-        time.sleep(3)
+        wait_until(lambda: sim.stats().online == 0, 30, "every device to see the broker gone")
+        _wait_produced(sim, 400, "windows buffered while the broker is down")
         mqtt_broker.start()
         wait_until(lambda: ing.connected.is_set(), 30, "coordinator reconnected")
-        time.sleep(3)
+        wait_until(lambda: sim.stats().online == 200, 60, "every device reconnected")
+        _wait_produced(sim, 400, "windows after the broker came back")
 
         # The coordinator crashes (nothing it had queued is written) and comes back with the
         # same client id: its persistent session hands over what arrived meanwhile.
         ing.kill()
-        time.sleep(3)
+        _wait_produced(sim, 400, "windows sent while the coordinator is down")
         ing = start_ingestor(mqtt_broker, topic_prefix, store, writer_url=db)
 
         sim.pause()
@@ -124,7 +133,7 @@ def test_two_coordinators_share_the_load_and_store_each_window_once(
     )
     sim.start()
     try:
-        time.sleep(4)
+        _wait_produced(sim, 50 * 10, "ten windows per device")
         sim.pause()
         assert sim.wait_drained(60)
         produced = _produced(sim)

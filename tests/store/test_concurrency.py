@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
-import statistics
 import threading
-import time
 from typing import Any
 
 import psycopg
@@ -16,7 +14,7 @@ from edgefleet.server.fleet.store import (
     Store,
     open_store,
 )
-from tests.fleet_helpers import wait_until
+from edgefleet.server.local.waiting import wait_until
 from tests.store.backends import Backend
 from tests.store.payloads import (
     BOOT_A,
@@ -27,8 +25,8 @@ from tests.store.payloads import (
 )
 
 
-def test_ingest_of_a_500_message_batch_takes_well_under_a_millisecond_each(store: Store) -> None:
-    per_message = []
+def test_ingest_of_500_message_batches_stores_every_window(store: Store) -> None:
+    # Its speed is measured by bench.ingest, not asserted here.
     for b in range(6):
         batch = IngestBatch(
             telemetry=[
@@ -40,12 +38,8 @@ def test_ingest_of_a_500_message_batch_takes_well_under_a_millisecond_each(store
             events=[event(f"dev-{d:03d}", b, T0 + b) for d in range(25)],
         )
         assert len(batch) == 500
-        started = time.perf_counter()
         store.ingest(batch)
-        per_message.append((time.perf_counter() - started) / len(batch))
-    assert store.telemetry_count() == 6 * 450
-    # Serialising the pydantic models alone costs ~10 us per message.
-    assert statistics.median(per_message) < 0.001, per_message
+        assert store.telemetry_count() == (b + 1) * 450
 
 
 def _ingest_worker(url: str, order: list[int], barrier: Any, results: Any) -> None:
