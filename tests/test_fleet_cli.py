@@ -15,9 +15,9 @@ from edgefleet.server.cli.fleet import device_rows, parse_fields
 from edgefleet.server.fleet.client import ApiError, FleetClient
 from edgefleet.server.local.agents import AgentProcess, write_config
 from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.waiting import wait_until
 from edgefleet.server.netutil import free_port
 from tests.agent_harness import reference_bundle
-from edgefleet.server.local.waiting import wait_until
 
 TOKEN = "operator-token"
 
