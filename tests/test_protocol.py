@@ -477,6 +477,103 @@ def test_status_telemetry_and_will_over_a_real_broker(mqtt_broker: Any, topic_pr
         watcher.close()
 
 
+# -- bounds: every number fits both stores (issue 12) ---------------------------------------------
+
+INT64_MAX = 2**63 - 1
+YEAR_9999 = 253_402_214_400.0
+
+# (sample, field, largest accepted value, smallest refused one); the refused ones are what an
+# attacker sent: seqs at 2**63 made SQLite and PostgreSQL refuse the batch forever.
+BOUNDS: list[tuple[Payload, str, object, object]] = [
+    (telemetry(), "seq", 2**53 - 1, 2**53),
+    (telemetry(), "seq", 2**53 - 1, 2**63),
+    (telemetry(), "outbox_overflow", 2**53 - 1, 2**63),
+    (telemetry(), "outbox_depth", 2**53 - 1, 2**53),
+    (telemetry(), "frames_processed", 2**32 - 1, 2**32),
+    (telemetry(), "window_end", YEAR_9999, 1e308),
+    (telemetry(), "fps", 1e6, 1e308),
+    (telemetry(), "rss_mb", 16_777_216, 1e308),
+    (telemetry(), "energy_per_frame_mj", 1e12, 1e308),
+    (telemetry(), "model_version", 2**53 - 1, 2**63),
+    (event(), "seq", 2**53 - 1, 2**63),
+    (event(), "ts", YEAR_9999, 1e308),
+    (status(), "ts", YEAR_9999, 1e308),
+    (status(), "model_version", 2**53 - 1, 2**64),
+    (result(), "ts", YEAR_9999, 1e300),
+    (result(), "frame_index", 2**53 - 1, 2**53),
+    (result(), "latency_ms", 86_400_000, 1e308),
+    (reply(), "ts", YEAR_9999, 1e308),
+    (command(), "expires_at", YEAR_9999, 1e308),
+    (offer(), "created_ts", YEAR_9999, 1e308),
+]
+
+
+@pytest.mark.parametrize(
+    ("msg", "field", "ok", "bad"),
+    BOUNDS,
+    ids=[f"{type(m).__name__}.{f}={bad}" for m, f, _, bad in BOUNDS],
+)
+def test_numbers_outside_the_store_bounds_are_refused_at_decode(
+    msg: Payload, field: str, ok: object, bad: object
+) -> None:
+    model = type(msg)
+    changes: dict[str, Any] = {field: ok}
+    if field == "window_end":
+        changes["window_start"] = 0.0
+    accepted = decode(model, with_field(msg, **changes))
+    assert not isinstance(accepted, ProtocolError), accepted.message
+    changes[field] = bad
+    error = rejected(decode(model, with_field(msg, **changes)))
+    assert error.reason == "invalid" and f"field '{field}'" in error.message, error.message
+
+
+@pytest.mark.parametrize(
+    ("msg", "change", "where"),
+    [
+        (reply(), {"result": {"a": [1, {"b": -(2**63) - 1}]}}, "result.a"),
+        (
+            telemetry(),
+            {"latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 1e308}},
+            "latency_ms.p99",
+        ),
+        (telemetry(), {"exit_histogram": [1, 2**32]}, "exit_histogram.1"),
+    ],
+)
+def test_nested_numbers_are_bounded_too(msg: Payload, change: dict[str, Any], where: str) -> None:
+    error = rejected(decode(type(msg), with_field(msg, **change)))
+    assert f"'{where}" in error.message, error.message
+
+
+def _unbounded_numbers(schema: dict[str, Any], defs: dict[str, Any], path: str) -> list[str]:
+    """Paths of integer/number nodes of a JSON schema without both a minimum and a maximum."""
+    if "$ref" in schema:
+        return _unbounded_numbers(defs[schema["$ref"].split("/")[-1]], defs, path)
+    found = []
+    if schema.get("type") in ("integer", "number") and "const" not in schema:
+        has_max = "maximum" in schema or "exclusiveMaximum" in schema
+        has_min = "minimum" in schema or "exclusiveMinimum" in schema
+        if not (has_max and has_min):
+            found.append(path)
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        for sub in schema.get(key, []):
+            found += _unbounded_numbers(sub, defs, path)
+    for name, sub in schema.get("properties", {}).items():
+        found += _unbounded_numbers(sub, defs, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            found += _unbounded_numbers(schema[key], defs, f"{path}[]")
+    return found
+
+
+@pytest.mark.parametrize("model", sorted(MODELS.values(), key=lambda m: m.KIND), ids=str)
+def test_every_number_of_every_payload_has_bounds(model: type[Payload]) -> None:
+    schema = model.model_json_schema()
+    unbounded = _unbounded_numbers(schema, schema.get("$defs", {}), model.__name__)
+    # Event details' floats are free-form facts (finite by allow_inf_nan=False) and are only
+    # ever stored inside the payload's JSON text, never in a numeric column or a sum.
+    assert [p for p in unbounded if p != "Event.details[]"] == []
+
+
 # -- the docs stay honest -----------------------------------------------------------------------
 
 EXAMPLE = re.compile(r"<!-- model: (\w+) -->\n```json\n(.*?)\n```", re.DOTALL)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, JsonValue, model_validator
+from pydantic import Field, model_validator
 
 from edgefleet.agent.protocol.base import ModelId, Payload, PayloadKind, Strict
+from edgefleet.agent.protocol.bounds import MAX_SEQ, MAX_TS, BoundedJson
 from edgefleet.agent.protocol.ids import DeviceId, Sha256Hex
 from edgefleet.agent.protocol.messages import MAX_EXITS
 
@@ -75,7 +76,7 @@ class InstallBundle(Strict):
     name: Literal["install_bundle"] = "install_bundle"
     sha256: Sha256Hex = Field(description="sha256 of the archive; names its transfer topics.")
     model_id: ModelId = Field(description="Model the archive must contain.")
-    version: int = Field(ge=1, description="Version the archive must contain.")
+    version: int = Field(ge=1, le=MAX_SEQ, description="Version the archive must contain.")
 
 
 # To add a command: define its class with a unique `name` literal and append it here.
@@ -101,9 +102,9 @@ class Command(Payload):
     id: str = Field(
         pattern=CORRELATION_ID_PATTERN, description="Correlation id; the reply carries it."
     )
-    ts: float = Field(ge=0, description="Unix seconds when the coordinator issued it.")
+    ts: float = Field(ge=0, le=MAX_TS, description="Unix seconds when the coordinator issued it.")
     expires_at: float | None = Field(
-        None, ge=0, description="Unix seconds after which the device ignores it."
+        None, ge=0, le=MAX_TS, description="Unix seconds after which the device ignores it."
     )
     command: AnyCommand = Field(description="What to do, told apart by its 'name'.")
 
@@ -127,12 +128,12 @@ class Reply(Payload):
         pattern=CORRELATION_ID_PATTERN, description="Correlation id of the command answered."
     )
     device_id: DeviceId = Field(description="The device; equals the id in the topic.")
-    ts: float = Field(ge=0, description="Unix seconds when the device answered.")
+    ts: float = Field(ge=0, le=MAX_TS, description="Unix seconds when the device answered.")
     ok: bool = Field(description="Whether the command was carried out.")
     error: str | None = Field(
         None, min_length=1, max_length=1000, description="Why not; required when ok is false."
     )
-    result: dict[str, JsonValue] | None = Field(
+    result: dict[str, BoundedJson] | None = Field(
         None, description="Command-specific output; a snapshot puts base64 JPEG in 'jpeg_b64'."
     )
 

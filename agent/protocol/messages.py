@@ -7,11 +7,20 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, StringConstraints, model_validator
 
 from edgefleet.agent.protocol.base import ModelId, Payload, PayloadKind, Strict
+from edgefleet.agent.protocol.bounds import (
+    MAX_COUNT,
+    MAX_FPS,
+    MAX_MJ,
+    MAX_MS,
+    MAX_SEQ,
+    MAX_TS,
+    Int64,
+)
 from edgefleet.agent.protocol.ids import DeviceId, GroupName
 
-Count = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-DetailValue = Annotated[str, StringConstraints(max_length=1000)] | int | float | bool | None
+DetailValue = Annotated[str, StringConstraints(max_length=1000)] | Int64 | float | bool | None
 
 MAX_EXITS = 16
 MAX_STAGES = 16
@@ -41,10 +50,12 @@ class Status(Payload):
 
     device_id: DeviceId = Field(description="The device; equals the id in the topic.")
     online: bool = Field(description="False in the Last Will and on clean shutdown.")
-    ts: float = Field(ge=0, description="Unix seconds when this status was made.")
+    ts: float = Field(ge=0, le=MAX_TS, description="Unix seconds when this status was made.")
     agent_version: ShortText = Field(description="Version of the edgefleet agent.")
     model_id: ModelId | None = Field(None, description="Installed model, None before any install.")
-    model_version: int | None = Field(None, ge=1, description="Installed bundle version.")
+    model_version: int | None = Field(
+        None, ge=1, le=MAX_SEQ, description="Installed bundle version."
+    )
     operating_point: int | None = Field(
         None, ge=0, le=255, description="Index of the active operating point."
     )
@@ -66,9 +77,9 @@ def offline_will(birth: Status) -> Status:
 class Percentiles(Strict):
     """Latency percentiles of one window, in milliseconds."""
 
-    p50: float = Field(ge=0, description="Median.")
-    p95: float = Field(ge=0, description="95th percentile.")
-    p99: float = Field(ge=0, description="99th percentile.")
+    p50: float = Field(ge=0, le=MAX_MS, description="Median.")
+    p95: float = Field(ge=0, le=MAX_MS, description="95th percentile.")
+    p99: float = Field(ge=0, le=MAX_MS, description="99th percentile.")
 
     @model_validator(mode="after")
     def _ordered(self) -> Percentiles:
@@ -90,14 +101,20 @@ class Telemetry(Payload):
 
     device_id: DeviceId = Field(description="The device; equals the id in the topic.")
     seq: int = Field(
-        ge=0, description="Per-device window number, persisted across restarts, never reused."
+        ge=0,
+        le=MAX_SEQ,
+        description="Per-device window number, persisted across restarts, never reused.",
     )
-    window_start: float = Field(ge=0, description="Unix seconds when the window began.")
-    window_end: float = Field(ge=0, description="Unix seconds when the window ended.")
-    frames_captured: int = Field(ge=0, description="Frames read from the camera.")
-    frames_processed: int = Field(ge=0, description="Frames that went through the model.")
-    frames_dropped: int = Field(ge=0, description="Frames skipped because inference was busy.")
-    fps: float = Field(ge=0, description="Processed frames per second over the window.")
+    window_start: float = Field(ge=0, le=MAX_TS, description="Unix seconds when the window began.")
+    window_end: float = Field(ge=0, le=MAX_TS, description="Unix seconds when the window ended.")
+    frames_captured: int = Field(ge=0, le=MAX_COUNT, description="Frames read from the camera.")
+    frames_processed: int = Field(
+        ge=0, le=MAX_COUNT, description="Frames that went through the model."
+    )
+    frames_dropped: int = Field(
+        ge=0, le=MAX_COUNT, description="Frames skipped because inference was busy."
+    )
+    fps: float = Field(ge=0, le=MAX_FPS, description="Processed frames per second over the window.")
     latency_ms: Percentiles = Field(description="End-to-end inference latency; 0 if no frames.")
     stage_latency_ms: list[Percentiles] = Field(
         default_factory=list, max_length=MAX_STAGES, description="Latency of each stage in order."
@@ -111,7 +128,7 @@ class Telemetry(Payload):
     cpu_percent: float = Field(
         ge=0, le=102_400, description="Process CPU, 100 per fully used core."
     )
-    rss_mb: float = Field(ge=0, description="Resident memory of the agent in MiB.")
+    rss_mb: float = Field(ge=0, le=16_777_216, description="Resident memory of the agent in MiB.")
     temperature_c: float | None = Field(
         None, ge=-100, le=200, description="SoC temperature; None when no sensor."
     )
@@ -123,14 +140,21 @@ class Telemetry(Payload):
         description="Where power_w comes from; 'estimate' means a model of CPU load."
     )
     energy_per_frame_mj: float | None = Field(
-        None, ge=0, description="power_w / fps in millijoules; None without power or frames."
+        None,
+        ge=0,
+        le=MAX_MJ,
+        description="power_w / fps in millijoules; None without power or frames.",
     )
-    outbox_depth: int = Field(ge=0, description="Messages waiting in the on-disk outbox.")
+    outbox_depth: int = Field(
+        ge=0, le=MAX_SEQ, description="Messages waiting in the on-disk outbox."
+    )
     outbox_overflow: int = Field(
-        ge=0, description="Messages dropped for a full outbox since the agent started."
+        ge=0, le=MAX_SEQ, description="Messages dropped for a full outbox since the agent started."
     )
     model_id: ModelId | None = Field(None, description="Model that ran in this window.")
-    model_version: int | None = Field(None, ge=1, description="Bundle version that ran.")
+    model_version: int | None = Field(
+        None, ge=1, le=MAX_SEQ, description="Bundle version that ran."
+    )
 
     @model_validator(mode="after")
     def _window_ordered(self) -> Telemetry:
@@ -147,15 +171,15 @@ class Result(Payload):
     KIND: ClassVar[PayloadKind] = "results"
 
     device_id: DeviceId = Field(description="The device; equals the id in the topic.")
-    ts: float = Field(ge=0, description="Unix seconds when the frame was captured.")
-    frame_index: int = Field(ge=0, description="Frame counter since the agent started.")
-    class_index: int = Field(ge=0, description="Predicted class.")
+    ts: float = Field(ge=0, le=MAX_TS, description="Unix seconds when the frame was captured.")
+    frame_index: int = Field(ge=0, le=MAX_SEQ, description="Frame counter since the agent started.")
+    class_index: int = Field(ge=0, le=MAX_COUNT, description="Predicted class.")
     label: str = Field(max_length=128, description="Label of the predicted class.")
     confidence: float = Field(ge=0, le=1, description="Confidence the exit rule saw.")
     exit_index: int = Field(
         ge=0, lt=MAX_EXITS, description="Exit that answered; the last is the final head."
     )
-    latency_ms: float = Field(ge=0, description="Inference latency of this frame.")
+    latency_ms: float = Field(ge=0, le=MAX_MS, description="Inference latency of this frame.")
 
 
 EventKind = Literal[
@@ -180,8 +204,10 @@ class Event(Payload):
     KIND: ClassVar[PayloadKind] = "events"
 
     device_id: DeviceId = Field(description="The device; equals the id in the topic.")
-    ts: float = Field(ge=0, description="Unix seconds when it happened.")
-    seq: int = Field(ge=0, description="Per-device event number, persisted like telemetry seq.")
+    ts: float = Field(ge=0, le=MAX_TS, description="Unix seconds when it happened.")
+    seq: int = Field(
+        ge=0, le=MAX_SEQ, description="Per-device event number, persisted like telemetry seq."
+    )
     kind: EventKind = Field(description="What happened.")
     level: EventLevel = Field("info", description="Severity.")
     message: str = Field(max_length=1000, description="One line for a human.")

@@ -7,6 +7,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from edgefleet.agent.protocol.base import ModelId, Payload, PayloadKind
+from edgefleet.agent.protocol.bounds import MAX_SEQ, MAX_TS
 from edgefleet.agent.protocol.ids import Sha256Hex
 
 MAX_CHUNK_SIZE = 1024 * 1024
@@ -21,8 +22,8 @@ class BundleOffer(Payload):
 
     sha256: Sha256Hex = Field(description="sha256 of the whole archive; equals the topic's.")
     model_id: ModelId = Field(description="Model inside the archive.")
-    version: int = Field(ge=1, description="Bundle version inside the archive.")
-    size: int = Field(ge=1, description="Archive size in bytes.")
+    version: int = Field(ge=1, le=MAX_SEQ, description="Bundle version inside the archive.")
+    size: int = Field(ge=1, le=MAX_CHUNKS * MAX_CHUNK_SIZE, description="Archive size in bytes.")
     chunk_size: int = Field(
         ge=1, le=MAX_CHUNK_SIZE, description="Bytes per chunk; the last chunk may be shorter."
     )
@@ -31,7 +32,9 @@ class BundleOffer(Payload):
         max_length=MAX_CHUNKS,
         description="sha256 of each chunk in order; its length is the chunk count.",
     )
-    created_ts: float = Field(ge=0, description="Unix seconds when the offer was published.")
+    created_ts: float = Field(
+        ge=0, le=MAX_TS, description="Unix seconds when the offer was published."
+    )
 
     @model_validator(mode="after")
     def _chunks_cover_size(self) -> BundleOffer:
