@@ -1,7 +1,7 @@
 """The `edgefleet` command tree: wires the subcommand modules into one parser and runs it.
 
 Imports run one way: this module imports every subcommand module (keys, bundle, optimize, demo,
-fleet, simulate); they import only errors.py from this package, never this module or the
+fleet, identity, simulate); they import only errors.py from this package, never this module or the
 package itself.
 """
 
@@ -17,7 +17,7 @@ from edgefleet.agent.bundle import BundleError, KeyFileError
 from edgefleet.agent.helpformat import CliParser
 from edgefleet.server.fleet.client import ApiError
 
-from . import bundle, demo, fleet, keys, optimize, simulate
+from . import bundle, demo, fleet, identity, keys, optimize, simulate
 from .errors import CliError
 
 DESCRIPTION = "edgefleet: the operator's command line (keys, bundles, optimizer, fleet)."
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.register(sub)
     optimize.register(sub)
     demo.register(sub)
-    fleet.register(sub)
+    identity.register(fleet.register(sub))  # provision/revoke act on the broker, not the API
     simulate.register(sub)
     return parser
 

@@ -41,8 +41,8 @@ def _connection(defaults: bool) -> argparse.ArgumentParser:
     return p
 
 
-def register(sub: Any) -> None:
-    """Add `fleet ls|show|groups|register|assign|cmd`."""
+def register(sub: Any) -> Any:
+    """Add `fleet ls|show|groups|register|assign|cmd`; return the actions for other modules."""
     p = sub.add_parser(
         "fleet",
         help="devices, groups and commands (via the coordinator)",
@@ -101,6 +101,7 @@ def register(sub: Any) -> None:
     cmd.add_argument("--out", type=Path, help="snapshot: write the JPEG here")
     cmd.add_argument("--json", action="store_true", help="machine-readable output")
     cmd.set_defaults(func=_cmd)
+    return fs
 
 
 def _client(args: argparse.Namespace) -> FleetClient:

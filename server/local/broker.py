@@ -1,6 +1,9 @@
 """A private mosquitto: own config, own port, persistence dir; stoppable and restartable.
 
 The broker of every local fleet: the demo's, the benchmarks' and the tests' (one per test).
+Two profiles: anonymous (one plain listener, for tests that are not about identity) and secure
+(`identity=`: the shipped configuration of deploy/mosquitto, rendered with this broker's ports
+and identity directory: TLS, a password per client, the ACL, no anonymous access).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet.server.identity import BrokerConf, IdentityDir, render_conf
 from edgefleet.server.netutil import free_port, wait_closed, wait_listening
 
 INSTALL_HINT = (
@@ -47,7 +51,11 @@ class MosquittoBroker:
     """One mosquitto process on 127.0.0.1 with persistence in its own directory."""
 
     def __init__(
-        self, workdir: Path, max_queued_messages: int = 100_000, tls: TlsListener | None = None
+        self,
+        workdir: Path,
+        max_queued_messages: int = 100_000,
+        tls: TlsListener | None = None,
+        identity: IdentityDir | None = None,
     ) -> None:
         self.binary = find_mosquitto()
         self.host = "127.0.0.1"
@@ -58,6 +66,12 @@ class MosquittoBroker:
         self.log_path = workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.tls_port: int | None = None
+        self.identity = identity
+        if identity is not None:
+            if tls is not None:
+                raise ValueError("pass tls or identity: the secure profile has its own TLS")
+            self.config_path.write_text(self._secure_config(identity, max_queued_messages))
+            return
         self.config_path.write_text(
             "\n".join(
                 [
@@ -78,6 +92,33 @@ class MosquittoBroker:
                 ]
             )
         )
+
+    def _secure_config(self, identity: IdentityDir, max_queued_messages: int) -> str:
+        """The shipped configuration: TLS listener for devices, loopback one for coordinators."""
+        identity.init(hosts=["localhost", self.host])
+        self.tls_port = free_port()
+        conf = BrokerConf(
+            directory=identity.directory,
+            tls_port=self.tls_port,
+            tls_bind=self.host,
+            local_port=self.port,
+            max_queued_messages=max_queued_messages,
+            persistence_dir=self.workdir,
+            pid_file=self.workdir / "mosquitto.pid",
+        )
+        logs = ["log_type error", "log_type warning", "log_type notice", "log_timestamp true"]
+        return render_conf(conf) + "\n".join(["", *logs, ""])
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the secure profile's broker writes its pid (for `fleet revoke --pid-file`)."""
+        return self.workdir / "mosquitto.pid"
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the password file and ACL (and drop clients no longer allowed)."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError("the broker is not running")
+        self._proc.send_signal(signal.SIGHUP)
 
     def _tls_lines(self, tls: TlsListener) -> list[str]:
         """A second listener on its own port: TLS, optionally requiring a client certificate."""
