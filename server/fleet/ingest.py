@@ -277,13 +277,20 @@ class Ingestor:
     def _write(self, raws: list[_Raw]) -> None:
         try:
             written = self._writer.write([(r.topic, r.payload, r.received_at) for r in raws])
-        except StoreWriteError as exc:  # the store is down or broken: keep the messages, retry
+        except StoreWriteError as exc:  # the store is unavailable: keep the messages, retry
             self.stats.store_errors += 1
-            log.error("store write of %d messages failed, retrying: %s", len(raws), exc)
+            # What was committed before the failure is acked; only the rest waits.
+            done = exc.done.size if exc.done is not None else 0
+            if exc.done is not None:
+                self._committed(raws[:done], exc.done)
+            log.error("store write of %d messages failed, retrying: %s", len(raws) - done, exc)
             with self._cond:
-                self._queue.extendleft(reversed(raws))
+                self._queue.extendleft(reversed(raws[done:]))
             time.sleep(1.0)
             return
+        self._committed(raws, written)
+
+    def _committed(self, raws: list[_Raw], written: Written) -> None:
         for raw in raws:
             if raw.qos > 0:
                 self.client.ack(raw.mid, raw.qos)

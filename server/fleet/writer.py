@@ -33,7 +33,6 @@ from edgefleet.server.fleet.gc_tuning import tune_gc
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import (
     EventIn,
-    IngestBatch,
     IngestOutcome,
     Reject,
     RejectReason,
@@ -41,6 +40,12 @@ from edgefleet.server.fleet.store.base import (
     StatusIn,
     Store,
     TelemetryIn,
+)
+from edgefleet.server.fleet.store.isolate import (
+    Isolated,
+    IsolationStopped,
+    Item,
+    ingest_isolating,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,15 @@ _LOG_EVERY_S = 10.0
 
 
 class StoreWriteError(RuntimeError):
-    """The store refused the batch; the messages must stay unacked and be retried."""
+    """The store cannot write now; the messages after `done` must stay unacked and be retried.
+
+    done is what was committed before the failure (a prefix of the batch, see store/isolate.py),
+    None when nothing was.
+    """
+
+    def __init__(self, message: str, done: Written | None = None) -> None:
+        super().__init__(message)
+        self.done = done
 
 
 @dataclass
@@ -65,7 +78,7 @@ class Written:
     """What one committed batch did, for acks, counters and waiting commands."""
 
     outcome: IngestOutcome
-    size: int
+    size: int  # messages committed: the first `size` of the batch
     statuses: int
     committed: float
     replies: list[Reply] = field(default_factory=list)
@@ -83,80 +96,103 @@ class Decoder:
         self._parse = lru_cache(maxsize=65_536)(self.tree.parse)
         self._last_logged: dict[str, float] = {}
 
-    def build_batch(self, raws: list[RawMessage]) -> IngestBatch:
-        batch = IngestBatch()
-        for topic, payload, received_at in raws:
-            msg = self._decode(topic, payload, received_at, batch)
-            if isinstance(msg, Telemetry):
-                batch.telemetry.append(TelemetryIn(received_at, msg, payload.decode()))
-            elif isinstance(msg, Status):
-                batch.statuses.append(StatusIn(received_at, msg))
-            elif isinstance(msg, Event):
-                batch.events.append(EventIn(received_at, msg))
-            elif isinstance(msg, Reply):
-                batch.replies.append(ReplyIn(received_at, msg))
-        return batch
+    def items(self, raws: list[RawMessage]) -> list[Item]:
+        """One item per received message, in order: what to store, or why it was rejected."""
+        return [self._item(topic, payload, received_at) for topic, payload, received_at in raws]
 
-    def _decode(
-        self, topic: str, payload: bytes, received_at: float, batch: IngestBatch
-    ) -> Telemetry | Status | Event | Reply | None:
+    def _item(self, topic: str, payload: bytes, received_at: float) -> Item:
         try:
             parsed = self._parse(topic)
         except TopicError as exc:
-            self._reject(batch, topic, received_at, None, "invalid_topic", str(exc))
-            return None
+            return self._reject(topic, received_at, None, "invalid_topic", str(exc))
         kind = TOPIC_PAYLOADS.get(parsed.kind)
         if kind not in ("status", "telemetry", "events", "reply"):
-            self._reject(batch, topic, received_at, parsed.device_id, "invalid_topic",
-                         f"topic {topic!r} is not one a device publishes")
-            return None
+            return self._reject(
+                topic,
+                received_at,
+                parsed.device_id,
+                "invalid_topic",
+                f"topic {topic!r} is not one a device publishes",
+            )
         msg = decode(kind, payload, topic=topic)
         if isinstance(msg, ProtocolError):
             reason = _REASONS.get(msg.reason, "invalid_payload")
-            self._reject(batch, topic, received_at, parsed.device_id, reason, msg.message)
-            return None
+            return self._reject(topic, received_at, parsed.device_id, reason, msg.message)
         if not isinstance(msg, Telemetry | Status | Event | Reply):
-            return None
+            return self._reject(
+                topic,
+                received_at,
+                parsed.device_id,
+                "invalid_topic",
+                f"topic {topic!r} does not carry a device's message",
+            )
         if msg.device_id != parsed.device_id:
-            self._reject(
-                batch, topic, received_at, parsed.device_id, "device_mismatch",
+            return self._reject(
+                topic,
+                received_at,
+                parsed.device_id,
+                "device_mismatch",
                 f"payload device_id {msg.device_id!r} differs from the topic's "
                 f"{parsed.device_id!r}",
             )
-            return None
-        return msg
+        if isinstance(msg, Telemetry):
+            return TelemetryIn(received_at, msg, payload.decode())
+        if isinstance(msg, Status):
+            return StatusIn(received_at, msg)
+        if isinstance(msg, Event):
+            return EventIn(received_at, msg)
+        return ReplyIn(received_at, msg)
 
     def _reject(
-        self, batch: IngestBatch, topic: str, received_at: float, device: str | None,
-        reason: RejectReason, detail: str,
-    ) -> None:
-        batch.rejects.append(Reject(received_at, topic, device, reason, detail[:1000]))
+        self,
+        topic: str,
+        received_at: float,
+        device: str | None,
+        reason: RejectReason,
+        detail: str,
+    ) -> Reject:
+        reject = Reject(received_at, topic, device, reason, detail[:1000])
         now = time.monotonic()
         # One warning per reason every few seconds: a flood of garbage must not flood the log.
         if now - self._last_logged.get(reason, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             self._last_logged[reason] = now
             log.warning("rejected %s from %s (%s): %s", topic, device or "?", reason, detail)
+        return reject
 
 
 def write_batch(
     decoder: Decoder, store: Store, raws: list[RawMessage], registration_open: bool
 ) -> Written:
-    """Decode and commit one batch; StoreWriteError when the store fails."""
-    batch = decoder.build_batch(raws)
+    """Decode and commit one batch; StoreWriteError when the store is unavailable.
+
+    Messages the store refuses for good are rejected as 'unstorable' and the rest is stored
+    (store/isolate.py), so only an unavailable store makes the batch wait.
+    """
+    items = decoder.items(raws)
     try:
-        outcome = store.ingest(batch, registration_open=registration_open)
-    except Exception as exc:
-        raise StoreWriteError(str(exc) or type(exc).__name__) from exc
+        done = ingest_isolating(store, items, registration_open=registration_open)
+    except IsolationStopped as stopped:
+        partial = _summary(stopped.done) if stopped.done.committed else None
+        raise StoreWriteError(str(stopped), partial) from stopped.cause
+    return _summary(done)
+
+
+def _summary(done: Isolated) -> Written:
     committed = time.time()
+    stored = done.stored
     return Written(
-        outcome=outcome,
-        size=len(batch),
-        statuses=len(batch.statuses),
+        outcome=done.outcome(),
+        size=done.committed,
+        statuses=sum(isinstance(i, StatusIn) for i in stored),
         committed=committed,
-        replies=[r.reply for r in batch.replies],
-        rejects=[r.reason for r in batch.rejects],
-        lags=[(t.telemetry.window_end, committed - t.telemetry.window_end)
-              for t in batch.telemetry],
+        replies=[i.reply for i in stored if isinstance(i, ReplyIn)],
+        rejects=[i.reason for i in stored if isinstance(i, Reject)]
+        + [r.reason for r in done.refused],
+        lags=[
+            (i.telemetry.window_end, committed - i.telemetry.window_end)
+            for i in stored
+            if isinstance(i, TelemetryIn)
+        ],
     )
 
 
@@ -183,8 +219,9 @@ class ThreadWriter:
 
 def _child(conn: Connection, store_url: str, root: str, registration_open: bool) -> None:
     """The writer process: receive batches, answer each with Written or an error string."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     store = open_store(store_url)
     decoder = Decoder(root)
     tune_gc()
@@ -200,7 +237,7 @@ def _child(conn: Connection, store_url: str, root: str, registration_open: bool)
             try:
                 conn.send(write_batch(decoder, store, raws, registration_open))
             except StoreWriteError as exc:
-                conn.send(str(exc))
+                conn.send((str(exc), exc.done))
     finally:
         store.close()
 
@@ -216,8 +253,9 @@ class ProcessWriter:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(target=_child, args=(child_conn, *self.args),
-                                name="ingest-writer", daemon=True)
+        self.proc = ctx.Process(
+            target=_child, args=(child_conn, *self.args), name="ingest-writer", daemon=True
+        )
         self.proc.start()
         child_conn.close()
         if not self.conn.poll(60) or self.conn.recv() != "ready":
@@ -233,8 +271,9 @@ class ProcessWriter:
                 self.proc.join(1)
                 self._start()
                 raise StoreWriteError("writer process died") from exc
-        if isinstance(answer, str):
-            raise StoreWriteError(answer)
+        if isinstance(answer, tuple):
+            message, done = answer
+            raise StoreWriteError(message, done)
         assert isinstance(answer, Written)
         return answer
 

@@ -115,4 +115,5 @@ def test_rejects_log_keeps_the_newest_rows_and_counts_all(store: Store, backend:
         "oversized",
         "device_mismatch",
         "unregistered",
+        "unstorable",
     }

@@ -21,6 +21,7 @@ RejectReason = Literal[
     "oversized",
     "device_mismatch",  # device id in the payload differs from the topic's
     "unregistered",  # unknown device while registration is closed
+    "unstorable",  # valid, but the store refused it for good (see store/errors.py)
 ]
 
 

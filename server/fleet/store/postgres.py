@@ -26,6 +26,12 @@ import psycopg
 from psycopg import errors
 from psycopg.rows import TupleRow
 
+from edgefleet.server.fleet.store.errors import (
+    DATA_CONVERSION_ERRORS,
+    StoreError,
+    refused,
+    unavailable,
+)
 from edgefleet.server.fleet.store.schema import VERSION_TABLE_POSTGRES, Migration
 from edgefleet.server.fleet.store.sql import Lock, Row, Sql, Table
 from edgefleet.server.fleet.store.sqlstore import SqlStore
@@ -205,6 +211,16 @@ class PostgresStore(SqlStore):
         return psycopg.connect(self.dsn, autocommit=True, connect_timeout=self._connect_timeout_s)
 
     def _run(self, body: Callable[[Sql], _T], *, write: bool) -> _T:
+        """Run body in one transaction; errors come out classified (see errors.py)."""
+        try:
+            return self._attempts(body)
+        except Exception as exc:
+            classified = classify(exc)
+            if classified is None:
+                raise
+            raise classified from exc
+
+    def _attempts(self, body: Callable[[Sql], _T]) -> _T:
         """Run body in one transaction, again after a deadlock or serialization failure."""
         with self._lock:
             for attempt in range(_RETRIES):
@@ -226,3 +242,32 @@ class PostgresStore(SqlStore):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+# SQLSTATE classes about the values of this transaction: 22 data exception (numeric value out
+# of range, NUL in text, invalid encoding), 23 integrity constraint, 54 program limit exceeded
+# (a value too large for an index row).
+_DATA_CLASSES = ("22", "23", "54")
+
+
+def classify(exc: Exception) -> StoreError | None:
+    """Transient or permanent, for an error raised inside a transaction; None: not ours."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        if state is None:
+            # Raised by psycopg itself: adapting a value of this batch failed (DataError,
+            # ProgrammingError "cannot adapt"), or the connection is gone (Operational,
+            # Interface).
+            if isinstance(exc, (psycopg.DataError, psycopg.ProgrammingError)):
+                return refused(exc)
+            return unavailable(exc)
+        if state[:2] in _DATA_CLASSES:
+            return refused(exc)
+        # Connection (08), resources (53), shutdown (57), deadlock after retries (40), and a
+        # schema that needs an operator (42): the data is fine, keep it and retry.
+        return unavailable(exc)
+    if isinstance(exc, DATA_CONVERSION_ERRORS):
+        return refused(exc)
+    return None

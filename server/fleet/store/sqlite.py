@@ -17,6 +17,12 @@ from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
+from edgefleet.server.fleet.store.errors import (
+    DATA_CONVERSION_ERRORS,
+    StoreError,
+    refused,
+    unavailable,
+)
 from edgefleet.server.fleet.store.schema import (
     VERSION_TABLE_SQLITE,
     Migration,
@@ -188,14 +194,20 @@ class SqliteStore(SqlStore):
             if self._conn is None:
                 raise RuntimeError("the store is closed")
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                result = body(SqliteSql(conn.cursor()))
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    result = body(SqliteSql(conn.cursor()))
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except Exception as exc:
+                classified = classify(exc)
+                if classified is None:
+                    raise
+                raise classified from exc
             return result
 
     def close(self) -> None:
@@ -203,6 +215,33 @@ class SqliteStore(SqlStore):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+# SQLite's primary result codes (https://sqlite.org/rescode.html) about the values of this
+# transaction: TOOBIG, CONSTRAINT, MISMATCH, RANGE. The type stubs lack the module's names.
+_ERROR = 1
+_DATA_CODES = frozenset({18, 19, 20, 25})
+
+
+def classify(exc: Exception) -> StoreError | None:
+    """Transient or permanent, for an error raised inside a transaction; None: not ours."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError)):
+        return refused(exc)
+    if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        # Binding a value of this batch failed (an unsupported type, a bad string).
+        return refused(exc) if "closed" not in str(exc) else unavailable(exc)
+    if isinstance(exc, sqlite3.DatabaseError):
+        code = (getattr(exc, "sqlite_errorcode", None) or _ERROR) & 0xFF
+        if code in _DATA_CODES or (code == _ERROR and "integer overflow" in str(exc)):
+            return refused(exc)
+        # BUSY, LOCKED, IOERR, FULL, ...: the store cannot work now. A plain SQLITE_ERROR
+        # ("no such table") is the schema's problem, not the data's: keep the data too.
+        return unavailable(exc)
+    if isinstance(exc, DATA_CONVERSION_ERRORS):
+        return refused(exc)
+    return None
 
 
 def _enable_wal(conn: sqlite3.Connection, deadline: float) -> None:
