@@ -39,8 +39,9 @@ options:
   --camera SRC             V4L2 index, /dev/videoN, a video file or a URL (default 0)
   --group G                fleet group of this device (rollouts target groups)
   --bundle PATH            a signed bundle (directory, or archive from 'edgefleet bundle
-                           pack') to install as the current model; checked against
-                           --fleet-key first, refused if it does not verify
+                           pack' or 'tar -C DIR .') to install as the current model; checked
+                           against --fleet-key first, refused if it does not verify or
+                           holds a symbolic link (links are never followed)
   --wheel PATH_OR_SPEC     what to pip install: a wheel, a source directory, or a requirement
                            such as 'edgefleet==0.2.0' (default: this checkout, $CHECKOUT)
   --lock FILE              exact versions for edgefleet's dependencies and its build (default:
@@ -432,11 +433,14 @@ fi
 if [ -n "$BUNDLE" ]; then
     # Verified with the device's own code and the installed fleet key, staged next to its
     # final place, then `current` is switched by an atomic rename; the previous version stays.
+    # A directory is copied by the package's copy_tree, which refuses any link inside it (the
+    # verifier's rule) before copying anything; an archive is unpacked member by member.
     installed_bundle="$("$VENV/bin/python" -I - "$BUNDLE" "$ETC/fleet.pub" "$BUNDLES" <<'PY'
 import os, shutil, sys, tempfile
 from pathlib import Path
 from edgefleet.agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
 from edgefleet.agent.bundle.archive import UnsafeArchive, unpack
+from edgefleet.agent.bundle.tree import copy_tree
 
 src, key, dest = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 dest.mkdir(parents=True, exist_ok=True)
@@ -444,7 +448,8 @@ tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".incoming-"))
 try:
     staged = tmp / "bundle"
     if src.is_dir():
-        shutil.copytree(src, staged, symlinks=False)
+        # Never through a link: one inside the bundle is refused before anything is copied.
+        copy_tree(src, staged)
     else:
         unpack(src, staged)
     m = verify_bundle(staged, [load_public_key(key)]).manifest

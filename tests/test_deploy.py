@@ -414,3 +414,67 @@ def test_bundle_install_verifies_switches_current_and_keeps_the_previous(
     assert "not installed (see above): the device keeps what it had" in refused.stderr
     assert current.resolve() == (bundles / "tiny-cnn-v4").resolve()
     assert sorted(p.name for p in bundles.iterdir()) == ["current", "tiny-cnn-v3", "tiny-cnn-v4"]
+
+
+def test_bundle_with_a_link_is_refused_before_copying_and_tar_dot_archives_install(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """Links in a bundle directory are refused with the verifier's message, never followed."""
+    from edgefleet.agent.bundle import load_private_key, write_bundle
+    from tests.bundle_helpers import two_stage_body, two_stage_files
+
+    private = load_private_key(installed.private)
+    base = install_args(installed.root, installed.key, installed.source)
+    bundles = installed.root / "var/lib/edgefleet/bundles"
+    bundles.mkdir(parents=True, exist_ok=True)
+    before = sorted(p.name for p in bundles.iterdir())
+    current_before = (
+        os.readlink(bundles / "current") if (bundles / "current").is_symlink() else None
+    )
+    outside = tmp_path / "outside"
+
+    def stage_link(b: Path) -> str:
+        # The right bytes behind the link: following it would install a valid bundle.
+        (b / "stage1.onnx").rename(outside / "stage1.onnx")
+        (b / "stage1.onnx").symlink_to(outside / "stage1.onnx")
+        return "stage1.onnx"
+
+    def directory_link(b: Path) -> str:
+        (b / "heads").rename(outside / "heads")
+        (outside / "heads" / "not-for-the-device").write_text("secret")
+        (b / "heads").symlink_to(outside / "heads", target_is_directory=True)
+        return "heads"
+
+    def loop(b: Path) -> str:
+        (b / "self").symlink_to(".", target_is_directory=True)
+        return "self"
+
+    for make_link in (stage_link, directory_link, loop):
+        shutil.rmtree(outside, ignore_errors=True)
+        outside.mkdir()
+        bundle = tmp_path / make_link.__name__
+        write_bundle(bundle, two_stage_body(version=6), two_stage_files(), private)
+        rel = make_link(bundle)
+        refused = run_install(*base, "--bundle", bundle)
+        assert refused.returncode != 0, refused.stderr
+        assert f"{rel} is a symbolic link; bundles hold plain files only" in refused.stderr
+        assert "not installed (see above): the device keeps what it had" in refused.stderr
+        assert sorted(p.name for p in bundles.iterdir()) == before
+        assert not list(installed.root.rglob("not-for-the-device"))
+
+    # `tar -C DIR .` writes './manifest.json' and the '.' entry itself: a valid archive.
+    dot = tmp_path / "v7"
+    write_bundle(dot, two_stage_body(version=7), two_stage_files(), private)
+    archive = tmp_path / "v7.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(dot), "."], check=True)
+    accepted = run_install(*base, "--bundle", archive)
+    try:
+        assert accepted.returncode == 0, accepted.stderr
+        assert "installed bundle tiny-cnn v7" in accepted.stderr
+        assert (bundles / "current").resolve() == (bundles / "tiny-cnn-v7").resolve()
+    finally:
+        # Leave the shared install as it was for the other tests of this module.
+        (bundles / "current").unlink(missing_ok=True)
+        if current_before is not None:
+            (bundles / "current").symlink_to(current_before)
+        shutil.rmtree(bundles / "tiny-cnn-v7", ignore_errors=True)

@@ -25,6 +25,8 @@ from .errors import (
 )
 from .keys import key_id, verify
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, RESERVED_NAMES, SIGNATURE_NAME, Manifest
+from .strict_json import DuplicateKey, loads_unique
+from .tree import plain_tree
 
 MAX_MANIFEST_BYTES = 1 << 20
 
@@ -58,27 +60,15 @@ def _format_validation(exc: ValidationError) -> str:
     return f"{MANIFEST_NAME}: {where}: {first['msg']}{more}"
 
 
-def _listed_files(root: Path) -> set[str]:
-    """Every regular file under root as a POSIX relative path; links and odd files refused."""
-    found: set[str] = set()
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            raise ExtraFile(root, f"{rel} is a symbolic link; bundles hold plain files only")
-        if path.is_dir():
-            continue
-        if not path.is_file():
-            raise ExtraFile(root, f"{rel} is not a regular file")
-        found.add(rel)
-    return found
-
-
 def verify_bundle(path: Path, trusted_keys: Iterable[Ed25519PublicKey]) -> VerifiedBundle:
     """Check signature, format, schema and every file's hash; raise a precise BundleError."""
     path = Path(path)
     keys = list(trusted_keys)
     if not path.is_dir():
         raise NotABundle(path, "not a directory")
+    # Links and special files are refused before anything is read (tree.py: the one rule), so
+    # a manifest.json linked to a file elsewhere is never opened.
+    tree = plain_tree(path)
     manifest_path, sig_path = path / MANIFEST_NAME, path / SIGNATURE_NAME
     if not manifest_path.is_file():
         raise NotABundle(path, f"{MANIFEST_NAME} is missing")
@@ -104,8 +94,10 @@ def verify_bundle(path: Path, trusted_keys: Iterable[Ed25519PublicKey]) -> Verif
         )
 
     try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = loads_unique(data)
+    except DuplicateKey as exc:
+        raise MalformedManifest(path, f"{MANIFEST_NAME}: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MalformedManifest(path, f"{MANIFEST_NAME} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise MalformedManifest(path, f"{MANIFEST_NAME} is not a JSON object")
@@ -119,7 +111,7 @@ def verify_bundle(path: Path, trusted_keys: Iterable[Ed25519PublicKey]) -> Verif
     except ValidationError as exc:
         raise MalformedManifest(path, _format_validation(exc)) from exc
 
-    present = _listed_files(path) - RESERVED_NAMES
+    present = set(tree.files) - RESERVED_NAMES
     for name in sorted(manifest.files):
         if name not in present:
             raise MissingFile(path, f"{name} is listed in the manifest but missing")
@@ -139,7 +131,7 @@ def _claimed_signer(data: bytes) -> str | None:
     """The manifest's own claim of its signer, used only to word an error message."""
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     signer = raw.get("signer") if isinstance(raw, dict) else None
     return signer if isinstance(signer, str) else None
