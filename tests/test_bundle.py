@@ -301,7 +301,7 @@ def test_archive_symlink_member_refused(tmp_path: Path) -> None:
     link = tarfile.TarInfo("manifest.json")
     link.type = tarfile.SYMTYPE
     link.linkname = "/etc/passwd"
-    with pytest.raises(UnsafeArchive, match="member 'manifest.json' is a symbolic link"):
+    with pytest.raises(UnsafeArchive, match=r"member 'manifest\.json' is a symbolic link"):
         unpack(_tar_with(tmp_path, link), tmp_path / "out")
 
 

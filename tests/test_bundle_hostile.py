@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -196,7 +197,7 @@ def test_pack_refuses_a_link_instead_of_packing_its_target(bundle: Path, tmp_pat
     outside.mkdir()
     _stage_links_outside(bundle, outside)
     archive = tmp_path / "b.tar.gz"
-    with pytest.raises(ExtraFile, match=_link_message("stage1.onnx")):
+    with pytest.raises(ExtraFile, match=re.escape(_link_message("stage1.onnx"))):
         pack(bundle, archive)
     assert not archive.exists()
 
