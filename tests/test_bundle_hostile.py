@@ -186,7 +186,9 @@ def test_too_many_entries_and_too_deep_are_refused(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=f"holds more than {MAX_ENTRIES} files and directories"):
         plain_tree(wide)
     deep = tmp_path / "deep"
-    (deep / "/".join(["d"] * (MAX_DEPTH + 1))).mkdir(parents=True)
+    (deep / "/".join(["d"] * MAX_DEPTH)).mkdir(parents=True)
+    assert len(plain_tree(deep).dirs) == MAX_DEPTH
+    (deep / "/".join(["d"] * (MAX_DEPTH + 1))).mkdir()
     with pytest.raises(BundleError, match=f"nested more than {MAX_DEPTH} levels deep"):
         copy_tree(deep, tmp_path / "staged")
     assert not (tmp_path / "staged").exists()

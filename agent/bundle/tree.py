@@ -94,7 +94,7 @@ def _walk(root: Path) -> Generator[_Entry, None, None]:
             if entry.is_symlink():
                 raise link_refused(root, name)
             if entry.is_dir(follow_symlinks=False):
-                if len(stack) >= MAX_DEPTH:
+                if len(stack) > MAX_DEPTH:
                     raise BundleError(root, f"{name} is nested more than {MAX_DEPTH} levels deep")
                 yield _Entry(name, True, fd, entry.name, 0)
                 child = _open_child_dir(root, fd, entry.name, name)
