@@ -2,12 +2,16 @@
 
 A malformed or unknown command is answered with ok=false naming the problem, under its
 correlation id when that can be read and under `UNCORRELATED_ID` when not; nothing here
-raises into the agent's loop.
+raises into the agent's loop. A command whose id was already answered is not run again: the
+reply it got is sent again from memory (`ReplyMemory`). A command that arrives retained is
+never run nor answered (`ignore_retained`): commands are never retained, so it is a stale
+message left on the broker, or a forgery, that would otherwise run again at every reconnect.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 from typing import Protocol
@@ -32,6 +36,7 @@ from edgefleet.agent.protocol import (
     encode,
     peek_command_id,
 )
+from edgefleet.agent.reply_memory import ReplyMemory
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,10 @@ class CommandHandler:
         self.device_id = device_id
         self.target = target
         self.rejected = 0
+        self.repeated = 0  # commands whose id was already answered: replied from memory
+        self.retained = 0  # retained commands ignored
+        self.memory = ReplyMemory()
+        self._retained_seen: dict[str, str] = {}  # topic -> digest of the last one reported
 
     def _reply(
         self,
@@ -83,7 +92,52 @@ class CommandHandler:
 
     def answer(self, topic: str, payload: bytes) -> tuple[Reply, bytes]:
         """The reply and its encoded bytes (encoded once: a snapshot's are ~1 MiB)."""
-        reply, cmd = self._handle(topic, payload)
+        decoded = decode(Command, payload, topic=topic)
+        if isinstance(decoded, Command) and decoded.id in self.memory:
+            return self._repeat(decoded.id, topic)
+        reply, data = self._answer(topic, payload, decoded)
+        if isinstance(decoded, Command):  # one that could not be decoded ran nothing
+            self.memory.remember(decoded.id, data)
+        return reply, data
+
+    def ignore_retained(self, topic: str, payload: bytes) -> str | None:
+        """Count a command that arrived retained; a line to report when it is a new one.
+
+        The broker keeps at most one retained message per topic and sends it again at every
+        subscription, so only a payload other than the last one reported on its topic is
+        news; the memory is one digest per command topic.
+        """
+        self.retained += 1
+        cid = peek_command_id(payload) or UNCORRELATED_ID
+        digest = hashlib.sha256(payload).hexdigest()
+        if self._retained_seen.get(topic) == digest:
+            log.debug("ignored retained command %s on %s again", cid, topic)
+            return None
+        self._retained_seen[topic] = digest
+        line = (
+            f"ignored retained command {cid} on {topic}: commands are never retained "
+            "(clear it with an empty retained message on that topic)"
+        )
+        log.warning("%s", line)
+        return line
+
+    def _repeat(self, cid: str, topic: str) -> tuple[Reply, bytes]:
+        """The reply already sent for cid; a refusal when its bytes were let go."""
+        self.repeated += 1
+        data = self.memory.get(cid)
+        if data is not None:
+            log.info("command %s on %s repeated: sending its reply again", cid, topic)
+            reply = decode(Reply, data)
+            if isinstance(reply, Reply):
+                return reply, data
+        log.info("command %s on %s repeated: its reply is no longer kept", cid, topic)
+        refusal = self._reply(cid, False, "command id already answered; not run again")
+        return refusal, encode(refusal)
+
+    def _answer(
+        self, topic: str, payload: bytes, decoded: Command | ProtocolError
+    ) -> tuple[Reply, bytes]:
+        reply, cmd = self._handle(topic, payload, decoded)
         try:
             return reply, encode(reply)
         except PayloadTooLargeError as exc:
@@ -96,9 +150,10 @@ class CommandHandler:
             refusal = self._reply(reply.id, False, f"{name}: {exc}{hint}"[:1000])
             return refusal, encode(refusal)
 
-    def _handle(self, topic: str, payload: bytes) -> tuple[Reply, Command | None]:
+    def _handle(
+        self, topic: str, payload: bytes, decoded: Command | ProtocolError
+    ) -> tuple[Reply, Command | None]:
         """The reply, and the command when one could be decoded."""
-        decoded = decode(Command, payload, topic=topic)
         if isinstance(decoded, ProtocolError):
             self.rejected += 1
             cid = peek_command_id(payload) or UNCORRELATED_ID

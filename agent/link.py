@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgefleet.agent.config import MqttConfig, TlsConfig
 from edgefleet.agent.outbox import Outbox
@@ -35,7 +36,6 @@ TAKEOVER_BACKOFF_S = 300  # how long a device whose session was taken over stays
 # one the reconnect wait doubles (up to TAKEOVER_BACKOFF_S) instead of starting again at 1 s.
 SHORT_CONNECTION_S = 30.0
 MAX_INFLIGHT = 64
-
 
 
 class TlsSetupError(ValueError):
@@ -89,7 +89,8 @@ class Link:
         self.outbox = outbox
         self.birth = birth
         self.on_event = on_event or (lambda kind, msg, details: None)
-        self.commands: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=256)
+        # (topic, payload, retained): the loop ignores a command that arrived retained.
+        self.commands: queue.Queue[tuple[str, bytes, bool]] = queue.Queue(maxsize=256)
         self.connected = threading.Event()
         self.takeovers = 0
         self.short_drops = 0  # broker-dropped connections in a row that lasted < 30 s
@@ -226,9 +227,13 @@ class Link:
             self._early_acks.clear()
         status = self.tree.device(self.device_id, "status")
         client.publish(status, encode(self.birth()), qos=1, retain=True)
-        subs = [(self.tree.device(self.device_id, "cmd"), 1)]
+        # retainAsPublished: a command published retained keeps its retain flag on the way to
+        # us too, not only when the broker replays it at subscription, so the agent can refuse
+        # every retained command, live or stale (docs/protocol.md, "Correlation ids").
+        opts = SubscribeOptions(qos=1, retainAsPublished=True)
+        subs = [(self.tree.device(self.device_id, "cmd"), opts)]
         if self.group:
-            subs.append((self.tree.group_cmd(self.group), 1))
+            subs.append((self.tree.group_cmd(self.group), opts))
         client.subscribe(subs)
         self._connected_at = time.monotonic()
         self.connected.set()
@@ -311,6 +316,6 @@ class Link:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.commands.put_nowait((msg.topic, bytes(msg.payload)))
+            self.commands.put_nowait((msg.topic, bytes(msg.payload), bool(msg.retain)))
         except queue.Full:
             log.warning("command queue full; dropping command on %s", msg.topic)

@@ -199,6 +199,20 @@ class Outbox:
             self._meta[key] = value + 1
         return value
 
+    def counter(self, name: str) -> int:
+        """A persisted counter of the caller's (0 until first raised)."""
+        with self._lock:
+            return self._meta.get(f"counter/{name}", 0)
+
+    def raise_counter(self, name: str, value: int) -> None:
+        """Persist counter name as value; counters only grow, so a lower value is ignored."""
+        key = f"counter/{name}"
+        with self._lock:
+            if value <= self._meta.get(key, 0):
+                return
+            self._txn(lambda c: _set_meta(c, {key: value}))
+            self._meta[key] = value
+
     # depth() and size_bytes() skip the lock: reading one int is atomic in CPython.
     def depth(self) -> int:
         """Messages waiting."""

@@ -29,6 +29,7 @@ from edgefleet.agent.governor import Governor
 from edgefleet.agent.hardware import describe
 from edgefleet.agent.link import Link, TlsSetupError
 from edgefleet.agent.outbox import Outbox
+from edgefleet.agent.overflow import OverflowReporter
 from edgefleet.agent.power import PowerMeter, detect, detect_temperature
 from edgefleet.agent.protocol import Event, Result, Status, Telemetry, encode
 from edgefleet.agent.runtime.preprocess import FrameError, Preprocessor
@@ -42,6 +43,7 @@ EXIT_OK, EXIT_CONFIG, EXIT_LOCKED = 0, 2, 3
 LOAD_TIMEOUT_S = 600.0  # start-up time asked for while the bundle loads and warms up
 FIRST_FRAME_EXTEND_S = 60.0  # asked for again and again until the first frame arrives
 SHUTDOWN_BUDGET_S = 3.5  # from leaving the loop to exit; the loop itself leaves within 0.5 s
+OVERFLOW_REPORTED = "overflow_reported"  # outbox counter: drops covered by an event so far
 
 
 class AgentError(Exception):
@@ -119,7 +121,9 @@ class Agent:
             max_messages=cfg.outbox.max_messages,
             max_bytes=cfg.outbox.max_bytes,
         )
-        self._overflow_at_start = self.outbox.overflow().total
+        # The count already reported survives restarts with the drop counts themselves, so
+        # drops a killed agent had not reported yet are reported by the next one.
+        self.overflow_reporter = OverflowReporter(self.outbox.counter(OVERFLOW_REPORTED))
         n_points = max(1, len(m.operating_points))
         self.governor = Governor(cfg.governor, n_points, m.default_operating_point)
         self.operating_point = m.default_operating_point
@@ -176,7 +180,7 @@ class Agent:
             "error"
             if kind in ("error", "rollback")
             else "warning"
-            if kind.endswith("lost")
+            if kind.endswith("lost") or kind == "outbox_overflow"
             else "info"
         )
         ev = Event(
@@ -278,7 +282,7 @@ class Agent:
         self.event("started", f"agent {__version__} running {m.model_id} v{m.version}")
         window = self._new_window()
         window_t0 = time.monotonic()
-        next_power = 0.0
+        next_power = next_overflow_check = 0.0
         ready = False
         next_extend = 0.0
         while not self.stop.is_set():
@@ -306,6 +310,9 @@ class Agent:
             if now >= next_power and self.power_reader is not None:
                 self.power.add(self.power_reader.sample())
                 next_power = now + 1.0
+            if now >= next_overflow_check:
+                self._report_overflow(now)
+                next_overflow_check = now + 1.0
             if now - window_t0 >= self.interval_s:
                 self._close_window(window, now - window_t0)
                 window_t0 = now
@@ -385,12 +392,29 @@ class Agent:
         )
         self.link.publish_result(encode(result))
 
+    def _report_overflow(self, now: float) -> None:
+        """An `outbox_overflow` event for drops not yet reported, as the rate limit allows."""
+        report = self.overflow_reporter.check(self.outbox.overflow().by_kind, now)
+        if report is None:
+            return
+        log.warning("device %s: %s", self.cfg.device_id, report.message)
+        # Counted as reported before the event is queued: the event itself may make the
+        # outbox drop a window, which the next report then covers.
+        self.outbox.raise_counter(OVERFLOW_REPORTED, self.overflow_reporter.reported_total)
+        self.event("outbox_overflow", report.message, dict(report.details))
+
     def _handle_commands(self) -> None:
         while True:
             try:
-                topic, payload = self.link.commands.get_nowait()
+                topic, payload, retained = self.link.commands.get_nowait()
             except Exception:  # queue.Empty
                 return
+            if retained:
+                line = self.commands.ignore_retained(topic, payload)
+                if line is not None:
+                    details = {"reason": "retained_command", "topic": topic[:1000]}
+                    self.event("error", line, {**details, "ignored": self.commands.retained})
+                continue
             _reply, data = self.commands.answer(topic, payload)
             self.link.send("reply", data)
 
@@ -417,7 +441,9 @@ class Agent:
             power_source=power.source if power.power_w is not None else "none",
             energy_per_frame_mj=power.energy_per_frame_mj,
             outbox_depth=self.outbox.depth(),
-            outbox_overflow=self.outbox.overflow().total - self._overflow_at_start,
+            # Windows dropped over the outbox file's life, persisted like seq: what the
+            # coordinator needs to tell dropped windows from lost ones.
+            outbox_overflow=self.outbox.overflow().by_kind.get("telemetry", 0),
             model_id=m.model_id,
             model_version=m.version,
         )

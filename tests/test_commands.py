@@ -11,7 +11,8 @@ from pydantic import JsonValue
 
 from edgefleet.agent.commands import CommandHandler
 from edgefleet.agent.protocol import UNCORRELATED_ID, Command, Ping, Snapshot, encode
-from edgefleet.agent.protocol.commands import SetThresholds
+from edgefleet.agent.protocol.commands import SetOperatingPoint, SetThresholds
+from edgefleet.agent.reply_memory import ReplyMemory
 
 
 class Target:
@@ -70,3 +71,68 @@ def test_a_snapshot_too_large_to_send_is_refused_with_a_hint(handler: CommandHan
     encode(reply)  # the refusal itself fits
     small = handler.handle("t/cmd", _cmd("c-ok", Ping()))
     assert small.ok
+
+
+class CountingTarget(Target):
+    """Counts how often each command really ran."""
+
+    def __init__(self, frame: np.ndarray) -> None:
+        super().__init__(frame)
+        self.moves = 0
+
+    def set_operating_point(self, index: int, pin: bool) -> dict[str, JsonValue]:
+        self.moves += 1
+        return {"index": index, "run": self.moves}
+
+
+def test_a_repeated_id_gets_the_same_reply_and_does_not_run_again() -> None:
+    target = CountingTarget(np.zeros((8, 8, 3), np.uint8))
+    handler = CommandHandler("pi-1", target)
+    payload = _cmd("c-move", SetOperatingPoint(index=1))
+    first, first_bytes = handler.answer("t/cmd", payload)
+    again, again_bytes = handler.answer("t/cmd", payload)
+    assert target.moves == 1 and handler.repeated == 1
+    assert again_bytes == first_bytes and again == first and first.ok
+    # Another command under the same id is not run either: the id was answered.
+    other, _ = handler.answer("t/cmd", _cmd("c-move", SetOperatingPoint(index=2)))
+    assert target.moves == 1 and other == first
+    # A new id runs.
+    assert handler.handle("t/cmd", _cmd("c-next", SetOperatingPoint(index=2))).ok
+    assert target.moves == 2
+
+
+def test_an_undecodable_command_is_not_remembered(handler: CommandHandler) -> None:
+    bad = b'{"v": 1, "id": "c-x", "ts": "yesterday", "command": {"name": "ping"}}'
+    assert not handler.handle("t/cmd", bad).ok
+    # The id was refused, not answered: the real command under it still runs.
+    assert handler.handle("t/cmd", _cmd("c-x", Ping())).ok and handler.repeated == 0
+
+
+def test_an_id_whose_reply_was_let_go_is_refused_not_run_again() -> None:
+    target = CountingTarget(np.zeros((8, 8, 3), np.uint8))
+    handler = CommandHandler("pi-1", target)
+    handler.memory = ReplyMemory(max_ids=4, max_bytes=0)  # ids kept, reply bytes never
+    payload = _cmd("c-move", SetOperatingPoint(index=1))
+    assert handler.handle("t/cmd", payload).ok
+    again = handler.handle("t/cmd", payload)
+    assert not again.ok and "already answered" in (again.error or "") and target.moves == 1
+
+
+def test_reply_memory_is_bounded_in_ids_and_bytes() -> None:
+    memory = ReplyMemory(max_ids=3, max_bytes=10)
+    for i in range(5):
+        memory.remember(f"c{i}", b"abcd")
+    assert len(memory) == 3 and "c1" not in memory and "c2" in memory
+    # 3 x 4 bytes is over 10: the oldest bytes go first, the id stays known.
+    assert memory.get("c2") is None and memory.get("c4") == b"abcd"
+    assert memory.size_bytes == 8
+
+
+def test_a_retained_command_is_reported_once_per_payload(handler: CommandHandler) -> None:
+    stale = _cmd("c-stale", Ping())
+    first = handler.ignore_retained("t/dev/pi-1/cmd", stale)
+    assert first is not None and "c-stale" in first and "t/dev/pi-1/cmd" in first
+    # The broker sends it again at every subscription: counted, not reported again.
+    assert handler.ignore_retained("t/dev/pi-1/cmd", stale) is None
+    assert handler.ignore_retained("t/dev/pi-1/cmd", _cmd("c-other", Ping())) is not None
+    assert handler.retained == 3 and handler.repeated == 0
