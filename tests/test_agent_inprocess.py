@@ -128,3 +128,39 @@ def test_a_bundle_signed_by_another_key_is_refused_and_the_old_one_keeps_running
     with pytest.raises(RuntimeError, match="refusing to run"):
         agent.reload_bundle()
     assert agent.model.manifest.version == 3
+
+
+def test_overflow_reports_resume_after_a_restart_where_they_left_off(
+    tmp_path: Path, mqtt_broker: MosquittoBroker
+) -> None:
+    bundle, key = reference_bundle(tmp_path)
+    cfg = write_config(
+        tmp_path, device_id="pi-over", broker=mqtt_broker, topic_root="t/edgefleet/v1",
+        bundle=bundle, key=key, extra="[outbox]\nmax_messages = 10\n",
+    )  # fmt: skip
+
+    def fill(agent: Agent, n: int) -> None:
+        for i in range(n):
+            agent.link.send("telemetry", f"w{i}".encode())
+
+    def reports(agent: Agent) -> list[Event]:
+        return [e for e in _events(agent) if e.kind == "outbox_overflow"]
+
+    agent = Agent(load_config(cfg), threading.Event())
+    try:
+        fill(agent, 13)  # 3 windows dropped
+        agent._report_overflow(0.0)
+        fill(agent, 2)  # 2 more (the event itself took the place of a third)
+        agent._report_overflow(1.0)  # within the minute: not reported yet
+        assert [e.details["dropped"] for e in reports(agent)] == [3]
+    finally:
+        agent.outbox.close()
+    agent = Agent(load_config(cfg), threading.Event())  # the killed agent's successor
+    try:
+        agent._report_overflow(0.0)
+        report = reports(agent)[-1]
+        # Only what the first process had not reported: its 2 drops and the one its event made.
+        assert report.details["dropped"] == 3 and report.details["total"] == 6
+        assert report.level == "warning"
+    finally:
+        agent.outbox.close()
