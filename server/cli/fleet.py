@@ -117,6 +117,14 @@ def _ago(ts: float) -> str:
     return f"{s / 3600:.0f}h ago"
 
 
+def _clock(ts: float, fmt: str) -> str:
+    """ts as local time, or the raw number when no calendar holds it (issue 12: 1e308)."""
+    try:
+        return time.strftime(fmt, time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"t={ts:.6g}"
+
+
 def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
@@ -203,7 +211,7 @@ def _show_text(d: DeviceDetail) -> str:
             t = w.telemetry
             rows.append([
                 str(w.seq),
-                time.strftime("%H:%M:%S", time.localtime(t.window_end)),
+                _clock(t.window_end, "%H:%M:%S"),
                 f"{t.fps:.1f}",
                 f"{t.latency_ms.p50:.1f}",
                 f"{t.latency_ms.p95:.1f}",
@@ -219,7 +227,7 @@ def _show_text(d: DeviceDetail) -> str:
         lines.append("")
         for e in d.events:
             ev = e.event
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.ts))
+            stamp = _clock(ev.ts, "%Y-%m-%d %H:%M:%S")
             lines.append(f"{stamp}  #{ev.seq} {ev.level:<7} {ev.kind}: {ev.message}")
     return "\n".join(lines)
 

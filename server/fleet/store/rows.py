@@ -6,7 +6,11 @@ a row from either is a plain sequence of Python values.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from edgefleet.agent.protocol import Reply, Status, Telemetry
 from edgefleet.server.fleet.store.base import (
@@ -17,6 +21,29 @@ from edgefleet.server.fleet.store.base import (
 )
 from edgefleet.server.fleet.store.logic import missing
 from edgefleet.server.fleet.store.rollup import rollup_record
+
+log = logging.getLogger(__name__)
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def stored(model: type[_M], text: object, where: str) -> _M | None:
+    """A stored payload validated again, or None when today's protocol refuses it.
+
+    Rows written before the protocol bounded a field (issue 12: a window_end of 1e308) must
+    not make every read of the device fail; such a row is left out of what is shown.
+    """
+    try:
+        return model.model_validate_json(str(text))
+    except ValidationError as exc:
+        log.warning(
+            "stored %s of %s no longer validates, left out: %s",
+            model.__name__,
+            where,
+            exc.errors(include_url=False, include_input=False)[:1],
+        )
+        return None
+
 
 # Column order of device rows as both backends select them for device_record().
 DEVICE_COLUMNS = (
@@ -49,9 +76,9 @@ def device_record(row: Sequence[object]) -> DeviceRecord:
         online=bool(online),
         first_seen=registered if first_seen is None else _float(first_seen),
         last_seen=registered if last_seen is None else _float(last_seen),
-        status=None if status_json is None else Status.model_validate_json(str(status_json)),
+        status=None if status_json is None else stored(Status, status_json, str(device_id)),
         last_telemetry=(
-            None if telemetry_json is None else Telemetry.model_validate_json(str(telemetry_json))
+            None if telemetry_json is None else stored(Telemetry, telemetry_json, str(device_id))
         ),
         id_conflicts=_int(conflicts),
     )

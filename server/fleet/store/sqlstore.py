@@ -165,8 +165,9 @@ class SqlStore(Store):
             (device_id, limit),
         )
         return [
-            TelemetryRecord(str(d), int(s), float(t), Telemetry.model_validate_json(p))
+            TelemetryRecord(str(d), int(s), float(t), m)
             for d, s, t, p in found
+            if (m := rows.stored(Telemetry, p, f"{d} seq {s}")) is not None
         ]
 
     def rollups(self, device_id: str, since: float = 0.0) -> list[RollupRecord]:
@@ -188,8 +189,9 @@ class SqlStore(Store):
                 f"{select} WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)
             )
         return [
-            EventRecord(str(d), int(s), float(t), Event.model_validate_json(p))
+            EventRecord(str(d), int(s), float(t), m)
             for d, s, t, p in found
+            if (m := rows.stored(Event, p, f"{d} event {s}")) is not None
         ]
 
     def commands(self, limit: int = 100) -> list[CommandRecord]:
@@ -205,7 +207,9 @@ class SqlStore(Store):
                 "ORDER BY command_id, device_id",
                 (sql.as_list([c[0] for c in listed]),),
             ):
-                replies.setdefault(str(command_id), []).append(Reply.model_validate_json(payload))
+                reply = rows.stored(Reply, payload, f"command {command_id}")
+                if reply is not None:
+                    replies.setdefault(str(command_id), []).append(reply)
             return listed, replies
 
         found, replies = self._run(read, write=False)
