@@ -69,7 +69,8 @@ ensure_venv() {
     local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     if [ "${EDGEFLEET_LATEST:-0}" = 1 ]; then
         say "installing edgefleet[$EXTRAS] with the NEWEST releases into $VENV"
-        "${pip[@]}" --upgrade pip
+        # setuptools and wheel too: the packaging test builds a wheel without build isolation.
+        "${pip[@]}" --upgrade pip setuptools wheel
         "${pip[@]}" --upgrade --upgrade-strategy eager -e "$EDGEFLEET_ROOT[$EXTRAS]"
     else
         say "installing edgefleet[$EXTRAS] at the versions of deploy/lock/all.txt into $VENV" \
