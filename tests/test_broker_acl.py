@@ -172,11 +172,7 @@ def test_an_agent_reports_over_tls_with_its_provisioned_credential(
     assert rc == 0
     bundle, key = reference_bundle(tmp_path / "a")
     cfg = write_config(tmp_path / "a", device_id="cam-01", broker=fleet.broker, bundle=bundle,
-                       key=key, extra=f'[mqtt.tls]\nca = "{fleet.ids.ca}"\n')  # fmt: skip
-    text = cfg.read_text().replace(
-        f"port = {fleet.broker.port}\n", f'port = {fleet.broker.tls_port}\nusername = "cam-01"\n'
-    )
-    cfg.write_text(text)
+                       key=key, username="cam-01", tls_ca=fleet.ids.ca)  # fmt: skip
     coord = fleet.coordinator()
     coord.subscribe(TREE.all_devices("telemetry"))
     # The password reaches the agent the way systemd's LoadCredential= hands it over.

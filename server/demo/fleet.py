@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
 from edgefleet.server.fleet.simulate import SimConfig, Simulator
 from edgefleet.server.fleet.store.base import Store
 from edgefleet.server.fleet.views import DeviceView
+from edgefleet.server.identity import IdentityDir
 from edgefleet.server.keystore import FleetKey
 from edgefleet.server.local.agents import AgentProcess, write_config
 from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.identities import LocalIdentities
 from edgefleet.server.local.waiting import WaitTimeout, poll_until
 from edgefleet.server.reference import VIDEO_PATH
 
@@ -33,6 +35,7 @@ STOP_TIMEOUT_S = 10  # systemd's TimeoutStopSec in the agent's unit
 SETTLE_TIMEOUT_S = 30  # for the last messages to arrive and the offline statuses to show
 PING_TIMEOUT_S = 10
 SHOWN_OTHERS = 4  # simulated devices shown in the fleet view, after the real agents
+COORDINATOR_ID = "demo-coordinator"  # its broker username, hence (the broker says) its client id
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,16 @@ class _Agents:
         self.ids = ids
         self.logs = {i: out / f"{i}.log" for i in ids}
         self.procs: dict[str, AgentProcess] = {}
+        self.cred_dirs: dict[str, Path] = {}
+        self.ca: Path | None = None
+
+    def provision(self, creds: LocalIdentities) -> None:
+        """Give each agent its own credential; before the broker starts, which reads them."""
+        self.cred_dirs = {i: creds.agent(i, self.out / i / "credentials") for i in self.ids}
+        self.ca = creds.ids.ca
 
     def start(self, bundle: Path, key: FleetKey, broker: MosquittoBroker) -> None:
-        """Start one agent per id, each with the shipped video as its camera."""
+        """Start one agent per id, the shipped video its camera, its own credential over TLS."""
         for i in self.ids:
             config = write_config(
                 self.out / i,
@@ -80,8 +90,11 @@ class _Agents:
                 key=key,
                 video=VIDEO_PATH,
                 interval_s=INTERVAL_S,
+                username=i,
+                tls_ca=self.ca,
             )
-            self.procs[i] = AgentProcess(config, self.logs[i])
+            env = {"CREDENTIALS_DIRECTORY": str(self.cred_dirs[i])}  # systemd's LoadCredential=
+            self.procs[i] = AgentProcess(config, self.logs[i], env=env)
 
     def exited(self) -> dict[str, int]:
         """The agents that have ended, with their exit status."""
@@ -119,12 +132,20 @@ def run_fleet(
     Raises StepFailed (after recording the check) when the fleet cannot go on.
     """
     out.mkdir(parents=True, exist_ok=True)
-    broker = MosquittoBroker(out / "broker")
+    # The shipped broker configuration (TLS, a password per client, the ACL, no anonymous).
+    creds = LocalIdentities(IdentityDir(out / "identity"))
+    broker = MosquittoBroker(out / "broker", identity=creds.ids)
     token = secrets.token_hex(16)
     coordinator = Coordinator(
         CoordinatorConfig(
             store=f"sqlite:///{out / 'coordinator.db'}",
-            mqtt=IngestConfig(host=broker.host, port=broker.port, client_id="demo-coordinator"),
+            mqtt=IngestConfig(
+                host=broker.host,
+                port=broker.port,  # the loopback listener: a password, no TLS (same host)
+                client_id=COORDINATOR_ID,
+                username=COORDINATOR_ID,
+                password=creds.coordinator(COORDINATOR_ID),
+            ),
             http_port=0,
             token=token,
         )
@@ -137,14 +158,19 @@ def run_fleet(
         prefix="sim-cam",
         group="simulated",
     )
+    sim_cfg = replace(sim_cfg, passwords=creds.devices(sim_cfg.device_ids(), sim_cfg.group))
     sim = Simulator(sim_cfg)
     agents = _Agents(out, [f"demo-pi-{i + 1}" for i in range(plan.agents)])
+    agents.provision(creds)
     coordinator_started = False
     try:
         broker.start()
         coordinator.start()
         coordinator_started = True
-        story.say(f"MQTT broker (mosquitto) on {broker.host}:{broker.port}")
+        story.say(
+            f"MQTT broker (mosquitto) with the shipped config: devices on TLS port "
+            f"{broker.tls_port}, each with its own password; no anonymous clients"
+        )
         story.say(f"coordinator (registry, telemetry, commands) with its API on {coordinator.url}")
         connected = coordinator.ingestor.wait_connected(10)
         checks.require(

@@ -39,6 +39,8 @@ def write_config(
     fps: float = 30,
     interval_s: float = 1.0,
     warmup_runs: int | None = None,
+    username: str | None = None,
+    tls_ca: Path | None = None,
     extra: str = "",
 ) -> Path:
     """Write root/agent.toml for a local agent and return its path.
@@ -46,6 +48,8 @@ def write_config(
     video None: a private copy of the reference video in root (a test may delete or replace
     it). realtime False replays the file as fast as the agent takes frames (fps unused).
     topic_root None keeps the agent's default; extra is appended as further TOML sections.
+    tls_ca: connect to the broker's TLS listener trusting this CA (its secure profile); the
+    password, if any, goes where systemd would put it (AgentProcess env CREDENTIALS_DIRECTORY).
     """
     root.mkdir(parents=True, exist_ok=True)
     if video is None:
@@ -54,6 +58,13 @@ def write_config(
     pacing = f"fps = {fps:g}\n" if realtime else "realtime = false\n"
     topic = f'topic_root = "{topic_root}"\n' if topic_root is not None else ""
     warmup = f"warmup_runs = {warmup_runs}\n" if warmup_runs is not None else ""
+    port = broker.port
+    if tls_ca is not None:
+        if broker.tls_port is None:
+            raise ValueError("tls_ca needs a broker with a TLS listener")
+        port = broker.tls_port
+        extra = f'{extra}\n[mqtt.tls]\nca = "{tls_ca}"\n'
+    user = f'username = "{username}"\n' if username is not None else ""
     path = root / "agent.toml"
     path.write_text(
         f'device_id = "{device_id}"\n'
@@ -64,7 +75,7 @@ def write_config(
         "[model]\n"
         f'bundle = "{bundle}"\ntrusted_keys = ["{key.public_path}"]\nthreads = 1\n{warmup}'
         "[mqtt]\n"
-        f'host = "{broker.host}"\nport = {broker.port}\n{topic}'
+        f'host = "{broker.host}"\nport = {port}\n{user}{topic}'
         "keepalive_s = 5\n"
         "[telemetry]\n"
         f"interval_s = {interval_s:g}\n"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from edgefleet.agent.protocol import TopicTree, check_id
 
@@ -23,6 +24,9 @@ class SimConfig:
     first_index: int = 0  # device ids start at {prefix}-{first_index:05d}; set per process
     connect_rate: float = 400.0  # new connections per second, so the broker is not flooded
     seed: int | None = None  # for reproducible telemetry values
+    # device id -> broker password, the username being the device id (docs/security.md);
+    # None: connect without credentials (a broker with anonymous access).
+    passwords: Mapping[str, str] | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.devices < 1:

@@ -79,6 +79,8 @@ class Sessions:
             userdata=dev,
         )
         client.connect_timeout = CONNECT_TIMEOUT_S
+        if self.cfg.passwords is not None:
+            client.username_pw_set(dev.device_id, self.cfg.passwords[dev.device_id])
         client.max_inflight_messages_set(0)  # we limit in-flight ourselves (MAX_INFLIGHT)
         # The will is exactly this connection's birth with online=False (agent/link.py).
         birth = dev.session_birth = dev.birth()
