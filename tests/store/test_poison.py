@@ -8,16 +8,19 @@ behind the decoder's back (model_construct), as a future field without bounds wo
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import psycopg
 import pytest
 
-from edgefleet.agent.protocol import Event, Telemetry
+from edgefleet.agent.protocol import Event, Telemetry, TopicTree, encode
 from edgefleet.server.fleet.store import IngestBatch, SqliteStore, Store, open_store
 from edgefleet.server.fleet.store.base import EventIn, TelemetryIn
 from edgefleet.server.fleet.store.errors import StoreRefused, StoreUnavailable
 from edgefleet.server.fleet.store.isolate import IsolationStopped, Item, ingest_isolating
+from edgefleet.server.fleet.writer import Decoder, RawMessage, write_batch
+from tests import protocol_samples as samples
 from tests.store.backends import Backend
 from tests.store.payloads import T0, event, status, telemetry
 
@@ -28,12 +31,12 @@ def poisoned_telemetry(device_id: str, seq: int, **changes: object) -> Telemetry
     """A window whose fields were never validated (raw=None: the store serializes it)."""
     good = telemetry(device_id, 0, T0).telemetry
     fields = {**dict(good), "seq": seq, **changes}
-    return TelemetryIn(T0, Telemetry.model_construct(**fields))  # type: ignore[arg-type]
+    return TelemetryIn(T0, Telemetry.model_construct(**fields))
 
 
 def poisoned_event(device_id: str, seq: int) -> EventIn:
     good = event(device_id, 0, T0).event
-    return EventIn(T0, Event.model_construct(**{**dict(good), "seq": seq}))  # type: ignore[arg-type]
+    return EventIn(T0, Event.model_construct(**{**dict(good), "seq": seq}))
 
 
 def test_an_out_of_range_seq_is_refused_for_good_not_an_outage(store: Store) -> None:
@@ -110,3 +113,25 @@ def _impatient(backend: Backend) -> Store:
     if backend.name == "sqlite":
         return SqliteStore(backend.url[len("sqlite://") :], busy_timeout_s=0.05)
     return open_store(backend.url + " options='-c lock_timeout=100'")
+
+
+def test_the_poison_of_issue_12_is_rejected_at_decode_and_the_rest_stored(store: Store) -> None:
+    root = "edgefleet/v1"
+    tree = TopicTree(root)
+    poison = json.loads(encode(samples.telemetry("poison-dev", 1)))
+    raws: list[RawMessage] = []
+    for field in ("seq", "outbox_overflow"):
+        raws.append((tree.device("poison-dev", "telemetry"), _with(poison, field, 2**63), T0))
+    ev = json.loads(encode(samples.event().model_copy(update={"device_id": "poison-dev"})))
+    raws.append((tree.device("poison-dev", "events"), _with(ev, "seq", 2**63), T0))
+    raws += [
+        (tree.device(f"pi-{i}", "telemetry"), encode(samples.telemetry(f"pi-{i}", i)), T0)
+        for i in range(13)
+    ]
+    written = write_batch(Decoder(root), store, raws, registration_open=True)
+    assert written.rejects == ["invalid_payload"] * 3
+    assert written.outcome.telemetry_inserted == 13 and store.telemetry_count() == 13
+
+
+def _with(obj: dict[str, object], field: str, value: object) -> bytes:
+    return json.dumps({**obj, field: value}).encode()
