@@ -24,7 +24,7 @@ from edgefleet.server.identity import IdentityDir
 from edgefleet.server.keystore import FleetKey
 from edgefleet.server.local.agents import AgentProcess, write_config
 from edgefleet.server.local.broker import MosquittoBroker
-from edgefleet.server.local.identities import LocalIdentities
+from edgefleet.server.local.identities import LocalIdentities, anonymous_answer
 from edgefleet.server.local.waiting import WaitTimeout, poll_until
 from edgefleet.server.reference import VIDEO_PATH
 
@@ -177,6 +177,10 @@ def run_fleet(
             "coordinator connected to the broker",
             connected,
             f"{broker.host}:{broker.port}" if connected else "no connection within 10 s",
+        )
+        answer = anonymous_answer(broker.host, broker.port)
+        checks.check(
+            "broker refuses an anonymous client", answer == "Not authorized", f"CONNACK: {answer}"
         )
         agents.start(bundle, key, broker)
         sim.start()

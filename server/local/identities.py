@@ -6,8 +6,12 @@ The demo's coordinator, real agents and simulated devices each get their own ide
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.agent.config import CREDENTIAL_FILES
 from edgefleet.server.identity import IdentityDir
@@ -43,3 +47,26 @@ class LocalIdentities:
     def devices(self, device_ids: Iterable[str], group: str | None = None) -> dict[str, str]:
         """Device identities for simulated devices: device id -> password."""
         return {d: self._issue(d, group=group) for d in device_ids}
+
+
+def anonymous_answer(host: str, port: int, timeout: float = 10.0) -> str:
+    """What the broker answers an anonymous MQTT 5 CONNECT: its CONNACK reason, in words."""
+    answered = threading.Event()
+    reason: list[str] = []
+
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+        reason.append(str(rc))
+        answered.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_connect = on_connect
+    try:
+        client.connect(host, port, keepalive=10)
+    except OSError as exc:
+        return f"no connection: {exc}"
+    client.loop_start()
+    try:
+        return reason[0] if answered.wait(timeout) else f"no CONNACK within {timeout:g} s"
+    finally:
+        client.disconnect()
+        client.loop_stop()
