@@ -152,6 +152,12 @@ def corpus(rng: random.Random, device_id: str, per_kind: int) -> list[tuple[str,
     """(kind, payload) pairs: per_kind mutations of each kind, plus raw garbage."""
     out: list[tuple[str, bytes]] = []
     for kind in DEVICE_KINDS:
+        # Every number of the message at the values that broke the stores, one at a time.
+        base = valid(kind, device_id, 0)
+        for path in paths(base)[1:]:
+            if _is_number(_at(base, path)):
+                for extreme in (2**63, 1e308, -1, _BIG_EXP):
+                    out.append((kind, to_bytes(replaced(base, path, extreme))))
         for i in range(per_kind):
             out.append((kind, mutate(valid(kind, device_id, i), rng)))
         out += [
@@ -162,3 +168,13 @@ def corpus(rng: random.Random, device_id: str, per_kind: int) -> list[tuple[str,
             (kind, b'{"v":1,"device_id":"' + device_id.encode() + b'","seq":1e999}'),
         ]
     return out
+
+
+def _at(obj: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
