@@ -148,9 +148,9 @@ def fuzzed(draw: st.DrawFn, kind: str, device_id: str, seq: int) -> bytes:
     return to_bytes(obj)
 
 
-def corpus(rng: random.Random, device_id: str, per_kind: int) -> list[tuple[str, bytes]]:
+def corpus(rng: random.Random, device_id: str, per_kind: int) -> list[tuple[DeviceKind, bytes]]:
     """(kind, payload) pairs: per_kind mutations of each kind, plus raw garbage."""
-    out: list[tuple[str, bytes]] = []
+    out: list[tuple[DeviceKind, bytes]] = []
     for kind in DEVICE_KINDS:
         # Every number of the message at the values that broke the stores, one at a time.
         base = valid(kind, device_id, 0)
