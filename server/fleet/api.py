@@ -2,20 +2,33 @@
 
 Reading the fleet is open to whoever reaches the port, like a Prometheus scrape; anything
 that changes a device (commands, group assignment) needs the bearer token. Without a
-configured token, actions are refused rather than left open.
+configured token, actions are refused rather than left open. The token and the body size
+limit are checked in front of FastAPI (http_guard.py), before a body is read; bodies are
+parsed as strict JSON and bad input of any kind is a 422 (http_json.py), never a 500.
 """
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edgefleet.agent import __version__
-from edgefleet.agent.protocol.ids import is_valid_id
+from edgefleet.agent.protocol.ids import ID_PATTERN
 from edgefleet.server.fleet.commander import Commander, UnknownTarget
+from edgefleet.server.fleet.http_guard import (
+    DEFAULT_MAX_BODY_BYTES,
+    RequestGuard,
+    bearer_refusal,
+)
+from edgefleet.server.fleet.http_json import (
+    ErrorDetail,
+    StrictJsonRoute,
+    validation_error_handler,
+)
 from edgefleet.server.fleet.ingest import IngestStats
 from edgefleet.server.fleet.metrics import render
 from edgefleet.server.fleet.store.base import Store
@@ -34,6 +47,25 @@ from edgefleet.server.fleet.views import (
 
 _bearer = HTTPBearer(auto_error=False)
 
+# Ids are checked by the schema itself, so the OpenAPI document says what is accepted and a
+# bad id is an ordinary 422 in FastAPI's shape.
+DeviceIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="A device id.")]
+GroupPath = Annotated[str, Path(pattern=ID_PATTERN, description="A group name.")]
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorDetail, "description": "Unknown device or empty group."}
+}
+_ACTION: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "Missing or wrong bearer token."},
+    403: {"model": ErrorDetail, "description": "The coordinator has no API token: no actions."},
+    413: {"model": ErrorDetail, "description": "The body is larger than the limit."},
+}
+_COMMAND: dict[int | str, dict[str, Any]] = {
+    **_ACTION,
+    **_NOT_FOUND,
+    503: {"model": ErrorDetail, "description": "No broker connection for commands."},
+}
+
 
 def create_app(
     store: Store,
@@ -41,27 +73,32 @@ def create_app(
     token: str | None,
     commander: Commander | None = None,
     stats: IngestStats | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The API over one store; commander is None when no broker connection is available."""
     app = FastAPI(
         title="edgefleet coordinator",
         version=__version__,
         description="Fleet registry, telemetry and device commands.",
+        exception_handlers={RequestValidationError: validation_error_handler},
     )
+    app.router.route_class = StrictJsonRoute
+    app.add_middleware(RequestGuard, token=token, max_body_bytes=max_body_bytes)
 
     def require_token(
-        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        request: Request,
+        _cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
-        if token is None:
-            raise HTTPException(403, "actions are disabled: the coordinator has no API token set")
-        if cred is None or not hmac.compare_digest(cred.credentials.encode(), token.encode()):
-            raise HTTPException(
-                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
+        # RequestGuard refused a wrong token before the body was read; checking again here
+        # keeps a route declared as an action closed whatever its method, and _bearer puts
+        # the bearer scheme into the OpenAPI document.
+        refusal = bearer_refusal(token, request.headers.get("authorization"))
+        if refusal is not None:
+            status, detail = refusal
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            raise HTTPException(status, detail, headers=headers)
 
     def known_device(device_id: str) -> str:
-        if not is_valid_id(device_id):
-            raise HTTPException(422, f"invalid device id {device_id!r}")
         if store.device(device_id) is None:
             raise HTTPException(404, f"unknown device {device_id!r}")
         return device_id
@@ -76,12 +113,14 @@ def create_app(
         return {"status": "ok", "schema_version": store.schema_version()}
 
     @app.get("/devices", tags=["fleet"])
-    def list_devices(group: str | None = None) -> list[DeviceView]:
+    def list_devices(
+        group: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    ) -> list[DeviceView]:
         return [DeviceView.of(d) for d in store.devices(group)]
 
-    @app.get("/devices/{device_id}", tags=["fleet"])
+    @app.get("/devices/{device_id}", tags=["fleet"], responses=_NOT_FOUND)
     def show_device(
-        device_id: str,
+        device_id: DeviceIdPath,
         windows: Annotated[int, Query(ge=0, le=1000)] = 10,
         events: Annotated[int, Query(ge=0, le=1000)] = 10,
     ) -> DeviceDetail:
@@ -95,9 +134,9 @@ def create_app(
             events=[EventView.of(e) for e in store.events(device_id, events)],
         )
 
-    @app.get("/devices/{device_id}/telemetry", tags=["fleet"])
+    @app.get("/devices/{device_id}/telemetry", tags=["fleet"], responses=_NOT_FOUND)
     def device_telemetry(
-        device_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+        device_id: DeviceIdPath, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
     ) -> list[WindowView]:
         return [WindowView.of(w) for w in store.telemetry(known_device(device_id), limit)]
 
@@ -105,53 +144,46 @@ def create_app(
     def list_groups() -> list[GroupView]:
         return [GroupView(group=g, devices=n) for g, n in sorted(store.groups().items())]
 
-    @app.get("/events", tags=["fleet"])
+    @app.get("/events", tags=["fleet"], responses=_NOT_FOUND)
     def list_events(
-        device: str | None = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+        device: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[EventView]:
         if device is not None:
             known_device(device)
         return [EventView.of(e) for e in store.events(device, limit)]
 
     @app.post("/devices", tags=["actions"], dependencies=[Depends(require_token)],
-              status_code=201)
+              status_code=201, responses=_ACTION)
     def register_device(body: Registration) -> DeviceView:
-        for value, what in ((body.device_id, "device id"), (body.group, "group name")):
-            if value is not None and not is_valid_id(value):
-                raise HTTPException(422, f"invalid {what} {value!r}")
         store.register(body.device_id, body.group)
         rec = store.device(body.device_id)
         assert rec is not None
         return DeviceView.of(rec)
 
-    @app.put(
-        "/devices/{device_id}/group", tags=["actions"], dependencies=[Depends(require_token)]
-    )
-    def assign_group(device_id: str, body: GroupAssignment) -> DeviceView:
+    @app.put("/devices/{device_id}/group", tags=["actions"],
+             dependencies=[Depends(require_token)], responses={**_ACTION, **_NOT_FOUND})
+    def assign_group(device_id: DeviceIdPath, body: GroupAssignment) -> DeviceView:
         known_device(device_id)
-        if body.group is not None and not is_valid_id(body.group):
-            raise HTTPException(422, f"invalid group name {body.group!r}")
         store.set_group(device_id, body.group)
         rec = store.device(device_id)
         assert rec is not None
         return DeviceView.of(rec)
 
-    @app.post(
-        "/devices/{device_id}/commands", tags=["actions"], dependencies=[Depends(require_token)]
-    )
-    def command_device(device_id: str, body: CommandRequest) -> CommandOutcome:
+    @app.post("/devices/{device_id}/commands", tags=["actions"],
+              dependencies=[Depends(require_token)], responses=_COMMAND)
+    def command_device(device_id: DeviceIdPath, body: CommandRequest) -> CommandOutcome:
         known_device(device_id)
         return _send(need_commander(), body, device=device_id)
 
-    @app.post("/groups/{group}/commands", tags=["actions"], dependencies=[Depends(require_token)])
-    def command_group(group: str, body: CommandRequest) -> CommandOutcome:
-        if not is_valid_id(group):
-            raise HTTPException(422, f"invalid group name {group!r}")
+    @app.post("/groups/{group}/commands", tags=["actions"],
+              dependencies=[Depends(require_token)], responses=_COMMAND)
+    def command_group(group: GroupPath, body: CommandRequest) -> CommandOutcome:
         return _send(need_commander(), body, group=group)
 
-    @app.get("/metrics", tags=["meta"])
+    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
     def metrics() -> Response:
-        return Response(render(store, stats), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render(store, stats), media_type="text/plain; version=0.0.4")
 
     return app
 

@@ -25,6 +25,22 @@ class ApiError(RuntimeError):
     """The coordinator answered with an error, or could not be reached."""
 
 
+def _error_detail(raw: bytes, reason: str) -> str:
+    """The coordinator's error in words: its detail, or each bad field of a 422."""
+    try:
+        detail = json.loads(raw).get("detail", reason)
+    except (ValueError, AttributeError):
+        return reason
+    if not isinstance(detail, list):
+        return str(detail)
+    parts = []
+    for err in detail:  # FastAPI's 422: {loc: ["body", "device_id"], msg: ...} per field
+        if isinstance(err, dict):
+            where = ".".join(str(p) for p in err.get("loc", ())[1:]) or "request"
+            parts.append(f"{where}: {err.get('msg', '?')}")
+    return "; ".join(parts) or reason
+
+
 class FleetClient:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
         self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
@@ -43,10 +59,7 @@ class FleetClient:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            try:
-                detail = json.loads(exc.read()).get("detail", exc.reason)
-            except (ValueError, AttributeError):
-                detail = exc.reason
+            detail = _error_detail(exc.read(), str(exc.reason))
             raise ApiError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise ApiError(f"cannot reach the coordinator at {self.url}: {exc}") from None

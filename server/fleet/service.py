@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgefleet.server.fleet.api import create_app
 from edgefleet.server.fleet.commander import Commander
 from edgefleet.server.fleet.gc_tuning import tune_gc
+from edgefleet.server.fleet.http_guard import DEFAULT_MAX_BODY_BYTES
 from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import RetentionPolicy, Store
@@ -30,6 +31,10 @@ class CoordinatorConfig(BaseModel):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="0 picks a free port.")
     token: str | None = Field(None, description="Bearer token for actions; None disables them.")
+    http_max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=0,
+        description="Largest HTTP request body accepted; a larger one is refused with 413.",
+    )
     loss_grace_s: float = Field(
         300.0, ge=1, description="A gap open this long after newer windows arrived is a loss."
     )
@@ -57,6 +62,7 @@ class Coordinator:
             token=self.cfg.token,
             commander=Commander(self.ingestor),
             stats=self.ingestor.stats,
+            max_body_bytes=self.cfg.http_max_body_bytes,
         )
         self.http = uvicorn.Server(
             uvicorn.Config(

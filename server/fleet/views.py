@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.agent.protocol import Event, Reply, Telemetry
 from edgefleet.agent.protocol.commands import AnyCommand
+from edgefleet.agent.protocol.ids import DeviceId, GroupName
 from edgefleet.server.fleet.store.base import (
     DeviceRecord,
     EventRecord,
@@ -140,11 +141,13 @@ class CommandOutcome(View):
 
 
 class GroupAssignment(View):
-    group: str | None = Field(description="New group, or null to remove the device from its group.")
+    group: GroupName | None = Field(
+        description="New group, or null to remove the device from its group."
+    )
 
 
 class Registration(View):
     """Body of POST /devices: admit a device before it first speaks (closed registration)."""
 
-    device_id: str
-    group: str | None = None
+    device_id: DeviceId
+    group: GroupName | None = None
