@@ -12,6 +12,7 @@ from edgefleet.server.fleet.ingest import Ingestor
 from edgefleet.server.fleet.simulate import SimConfig, Simulator
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import Store
+from edgefleet.server.fleet.store.errors import StoreRefused, StoreUnavailable
 from edgefleet.server.local.broker import MosquittoBroker
 from edgefleet.server.local.waiting import wait_until
 from tests import protocol_samples as samples
@@ -236,6 +237,46 @@ def test_a_failing_store_keeps_the_messages_until_it_recovers(
             pub.publish(tree.device("pi-7", "telemetry"), encode(samples.telemetry("pi-7", seq)))
         wait_until(lambda: store.telemetry_count() == 5, 20, "all five windows after recovery")
         assert ing.stats.store_errors == 2
+    finally:
+        pub.close()
+        ing.stop()
+        store.close()
+
+
+def test_a_refused_message_is_rejected_alone_and_an_outage_retries_only_the_rest(
+    mqtt_broker: MosquittoBroker, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Faults injected at the store boundary (issue 12): seq 3 can never be stored, and the
+    store is briefly unavailable while the batch is being split around it."""
+    tree = TopicTree(topic_prefix)
+    store = open_store(str(tmp_path / "fleet.db"))
+    real_ingest = store.ingest
+    outage = {"left": 1}
+
+    def faulty(batch, *, registration_open=True):  # type: ignore[no-untyped-def]
+        seqs = {t.telemetry.seq for t in batch.telemetry}
+        if 3 in seqs:
+            raise StoreRefused("NumericValueOutOfRange: bigint out of range (injected)")
+        if 4 in seqs and outage["left"] > 0:
+            outage["left"] -= 1
+            raise StoreUnavailable("OperationalError: database is locked (injected)")
+        return real_ingest(batch, registration_open=registration_open)
+
+    store.ingest = faulty  # type: ignore[method-assign]
+    # One batch for all six windows, so the outage comes in the middle of the bisection.
+    ing = start_ingestor(mqtt_broker, topic_prefix, store, batch_max=6, batch_wait_s=2.0)
+    pub = RawPublisher(mqtt_broker)
+    try:
+        for seq in range(6):
+            pub.publish(tree.device("pi-7", "telemetry"), encode(samples.telemetry("pi-7", seq)))
+        wait_until(lambda: store.telemetry_count() == 5, 20, "the five storable windows")
+        wait_until(lambda: ing.stats.received == 6, 10, "all six accounted for")
+        assert sorted(t.seq for t in store.telemetry("pi-7")) == [0, 1, 2, 4, 5]
+        assert ing.stats.store_errors == 1 and ing.stats.rejects["unstorable"] == 1
+        (report,) = store.sequence_reports("pi-7")
+        # What was committed before the outage was acked, not written again.
+        assert report.duplicates == 0 and ing.stats.telemetry_duplicates == 0
+        assert store.reject_counts()["unstorable"] == 1
     finally:
         pub.close()
         ing.stop()
