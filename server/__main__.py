@@ -76,6 +76,7 @@ def _run(args: argparse.Namespace) -> int:
             http_port=http_port,
             token=_read_token(args.token_file),
             loss_grace_s=args.loss_grace,
+            http_max_body_bytes=args.http_max_body,
         )
     except (ValueError, OSError) as exc:
         print(f"edgefleet-server run: error: {exc}", file=sys.stderr)
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse devices that were not registered beforehand")
     p.add_argument("--loss-grace", type=float, default=300.0,
                    help="seconds a sequence gap may stay open before it counts as lost")
+    p.add_argument("--http-max-body", type=int, default=1 << 20, metavar="BYTES",
+                   help="largest HTTP request body accepted; larger ones get 413")
     p.set_defaults(func=_run)
     return parser
 
