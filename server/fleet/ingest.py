@@ -10,6 +10,9 @@ Why it cannot lose a message:
   batch_max), so the network thread only appends to a queue and never stalls: a slow
   consumer would make mosquitto drop QoS 1 messages once max_queued_messages is reached.
   With writer_url, that work moves to a child process (see writer.py), on another core.
+* Only an unavailable store makes a batch wait (unacked, retried). A message the store refuses
+  for good is rejected alone and the rest of its batch stored (store/isolate.py), so no single
+  message, however extreme, can stop ingestion for the others (issue 12).
 
 Shared subscriptions are opt-in (share_group): mosquitto 2.0 restores a persistent session's
 plain subscriptions from its persistence file after a broker restart but not its shared ones,
