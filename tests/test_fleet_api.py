@@ -101,6 +101,7 @@ def test_metrics_and_openapi(store: Store) -> None:
     assert 'edgefleet_latency_p95_ms{group="lab-a"} 9.8' in text
     assert 'edgefleet_power_watts{group="lab-a"} 12.8' in text
     assert "edgefleet_telemetry_lost_total 0.0" in text
+    assert "edgefleet_telemetry_dropped_total 0.0" in text
     assert "edgefleet_telemetry_windows_total 9.0" in text
     spec = client.get("/openapi.json").json()
     assert {"/devices", "/devices/{device_id}", "/groups", "/events", "/metrics",

@@ -201,8 +201,8 @@ def _show_text(d: DeviceDetail) -> str:
         s = d.sequence
         lines.append(
             f"telemetry seq {s.first_seq}..{s.max_seq}: received {s.received}, "
-            f"missing {s.missing}, lost {s.lost}, duplicates {s.duplicates}, "
-            f"dropped on device {s.reported_overflow}"
+            f"missing {s.missing}, lost {s.lost}, dropped {s.dropped}, "
+            f"duplicates {s.duplicates}, device reported dropping {s.reported_overflow}"
         )
     if d.windows:
         rows = [["SEQ", "END", "FPS", "P50", "P95", "P99", "EXITS", "OP", "CPU", "POWER",

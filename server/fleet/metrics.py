@@ -68,6 +68,11 @@ class FleetCollector(Collector):
             "Telemetry sequence numbers declared lost.",
             value=sum(r.lost for r in reports),
         )
+        yield CounterMetricFamily(
+            "edgefleet_telemetry_dropped",
+            "Telemetry sequence numbers the devices reported dropping (outbox full).",
+            value=sum(r.dropped for r in reports),
+        )
         yield GaugeMetricFamily(
             "edgefleet_telemetry_missing",
             "Sequence numbers not (yet) received; pending gaps may still fill by replay.",

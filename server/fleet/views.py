@@ -67,7 +67,11 @@ class DeviceView(View):
 
 
 class SequenceView(View):
-    """Sequence accounting of one device: what arrived, what is still missing, what is lost."""
+    """Sequence accounting of one device: what arrived, what is missing, dropped or lost.
+
+    Of the missing seqs, dropped ones were reported dropped by the device's full outbox and
+    lost ones vanished without a word; the rest are still pending.
+    """
 
     first_seq: int
     max_seq: int
@@ -75,6 +79,7 @@ class SequenceView(View):
     duplicates: int
     missing: int
     lost: int
+    dropped: int
     reported_overflow: int
 
     @classmethod

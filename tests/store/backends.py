@@ -25,6 +25,15 @@ class Backend:
             return SqliteStore(self.url[len("sqlite://") :])
         return PostgresStore(self.url)
 
+    def execute(self, statement: str) -> None:
+        """Run one statement behind the store's back (to build an old database)."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.url[len("sqlite://") :]) as conn:
+                conn.execute(statement)
+            return
+        with psycopg.connect(self.url) as pg:
+            pg.execute(statement)
+
     def count(self, table: str) -> int:
         """Rows of a table, read behind the store's back."""
         if self.name == "sqlite":

@@ -50,6 +50,9 @@ def test_seq_ranges() -> None:
     assert logic.uncovered((3, 10), [(9, 12), (0, 3)]) == [(4, 8)]
     assert logic.remove_seqs([(3, 10)], [3, 5, 10, 11]) == ([(4, 4), (6, 9)], 3)
     assert logic.remove_seqs([(5, 5), (8, 9)], [5]) == ([(8, 9)], 1)
+    assert logic.split_oldest([(8, 9), (2, 4)], 4) == ([(2, 4), (8, 8)], [(9, 9)])
+    assert logic.split_oldest([(2, 4)], 0) == ([], [(2, 4)])
+    assert logic.split_oldest([(2, 4)], 9) == ([(2, 4)], [])
     tally = logic.tally_telemetry(
         [telemetry("pi-1", s, T0) for s in (4, 2, 4, 9)], {("pi-1", 4), ("pi-1", 2)}, 300
     )["pi-1"]
@@ -60,6 +63,6 @@ def test_seq_ranges() -> None:
         4,
     )
     assert tally.newest is not None and tally.newest.seq == 4
-    assert logic.lost_candidates(tally, lost=1, max_seq_before=3) == [2]
-    assert logic.lost_candidates(tally, lost=0, max_seq_before=3) == []
+    assert logic.lost_candidates(tally, given_up=1, max_seq_before=3) == [2]
+    assert logic.lost_candidates(tally, given_up=0, max_seq_before=3) == []
     assert logic.missing(5, 14, 7) == 3

@@ -54,3 +54,41 @@ def test_declare_losses_after_grace_and_un_lose_on_late_arrival(store: Store) ->
     assert (rep.received, rep.missing, rep.lost) == (22, 0, 0)
     (rep2,) = store.sequence_reports("pi-2")
     assert (rep2.missing, rep2.lost) == (0, 0)
+
+
+def test_windows_the_device_reported_dropped_count_as_dropped_not_lost(store: Store) -> None:
+    # pi-1 dropped 5..9 (its outbox drops the oldest first) and says so from seq 10 on; seq 3
+    # vanished on the way. Lifetime counts only grow: the max over windows is what counts.
+    seqs = [s for s in range(20) if s != 3 and not 5 <= s <= 9]
+    store.ingest(
+        IngestBatch(
+            telemetry=[telemetry("pi-1", s, T0 + s, overflow=5 if s >= 10 else 0) for s in seqs]
+        )
+    )
+    assert store.declare_losses(now=T0 + 1000, grace_s=300) == 1  # only 3 is lost
+    (rep,) = store.sequence_reports("pi-1")
+    assert (rep.missing, rep.lost, rep.dropped, rep.reported_overflow) == (6, 1, 5, 5)
+    # Nothing is attributed twice, and the count does not grow by itself.
+    assert store.declare_losses(now=T0 + 2000, grace_s=300) == 0
+    (rep,) = store.sequence_reports("pi-1")
+    assert (rep.lost, rep.dropped) == (1, 5)
+
+
+def test_a_drop_reported_after_the_gap_was_declared_lost_turns_lost_into_dropped(
+    store: Store,
+) -> None:
+    # Windows above the gap arrived before the device's count did (the count rides in windows
+    # made after the drop): the gap is declared lost first, then re-attributed oldest first.
+    store.ingest(IngestBatch(telemetry=[telemetry("pi-1", s, T0 + s) for s in (0, 1, 2, 6, 7)]))
+    assert store.declare_losses(now=T0 + 1000, grace_s=300) == 3
+    store.ingest(IngestBatch(telemetry=[telemetry("pi-1", 8, T0 + 1001, overflow=2)]))
+    store.declare_losses(now=T0 + 1002, grace_s=300)
+    (rep,) = store.sequence_reports("pi-1")
+    assert (rep.missing, rep.lost, rep.dropped) == (3, 1, 2)
+    # A window thought dropped that still arrives is received, and no longer dropped.
+    store.ingest(IngestBatch(telemetry=[telemetry("pi-1", 3, T0 + 1003, overflow=0)]))
+    (rep,) = store.sequence_reports("pi-1")
+    assert (rep.received, rep.missing, rep.lost + rep.dropped) == (7, 2, 2)
+    store.ingest(IngestBatch(telemetry=[telemetry("pi-1", s, T0 + 1004) for s in (4, 5)]))
+    (rep,) = store.sequence_reports("pi-1")
+    assert (rep.missing, rep.lost, rep.dropped) == (0, 0, 0)

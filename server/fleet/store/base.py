@@ -150,7 +150,9 @@ class SequenceReport:
 
     missing = expected - received, where expected = max_seq - first_seq + 1. A gap is
     pending while it may still fill through outbox replay; declare_losses() turns gaps older
-    than a grace period into lost, recorded for good (a later arrival still un-loses it).
+    than a grace period into dropped (as many of the oldest as the device reported dropping
+    and are not yet attributed) or else lost, recorded for good (a later arrival still takes
+    a seq out of either).
     """
 
     device_id: str
@@ -159,8 +161,9 @@ class SequenceReport:
     received: int
     duplicates: int
     missing: int
-    lost: int
-    reported_overflow: int  # outbox_overflow the device itself reported (dropped on device)
+    lost: int  # missing for longer than the grace period, and not reported dropped
+    dropped: int  # missing for longer than the grace period, and reported dropped by the device
+    reported_overflow: int  # highest outbox_overflow the device reported (a lifetime count)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class DeviceDelta:
     received: int
     duplicates: int
     unlost: int  # lost seqs that arrived after all
+    undropped: int  # seqs taken for reported drops that arrived after all
     overflow: int | None  # highest outbox_overflow reported; None without telemetry
     newest: Telemetry | None  # the inserted window with the highest seq
 
@@ -52,6 +53,7 @@ class DeviceDelta:
             "received": self.received,
             "duplicates": self.duplicates,
             "unlost": self.unlost,
+            "undropped": self.undropped,
             "overflow": self.overflow,
             "newest_seq": None if self.newest is None else self.newest.seq,
             "newest_json": None if self.newest is None else dump(self.newest),
@@ -83,9 +85,12 @@ def device_deltas(
     known: AbstractSet[str],
     folds: Mapping[str, StatusFold],
     tallies: Mapping[str, TelemetryTally],
-    unlost: Mapping[str, int],
+    unlost: Mapping[str, tuple[int, int]],
 ) -> list[DeviceDelta]:
-    """One delta per known device of the batch, sorted by id (the backends' lock order)."""
+    """One delta per known device of the batch, sorted by id (the backends' lock order).
+
+    unlost holds per device (lost, dropped) seqs that arrived after all.
+    """
     out: list[DeviceDelta] = []
     for device_id in sorted(d for d in span if d in known):
         lo, hi = span[device_id]
@@ -103,7 +108,8 @@ def device_deltas(
                 max_seq=None if tally is None else tally.max_seq,
                 received=0 if tally is None else tally.inserted,
                 duplicates=0 if tally is None else tally.duplicates,
-                unlost=unlost.get(device_id, 0),
+                unlost=unlost.get(device_id, (0, 0))[0],
+                undropped=unlost.get(device_id, (0, 0))[1],
                 overflow=None if tally is None else tally.max_overflow,
                 newest=None if tally is None else tally.newest,
             )

@@ -25,7 +25,7 @@ from edgefleet.server.fleet.store.sql import (
     Sql,
 )
 
-_NEW_DEVICE = logic.DeviceState(None, None, None, 0)
+_NEW_DEVICE = logic.DeviceState(None, None, None, 0, 0)
 
 
 def write(
@@ -38,10 +38,10 @@ def write(
 
     folds = _apply_statuses(sql, accepted, states)
     tallies = _insert_telemetry(sql, accepted, tolerance_s)
-    unlost: dict[str, int] = {}
+    unlost: dict[str, tuple[int, int]] = {}
     for device_id, tally in tallies.items():
         state = states[device_id]
-        seqs = logic.lost_candidates(tally, state.lost, state.max_seq)
+        seqs = logic.lost_candidates(tally, state.lost + state.dropped, state.max_seq)
         if seqs:
             unlost[device_id] = losses.unlose(sql, device_id, seqs)
     event_counts = _insert_events(sql, accepted)
@@ -103,13 +103,13 @@ def _claim_devices(
 
 def _lock_devices(sql: Sql, ids: Sequence[str]) -> dict[str, logic.DeviceState]:
     rows = sql.rows(
-        "SELECT device_id, boot_id, status_ts, max_seq, lost FROM devices "
+        "SELECT device_id, boot_id, status_ts, max_seq, lost, dropped FROM devices "
         f"WHERE device_id {sql.IN_LIST} ORDER BY device_id{sql.FOR_UPDATE}",
         (sql.as_list(ids),),
     )
     return {
-        str(d): logic.DeviceState(boot_id, status_ts, max_seq, int(lost))
-        for d, boot_id, status_ts, max_seq, lost in rows
+        str(d): logic.DeviceState(boot_id, status_ts, max_seq, int(lost), int(dropped))
+        for d, boot_id, status_ts, max_seq, lost, dropped in rows
     }
 
 

@@ -122,6 +122,7 @@ class DeviceState:
     status_ts: float | None
     max_seq: int | None
     lost: int
+    dropped: int
 
     @property
     def status(self) -> StatusState:
@@ -324,9 +325,28 @@ def range_size(r: SeqRange) -> int:
     return r[1] - r[0] + 1
 
 
-def lost_candidates(tally: TelemetryTally, lost: int, max_seq_before: int | None) -> list[int]:
-    """Inserted seqs that may be in a lost range: only old ones, only if anything is lost."""
-    if lost <= 0 or max_seq_before is None:
+def split_oldest(ranges: Iterable[SeqRange], n: int) -> tuple[list[SeqRange], list[SeqRange]]:
+    """The n lowest seqs of non-overlapping ranges, and the rest, both as ranges in order.
+
+    Reported drops are attributed this way: the agent's outbox evicts its oldest telemetry
+    first, so the windows it dropped are the oldest ones that never came.
+    """
+    first: list[SeqRange] = []
+    rest: list[SeqRange] = []
+    left = max(n, 0)
+    for lo, hi in sorted(ranges):
+        take = min(left, hi - lo + 1)
+        if take:
+            first.append((lo, lo + take - 1))
+            left -= take
+        if lo + take <= hi:
+            rest.append((lo + take, hi))
+    return first, rest
+
+
+def lost_candidates(tally: TelemetryTally, given_up: int, max_seq_before: int | None) -> list[int]:
+    """Inserted seqs that may be in a lost or dropped range: old ones, if any were given up."""
+    if given_up <= 0 or max_seq_before is None:
         return []
     return [s for s in tally.inserted_seqs if s <= max_seq_before]
 

@@ -57,6 +57,7 @@ UPDATE devices AS d SET
     received = d.received + u.received,
     duplicates = d.duplicates + u.duplicates,
     lost = d.lost - u.unlost,
+    dropped = d.dropped - u.undropped,
     reported_overflow = GREATEST(d.reported_overflow, u.overflow),
     last_telemetry_json = CASE
         WHEN u.newest_seq IS NOT NULL
@@ -68,11 +69,11 @@ FROM unnest(
     %(online)b::bool[], %(status_json)b::text[], %(status_ts)b::float8[],
     %(boot_id)b::text[], %(device_group)b::text[], %(id_conflicts)b::int8[],
     %(first_seq)b::int8[], %(max_seq)b::int8[], %(received)b::int8[],
-    %(duplicates)b::int8[], %(unlost)b::int8[], %(overflow)b::int8[],
+    %(duplicates)b::int8[], %(unlost)b::int8[], %(undropped)b::int8[], %(overflow)b::int8[],
     %(newest_seq)b::int8[], %(newest_json)b::text[]
 ) AS u(device_id, first_seen, last_seen, online, status_json, status_ts, boot_id,
        device_group, id_conflicts, first_seq, max_seq, received, duplicates, unlost,
-       overflow, newest_seq, newest_json)
+       undropped, overflow, newest_seq, newest_json)
 WHERE d.device_id = u.device_id
 """
 

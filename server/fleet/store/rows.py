@@ -84,12 +84,14 @@ def device_record(row: Sequence[object]) -> DeviceRecord:
     )
 
 
-SEQUENCE_COLUMNS = "device_id, first_seq, max_seq, received, duplicates, lost, reported_overflow"
+SEQUENCE_COLUMNS = (
+    "device_id, first_seq, max_seq, received, duplicates, lost, dropped, reported_overflow"
+)
 
 
 def sequence_report(row: Sequence[object]) -> SequenceReport:
     """A SequenceReport from a row selected with SEQUENCE_COLUMNS."""
-    device_id, first_seq, max_seq, received, duplicates, lost, overflow = row
+    device_id, first_seq, max_seq, received, duplicates, lost, dropped, overflow = row
     first, top, got = _int(first_seq), _int(max_seq), _int(received)
     return SequenceReport(
         device_id=str(device_id),
@@ -99,6 +101,7 @@ def sequence_report(row: Sequence[object]) -> SequenceReport:
         duplicates=_int(duplicates),
         missing=missing(first, top, got),
         lost=_int(lost),
+        dropped=_int(dropped),
         reported_overflow=_int(overflow),
     )
 

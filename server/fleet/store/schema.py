@@ -254,8 +254,21 @@ CREATE TABLE reject_counts (
 );
 """
 
+# v2: windows the device reported dropped (outbox_overflow) are accounted apart from lost
+# ones. A range of lost_ranges is either lost or dropped; devices.dropped is the total size of
+# the dropped ranges, as devices.lost is of the lost ones. Existing ranges stay lost.
+_V2_SQLITE = """
+ALTER TABLE devices ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE lost_ranges ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0;
+"""
+_V2_POSTGRES = """
+ALTER TABLE devices ADD COLUMN dropped BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE lost_ranges ADD COLUMN dropped BOOLEAN NOT NULL DEFAULT FALSE;
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _V1_SQLITE, _V1_POSTGRES),
+    Migration(2, "reported drops apart from losses", _V2_SQLITE, _V2_POSTGRES),
 ]
 
 # Created outside the versions: it is how a database says which versions it has.

@@ -81,8 +81,8 @@ REJECTS = Table(
 REJECT_COUNTS = Table("reject_counts", ("reason", "n"), ("text", "int8"), key=("reason",))
 LOST_RANGES = Table(
     "lost_ranges",
-    ("device_id", "first_seq", "last_seq", "declared_at"),
-    ("text", "int8", "int8", "float8"),
+    ("device_id", "first_seq", "last_seq", "declared_at", "dropped"),
+    ("text", "int8", "int8", "float8", "bool"),
     key=("device_id", "first_seq"),
 )
 

@@ -50,6 +50,7 @@ UPDATE devices SET
     received = received + :received,
     duplicates = duplicates + :duplicates,
     lost = lost - :unlost,
+    dropped = dropped - :undropped,
     reported_overflow = max(reported_overflow, coalesce(:overflow, 0)),
     last_telemetry_json = CASE
         WHEN :newest_seq IS NOT NULL
