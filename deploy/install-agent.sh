@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the edgefleet agent on a device (Raspberry Pi, Jetson, x86 gateway) as a systemd
 # service. Run it again at any time: it upgrades the package and changes nothing else that is
-# already in place; a device owner's agent.toml and MQTT password are never overwritten.
-# One file of ~500 lines on purpose: a device owner copies this single script to a device and
+# already in place; a device owner's agent.toml is never overwritten, and the MQTT password
+# and broker CA only when given again (--mqtt-password-file, --broker-ca).
+# One file of ~700 lines on purpose: a device owner copies this single script to a device and
 # runs it; its sections (arguments, virtualenv, service user, config, bundle, unit) run in order.
 set -euo pipefail
 
@@ -20,21 +21,34 @@ ID_RE='^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'
 
 usage() {
     cat <<EOF
-usage: sudo bash deploy/$PROG --broker HOST[:PORT] --device-id ID --fleet-key PATH [options]
+usage: sudo bash deploy/$PROG --broker HOST[:PORT] --device-id ID --fleet-key PATH
+           [--mqtt-password-file PATH --broker-ca PATH] [options]
 
 Installs the edgefleet agent as the systemd service $UNIT_NAME:
   /opt/edgefleet/venv              virtualenv with edgefleet (the agent, no server extras)
   /etc/edgefleet/agent.toml        configuration, written only if it does not exist yet
   /etc/edgefleet/fleet.pub         the fleet's public key: only bundles it signed will run
+  /etc/edgefleet/broker-ca.pem     with --broker-ca: the fleet's broker CA (TLS to the broker)
   /etc/edgefleet/credentials/      mqtt-password (root only, handed to the agent by systemd)
   /etc/systemd/system/$UNIT_NAME
   /var/lib/edgefleet/bundles/      with --bundle: the model, verified with the fleet key
 and enables and starts the service (it starts once a bundle is installed).
 
 required:
-  --broker HOST[:PORT]     MQTT broker (port 1883 when omitted; [IPv6]:PORT for IPv6)
+  --broker HOST[:PORT]     MQTT broker (port 8883 with --broker-ca, else 1883, when omitted;
+                           [IPv6]:PORT for IPv6)
   --device-id ID           this device's id: letters, digits, '_', '.', '-' (1-64)
   --fleet-key PATH         the fleet's PUBLIC key (edgefleet keys show; never the private one)
+the broker identity (from 'edgefleet fleet provision ID --out ID.secret' on the broker's host;
+without them the agent connects anonymously, which the broker as deploy/mosquitto configures
+it refuses):
+  --mqtt-password-file PATH  the device's broker password (ID.secret); installed as
+                           /etc/edgefleet/credentials/mqtt-password (root only, never shown),
+                           replacing the one there; without it an existing one is kept
+  --broker-ca PATH         the fleet's broker CA (ca.pem of the identity directory, never
+                           ca.key); installed as /etc/edgefleet/broker-ca.pem, the agent
+                           verifies the broker with it (TLS)
+  --mqtt-username NAME     the broker username (default: the device id, as provisioned)
 options:
   --camera SRC             V4L2 index, /dev/videoN, a video file or a URL (default 0)
   --group G                fleet group of this device (rollouts target groups)
@@ -76,6 +90,7 @@ usage_error() {
 # ---------------------------------------------------------------- arguments
 BROKER="" DEVICE_ID="" FLEET_KEY="" CAMERA="0" GROUP="" ROOT="" WHEEL="" PYTHON="python3" BUNDLE=""
 REUSE_FROM="" ENABLE=1 BUILD_TMP="" LOCK="$CHECKOUT/deploy/lock/agent.txt"
+PASSWORD_FILE="" BROKER_CA="" MQTT_USERNAME=""
 while [ $# -gt 0 ]; do
     opt="$1"
     val=""
@@ -84,7 +99,8 @@ while [ $# -gt 0 ]; do
         --no-enable) ENABLE=0; shift; continue ;;
         --*=*) val="${opt#*=}"; opt="${opt%%=*}"; shift ;;
         --broker | --device-id | --fleet-key | --camera | --group | --root | --wheel | --python \
-            | --reuse-site-packages | --bundle | --lock)
+            | --reuse-site-packages | --bundle | --lock | --mqtt-password-file | --broker-ca \
+            | --mqtt-username)
             [ $# -ge 2 ] || usage_error "$opt needs a value"
             val="$2"
             shift 2
@@ -103,6 +119,9 @@ while [ $# -gt 0 ]; do
         --reuse-site-packages) REUSE_FROM="$val" ;;
         --bundle) BUNDLE="$val" ;;
         --lock) LOCK="$val" ;;
+        --mqtt-password-file) PASSWORD_FILE="$val" ;;
+        --broker-ca) BROKER_CA="$val" ;;
+        --mqtt-username) MQTT_USERNAME="$val" ;;
         --no-enable | -h | --help) usage_error "$opt takes no value" ;;
         *) usage_error "unknown argument: $opt" ;;
     esac
@@ -129,10 +148,13 @@ fi
 case "$BROKER" in
     *://*) usage_error "--broker takes HOST[:PORT], not a URL: '$BROKER'" ;;
 esac
-BROKER_PORT=1883
+# Without a port: 8883 (MQTT over TLS) when there is a CA to verify the broker, else 1883.
+DEFAULT_PORT=1883
+[ -z "$BROKER_CA" ] || DEFAULT_PORT=8883
+BROKER_PORT="$DEFAULT_PORT"
 if [[ "$BROKER" =~ ^\[([0-9A-Fa-f:.]+)\](:([0-9]+))?$ ]]; then
     BROKER_HOST="${BASH_REMATCH[1]}"
-    BROKER_PORT="${BASH_REMATCH[3]:-1883}"
+    BROKER_PORT="${BASH_REMATCH[3]:-$DEFAULT_PORT}"
 elif [[ "$BROKER" == *:*:* ]]; then
     BROKER_HOST="$BROKER"
 elif [[ "$BROKER" =~ ^([^:]+):([0-9]+)$ ]]; then
@@ -150,6 +172,39 @@ if [ "${#BROKER_PORT}" -gt 5 ] || [ "$((10#$BROKER_PORT))" -lt 1 ] ||
     usage_error "--broker '$BROKER': port $BROKER_PORT is not in 1-65535"
 fi
 BROKER_PORT="$((10#$BROKER_PORT))"
+
+# The broker identity. Checked before anything is installed; the password is never printed
+# (no set -x here), and what is wrong with a file is said without quoting its content.
+if [ -n "$PASSWORD_FILE" ]; then
+    [ -e "$PASSWORD_FILE" ] || usage_error "--mqtt-password-file '$PASSWORD_FILE' not found"
+    [ -f "$PASSWORD_FILE" ] || usage_error "--mqtt-password-file '$PASSWORD_FILE' is not a regular file"
+    [ -r "$PASSWORD_FILE" ] && head -c 1 "$PASSWORD_FILE" >/dev/null 2>&1 ||
+        usage_error "--mqtt-password-file '$PASSWORD_FILE' is not readable (run as root, or check its owner)"
+    # The agent strips surrounding whitespace; nothing else left means no password at all.
+    [ -n "$(tr -d '[:space:]' <"$PASSWORD_FILE")" ] ||
+        usage_error "--mqtt-password-file '$PASSWORD_FILE' is empty: use the file 'edgefleet fleet provision $DEVICE_ID --out FILE' wrote"
+    [ "$(grep -c . "$PASSWORD_FILE")" -le 1 ] ||
+        usage_error "--mqtt-password-file '$PASSWORD_FILE' has more than one line: it must hold the password alone"
+    PASSWORD_FILE="$(cd "$(dirname "$PASSWORD_FILE")" && pwd)/$(basename "$PASSWORD_FILE")"
+fi
+if [ -n "$BROKER_CA" ]; then
+    [ -e "$BROKER_CA" ] || usage_error "--broker-ca '$BROKER_CA' not found"
+    [ -f "$BROKER_CA" ] && [ -r "$BROKER_CA" ] ||
+        usage_error "--broker-ca '$BROKER_CA' is not a readable file"
+    # ca.key sits next to ca.pem in the identity directory: the mix-up that must never reach a device.
+    if grep -q "PRIVATE KEY" "$BROKER_CA"; then
+        usage_error "--broker-ca '$BROKER_CA' holds a PRIVATE key: copy ca.pem, never ca.key (it must stay on the broker's host)"
+    fi
+    grep -q -- "-----BEGIN CERTIFICATE-----" "$BROKER_CA" && grep -q -- "-----END CERTIFICATE-----" "$BROKER_CA" ||
+        usage_error "--broker-ca '$BROKER_CA' is not a PEM certificate (-----BEGIN CERTIFICATE-----): copy ca.pem of the broker's identity directory"
+    BROKER_CA="$(cd "$(dirname "$BROKER_CA")" && pwd)/$(basename "$BROKER_CA")"
+    if [ "$BROKER_PORT" -eq 1883 ]; then
+        say "warning: --broker-ca with port 1883: the broker as deploy/mosquitto configures it has TLS on 8883 (1883 is its loopback listener)"
+    fi
+fi
+MQTT_USERNAME="${MQTT_USERNAME:-$DEVICE_ID}"
+[[ "$MQTT_USERNAME" =~ $ID_RE ]] ||
+    usage_error "--mqtt-username '$MQTT_USERNAME' is not a valid name: 1-64 letters, digits, '_', '.', '-' (provisioning names identities so)"
 
 [ -e "$FLEET_KEY" ] ||
     die "fleet key '$FLEET_KEY' not found: copy the fleet's public key to this device (on the coordinator: edgefleet keys show)"
@@ -310,6 +365,32 @@ try:
 except KeyFileError as exc:
     sys.exit(f"[edgefleet-install] error: {exc}")
 PY
+if [ -n "$BROKER_CA" ]; then
+    # The grep above caught the usual mix-ups early; this parses it (and refuses broker.pem,
+    # a server certificate that cannot verify anything) before the device is pointed at it.
+    ca_problem="$("$VENV/bin/python" -I - "$BROKER_CA" <<'PY'
+import sys
+from cryptography import x509
+
+def refuse(why: str) -> None:
+    print(why)  # the caller names the option and the file
+    sys.exit(1)
+
+try:
+    certs = x509.load_pem_x509_certificates(open(sys.argv[1], "rb").read())
+except ValueError as exc:
+    refuse(f"is not a PEM certificate ({exc})")
+for cert in certs:
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        refuse(f"holds '{cert.subject.rfc4514_string()}', which is not a CA certificate: "
+               "copy ca.pem of the broker's identity directory, not broker.pem")
+PY
+)" || usage_error "--broker-ca '$BROKER_CA' ${ca_problem:-cannot be read as a certificate}"
+fi
 
 # ---------------------------------------------------------------- the service user
 if [ "$STAGING" -eq 1 ]; then
@@ -359,6 +440,21 @@ except ConfigError as exc:
 PY
 }
 
+identity_gaps() {
+    # What a kept config lacks to use the identity given now (one line each; none: nothing).
+    "$VENV/bin/python" -I - "$1" "$MQTT_USERNAME" "$PASSWORD_FILE" "$BROKER_CA" "$ETC_PATH/broker-ca.pem" <<'PY' 2>/dev/null || true
+import sys
+from pathlib import Path
+from edgefleet.agent.config import load_config
+path, username, password_file, ca, device_ca = sys.argv[1:]
+mqtt = load_config(Path(path), env={}).mqtt
+if password_file and mqtt.username != username:
+    print(f'[mqtt] username = "{username}" (it has {repr(mqtt.username) if mqtt.username else "none"})')
+if ca and (mqtt.tls is None or str(mqtt.tls.ca) != device_ca):
+    print(f'[mqtt.tls] ca = "{device_ca}" (it has {str(mqtt.tls.ca) if mqtt.tls else "no [mqtt.tls]"})')
+PY
+}
+
 CONFIG="$ETC/agent.toml"
 if [ -e "$CONFIG" ]; then
     if existing_id="$(config_check "$CONFIG" 2>&1)"; then
@@ -367,6 +463,11 @@ if [ -e "$CONFIG" ]; then
         else
             say "kept $CONFIG (never overwritten)"
         fi
+        gaps="$(identity_gaps "$CONFIG")"
+        if [ -n "$gaps" ]; then
+            say "warning: the kept $CONFIG does not use the broker identity given; edit it to have:"
+            printf '%s\n' "$gaps" | sed 's/^/  /' >&2
+        fi
     else
         say "warning: kept $CONFIG, but it does not validate and the agent will not start with it:"
         printf '%s\n' "$existing_id" >&2
@@ -374,6 +475,19 @@ if [ -e "$CONFIG" ]; then
 else
     if [[ "$CAMERA" =~ ^[0-9]+$ ]]; then camera_value="$CAMERA"; else camera_value="$(toml_str "$CAMERA")"; fi
     if [ -n "$GROUP" ]; then group_line="group = $(toml_str "$GROUP")"; else group_line='# group = "lab"'; fi
+    if [ -n "$PASSWORD_FILE" ]; then
+        username_line="username = $(toml_str "$MQTT_USERNAME")"
+    else
+        username_line="# username = $(toml_str "$MQTT_USERNAME")   # with a provisioned password"
+    fi
+    if [ -n "$BROKER_CA" ]; then
+        tls_lines="
+[mqtt.tls]
+# The fleet's broker CA: the agent connects only to a broker whose certificate it signed.
+ca = $(toml_str "$ETC_PATH/broker-ca.pem")"
+    else
+        tls_lines="# TLS: [mqtt.tls] ca = \"$ETC_PATH/broker-ca.pem\" (install it with --broker-ca)"
+    fi
     tmp_config="$ETC/.agent.toml.new"
     cat >"$tmp_config" <<EOF
 # edgefleet agent configuration: written once by deploy/$PROG, yours to edit from now on
@@ -394,9 +508,10 @@ trusted_keys = [$(toml_str "$ETC_PATH/fleet.pub")]
 [mqtt]
 host = $(toml_str "$BROKER_HOST")
 port = $BROKER_PORT
-# username = $(toml_str "$DEVICE_ID")
-# No password here: put it in $ETC_PATH/credentials/mqtt-password (root only); systemd hands
+$username_line
+# No password here: it is in $ETC_PATH/credentials/mqtt-password (root only); systemd hands
 # it to the agent as a credential.
+$tls_lines
 EOF
     if ! problem="$(config_check "$tmp_config" 2>&1)"; then
         rm -f "$tmp_config"
@@ -419,14 +534,40 @@ if ! cmp -s "$FLEET_KEY" "$ETC/fleet.pub"; then
     say "installed $ETC/fleet.pub"
 fi
 
+if [ -n "$BROKER_CA" ] && ! cmp -s "$BROKER_CA" "$ETC/broker-ca.pem"; then
+    # Public: the agent (not root) opens it to verify the broker.
+    [ ! -e "$ETC/broker-ca.pem" ] || say "replacing $ETC/broker-ca.pem with $BROKER_CA (CA rotation)"
+    install -m 0644 "$BROKER_CA" "$ETC/.broker-ca.pem.new"
+    mv "$ETC/.broker-ca.pem.new" "$ETC/broker-ca.pem"
+    say "installed $ETC/broker-ca.pem"
+fi
+
 # LoadCredential= fails the start when its file is missing, so an empty file means
 # "no password"; systemd (root) reads it, the agent never sees this directory.
 CRED="$ETC/credentials"
 [ -d "$CRED" ] || install -d -m 0700 "$CRED"
 chmod 0700 "$CRED"
-if [ ! -e "$CRED/mqtt-password" ]; then
+if [ -n "$PASSWORD_FILE" ]; then
+    if cmp -s "$PASSWORD_FILE" "$CRED/mqtt-password"; then
+        say "kept $CRED/mqtt-password (the same password)"
+    else
+        # Written root-only from the first byte, then renamed: never readable by others, and
+        # a restart in between sees the old password or the new one, not half of it.
+        verb="installed"
+        [ ! -s "$CRED/mqtt-password" ] || verb="replaced"
+        (umask 077 && cat "$PASSWORD_FILE" >"$CRED/.mqtt-password.new")
+        chmod 0600 "$CRED/.mqtt-password.new"
+        mv "$CRED/.mqtt-password.new" "$CRED/mqtt-password"
+        say "$verb $CRED/mqtt-password (from $PASSWORD_FILE; the agent's broker username is $MQTT_USERNAME)"
+    fi
+elif [ ! -e "$CRED/mqtt-password" ]; then
     (umask 077 && : >"$CRED/mqtt-password")
-    say "created an empty $CRED/mqtt-password (no password); write the broker password there to use one"
+    say "created an empty $CRED/mqtt-password (no password)"
+fi
+if [ ! -s "$CRED/mqtt-password" ]; then
+    say "warning: no broker password: the agent connects anonymously, and a broker configured as deploy/mosquitto ships it refuses anonymous devices. On the broker's host run 'edgefleet fleet provision $DEVICE_ID --out $DEVICE_ID.secret', copy $DEVICE_ID.secret and the identity directory's ca.pem here, and run this again with --mqtt-password-file $DEVICE_ID.secret --broker-ca ca.pem"
+elif [ -n "$PASSWORD_FILE" ] && [ -z "$BROKER_CA" ] && [ ! -e "$ETC/broker-ca.pem" ]; then
+    say "warning: a password without --broker-ca goes to the broker unencrypted; a broker configured as deploy/mosquitto accepts devices only over TLS (give --broker-ca ca.pem)"
 fi
 
 # ---------------------------------------------------------------- the bundle

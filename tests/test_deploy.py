@@ -139,14 +139,16 @@ def run_install(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def install_args(root: Path, key: Path, source: Path) -> list[str | Path]:
+def install_args(
+    root: Path, key: Path, source: Path, broker: str = "localhost:1884"
+) -> list[str | Path]:
     return [
         "--root",
         root,
         "--device-id",
         "pi-7",
         "--broker",
-        "localhost:1884",
+        broker,
         "--fleet-key",
         key,
         "--camera",
@@ -164,11 +166,8 @@ def install_args(root: Path, key: Path, source: Path) -> list[str | Path]:
     ]
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    base = tmp_path_factory.mktemp("deploy")
-    key, private = make_keys(base)
-    # A snapshot, so both runs install the same package even while the checkout is edited.
+def snapshot(base: Path) -> Path:
+    """A copy of the checkout, so every run installs the same package while it is edited."""
     source = base / "src"
     shutil.copytree(
         REPO,
@@ -177,6 +176,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
             ".*", "out", "build", "dist", "*.egg-info", "__pycache__", "tests"
         ),
     )
+    return source
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    base = tmp_path_factory.mktemp("deploy")
+    key, private = make_keys(base)
+    source = snapshot(base)
     root = base / "root"
     result = run_install(*install_args(root, key, source))
     assert result.returncode == 0, result.stderr
@@ -219,6 +226,7 @@ def test_install_tree(installed: Installed) -> None:
     assert config.mqtt.host == "localhost"
     assert config.mqtt.port == 1884
     assert config.mqtt.password is None
+    assert config.mqtt.username is None and config.mqtt.tls is None  # anonymous, as asked
     assert config.camera.source == "/dev/video0"
     assert config.model.trusted_keys == [Path("/etc/edgefleet/fleet.pub")]  # the device's path
     assert (etc / "fleet.pub").read_bytes() == installed.key.read_bytes()
@@ -234,6 +242,8 @@ def test_install_tree(installed: Installed) -> None:
     # --root: nothing outside the tree was touched, and the log says what was left out.
     assert "skipped: useradd" in log
     assert "skipped: systemctl" in log
+    # Without a credential it still installs, and says what the shipped broker will do.
+    assert "refuses anonymous devices" in log and "--mqtt-password-file" in log
 
 
 def test_installed_unit_verifies(installed: Installed, tmp_path: Path) -> None:
