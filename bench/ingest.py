@@ -18,6 +18,10 @@ cores can produce.
   ingests; lag = commit time - window end on the device (one clock: same machine).
 - two_coordinators_ratio: two coordinator processes on one shared subscription and one
   PostgreSQL, over one coordinator on PostgreSQL; two_coordinators_lost likewise.
+- tls_acl_ratio: one coordinator on the secure broker profile (a password per client, the ACL;
+  the devices publish the backlog with their own passwords over TLS) over the same coordinator
+  on the anonymous broker, median of per-round ratios, drained in the same rounds as the
+  figures above (bench/secure.py; the report's tls_acl_method says what exactly).
 
 Run from the repository root: `.venv/bin/python -m bench.ingest [--out FILE]`.
 """
@@ -39,21 +43,24 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.report import emit_report, load_avg, machine_info, rounded_floats, say
+from bench.secure import Endpoint, SecureFleet, start_secure
 from edgefleet.agent.protocol import Percentiles, Telemetry, TopicTree, encode
 from edgefleet.server.fleet.gc_tuning import tune_gc
-from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
+from edgefleet.server.fleet.ingest import Ingestor
 from edgefleet.server.fleet.store import open_store
+from edgefleet.server.fleet.store.base import Store
 from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.optimize.latency import Rounds, round_ratios
 from tests.harness.postgres import postgres_server, scratch_database
 
 ROOT = "bench/v1"
 SHARE = "bench-coordinators"
 DEVICES = 1000
+Load = Callable[[list[tuple[str, bytes]]], None]  # queues a backlog on a broker
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,22 +117,22 @@ def _session_props() -> Properties:
     return props
 
 
-def forget_session(broker: MosquittoBroker, client_id: str) -> None:
+def forget_session(ep: Endpoint, client_id: str) -> None:
     """Remove a persistent session, so later backlogs are not queued for it as well."""
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    c.connect(broker.host, broker.port, clean_start=True)
+    c = ep.client(client_id)
+    c.connect(ep.host, ep.port, clean_start=True)
     c.loop_start()
     time.sleep(0.2)
     c.disconnect()
     c.loop_stop()
 
 
-def preload(broker: MosquittoBroker, payloads: list[tuple[str, bytes]]) -> None:
-    """Publish the backlog as fast as the broker takes it."""
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub", protocol=mqtt.MQTTv5)
+def preload(ep: Endpoint, payloads: list[tuple[str, bytes]]) -> None:
+    """Publish the backlog as fast as the broker takes it, from one anonymous client."""
+    pub = ep.client("bench-pub")
     pub.max_inflight_messages_set(1000)
     pub.max_queued_messages_set(0)
-    pub.connect(broker.host, broker.port)
+    pub.connect(ep.host, ep.port)
     pub.loop_start()
     infos = [pub.publish(topic, data, qos=1) for topic, data in payloads]
     for info in infos[-1000:]:
@@ -134,7 +141,7 @@ def preload(broker: MosquittoBroker, payloads: list[tuple[str, bytes]]) -> None:
     pub.loop_stop()
 
 
-def drain_bare(broker: MosquittoBroker, payloads: list[tuple[str, bytes]], tag: str) -> float:
+def drain_bare(ep: Endpoint, payloads: list[tuple[str, bytes]], tag: str) -> float:
     """Messages per second a do-nothing paho client receives from a queued session."""
     n = len(payloads)
     got = [0]
@@ -146,40 +153,44 @@ def drain_bare(broker: MosquittoBroker, payloads: list[tuple[str, bytes]], tag: 
             done.set()
 
     def client() -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{tag}", protocol=mqtt.MQTTv5)
+        c = ep.client(f"bare-{tag}")
         c.on_message = on_message
         return c
 
     c = client()
-    c.connect(broker.host, broker.port, clean_start=False, properties=_session_props())
+    c.connect(ep.host, ep.port, clean_start=False, properties=_session_props())
     c.loop_start()
     c.subscribe(TopicTree.shared(SHARE + tag, TopicTree(ROOT).all_devices("telemetry")), 1)
     time.sleep(0.5)
     c.disconnect()
     c.loop_stop()
-    preload(broker, payloads)
+    preload(ep, payloads)
     c = client()
     t0 = time.perf_counter()
-    c.connect(broker.host, broker.port, clean_start=False, properties=_session_props())
+    c.connect(ep.host, ep.port, clean_start=False, properties=_session_props())
     c.loop_start()
     if not done.wait(600):
         raise RuntimeError(f"bare client received {got[0]} of {n}")
     rate = n / (time.perf_counter() - t0)
     c.disconnect()
     c.loop_stop()
-    forget_session(broker, f"bare-{tag}")
+    forget_session(ep, f"bare-{tag}")
     return rate
 
 
-def _coordinator_cfg(broker: MosquittoBroker, client_id: str, share: str) -> IngestConfig:
-    return IngestConfig(
-        host=broker.host, port=broker.port, root=ROOT, client_id=client_id, share_group=share
-    )
+def _ingestor(
+    ep: Endpoint, store: Store, client_id: str, share: str, writer_url: str | None = None
+) -> Ingestor:
+    ing = Ingestor(ep.ingest_config(ROOT, client_id, share), store, writer_url=writer_url)
+    # IngestConfig has no TLS option yet: the TLS endpoint sets it on the coordinator's own
+    # paho client, which is what such an option would do (credential: the same, set again).
+    ep.secure(ing.client)
+    return ing
 
 
-def _subscribe_once(broker: MosquittoBroker, store_url: str, client_id: str, share: str) -> None:
+def _subscribe_once(ep: Endpoint, store_url: str, client_id: str, share: str) -> None:
     store = open_store(store_url)
-    ing = Ingestor(_coordinator_cfg(broker, client_id, share), store)
+    ing = _ingestor(ep, store, client_id, share)
     ing.start()
     if not ing.wait_connected(10):
         raise RuntimeError(f"{client_id} could not connect")
@@ -189,8 +200,7 @@ def _subscribe_once(broker: MosquittoBroker, store_url: str, client_id: str, sha
 
 
 def _drain_process(
-    host: str,
-    port: int,
+    ep: Endpoint,
     store_url: str,
     client_id: str,
     share: str,
@@ -202,8 +212,7 @@ def _drain_process(
 ) -> None:
     """One coordinator process: resume the session, ingest until the store holds n_total."""
     store = open_store(store_url)
-    cfg = IngestConfig(host=host, port=port, root=ROOT, client_id=client_id, share_group=share)
-    ing = Ingestor(cfg, store, writer_url=store_url)  # as `edgefleet-server run` does
+    ing = _ingestor(ep, store, client_id, share, writer_url=store_url)  # as `run` does
     tune_gc()
     ready.set()
     go.wait()
@@ -219,18 +228,24 @@ def _drain_process(
 
 
 def drain_coordinators(
-    broker: MosquittoBroker,
+    ep: Endpoint,
     payloads: list[tuple[str, bytes]],
     store_url: str,
     tag: str,
     count: int = 1,
+    load: Load | None = None,
 ) -> tuple[float, int]:
-    """Rate at which `count` coordinator processes drain the backlog into store_url; lost."""
+    """Rate at which `count` coordinator processes drain the backlog into store_url; lost.
+
+    load queues the backlog (default: one anonymous publisher on ep).
+    """
     share = SHARE + tag
-    ids = [f"coord-{tag}-{i}" for i in range(count)]
+    ids = [ep.client_id(f"coord-{tag}-{i}") for i in range(count)]
+    if len(set(ids)) != count:
+        raise ValueError("one identity per coordinator: the username is the client id")
     for cid in ids:
-        _subscribe_once(broker, store_url, cid, share)
-    preload(broker, payloads)
+        _subscribe_once(ep, store_url, cid, share)
+    (load or (lambda p: preload(ep, p)))(payloads)
     ctx = mp.get_context("spawn")
     ready = [ctx.Event() for _ in ids]
     go, result = ctx.Event(), ctx.Queue()
@@ -238,8 +253,7 @@ def drain_coordinators(
         ctx.Process(
             target=_drain_process,
             args=(
-                broker.host,
-                broker.port,
+                ep,
                 store_url,
                 cid,
                 share,
@@ -261,7 +275,7 @@ def drain_coordinators(
     for p in procs:
         p.join(30)
     for cid in ids:
-        forget_session(broker, cid)
+        forget_session(ep, cid)
     store = open_store(store_url)
     lost = sum(r.missing for r in store.sequence_reports())
     stored = store.telemetry_count()
@@ -276,9 +290,7 @@ def live_phase(
 ) -> dict[str, float]:
     """1,000 simulated devices (`edgefleet simulate`, its own process) and one coordinator."""
     store = open_store(store_url)
-    ing = Ingestor(
-        _coordinator_cfg(broker, "coord-live", SHARE + "live"), store, writer_url=store_url
-    )
+    ing = _ingestor(Endpoint.anonymous(broker), store, "coord-live", SHARE + "live", store_url)
     tune_gc()
     ing.start()
     ing.wait_connected(10)
@@ -337,6 +349,77 @@ def live_phase(
     }
 
 
+TLS_ACL_METHOD = (
+    "tls_acl_ratio: one coordinator's msgs/s on the secure broker profile (the shipped "
+    "deploy/mosquitto configuration: a password per client, the ACL, no anonymous access) over "
+    "the same coordinator on the anonymous broker; median of per-round ratios, the drains of a "
+    "round run back to back (order reversed every other round), each on the same backlog. "
+    "On the secure broker the backlog is published by the devices themselves, each with its own "
+    "password over TLS, so every publish passes the ACL's per-device write rule (not timed). The "
+    "coordinator drains on the loopback listener with its password, every delivery checked "
+    "against the ACL, without TLS: IngestConfig has no TLS option (docs/security.md). "
+    "tls_acl_ratio_coordinator_tls: the same with the coordinator on the TLS listener too (the "
+    "benchmark sets TLS on the coordinator's paho client, as such an option would)."
+)
+
+
+def sqlite_rounds(
+    broker: MosquittoBroker,
+    secure: SecureFleet,
+    payloads: list[tuple[str, bytes]],
+    work: Path,
+    repeats: int,
+) -> dict[str, Any]:
+    """Interleaved SQLite drains: bare ceiling, coordinator, coordinator on the secure broker."""
+    plain = Endpoint.anonymous(broker)
+
+    def coordinator(
+        ep: Endpoint, load: Load | None, tag: str
+    ) -> Callable[[int], tuple[float, int]]:
+        return lambda r: drain_coordinators(
+            ep, payloads, f"sqlite:///{work / f'{tag}-{r}.db'}", f"{tag}{r}", load=load
+        )
+
+    contenders: dict[str, Callable[[int], tuple[float, int]]] = {
+        "ceiling": lambda r: (drain_bare(plain, payloads, f"b{r}"), 0),
+        "coordinator": coordinator(plain, None, "s"),
+        "secure": coordinator(secure.loopback, secure.preload, "l"),
+        "secure_tls": coordinator(secure.tls, secure.preload, "t"),
+    }
+    names = list(contenders)
+    runs: Rounds = {k: [] for k in names}
+    lost = dict.fromkeys(names, 0)
+    for r in range(repeats):
+        # Reversed every other round: the coordinator always runs next to both the ceiling
+        # and the secure drain it is paired with, and no contender always goes first.
+        for name in names if r % 2 == 0 else names[::-1]:
+            rate, lost_r = contenders[name](r)
+            runs[name].append(rate)
+            lost[name] += lost_r
+        rates = ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in runs.items())
+        say(f"repeat {r + 1}/{repeats}: {rates}")
+    secure_ratios = round_ratios(runs, "secure", "coordinator")
+    return {
+        "ceiling_msgs_per_s": statistics.median(runs["ceiling"]),
+        "coordinator_msgs_per_s": statistics.median(runs["coordinator"]),
+        "ratio": statistics.median(round_ratios(runs, "coordinator", "ceiling")),
+        "lost": lost["coordinator"],
+        "ceiling_runs": runs["ceiling"],
+        "coordinator_runs": runs["coordinator"],
+        "secure_coordinator_msgs_per_s": statistics.median(runs["secure"]),
+        "tls_acl_ratio": statistics.median(secure_ratios),
+        "tls_acl_ratio_runs": secure_ratios,
+        "secure_tls_coordinator_msgs_per_s": statistics.median(runs["secure_tls"]),
+        "tls_acl_ratio_coordinator_tls": statistics.median(
+            round_ratios(runs, "secure_tls", "coordinator")
+        ),
+        "secure_lost": lost["secure"] + lost["secure_tls"],
+        "secure_runs": runs["secure"],
+        "secure_tls_runs": runs["secure_tls"],
+        "tls_acl_method": TLS_ACL_METHOD,
+    }
+
+
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     payloads = telemetry_payloads(args.messages)
     say(
@@ -346,6 +429,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-ingest-"))
     broker = MosquittoBroker(work / "broker", max_queued_messages=10 * args.messages)
     broker.start()
+    device_ids = sorted({topic.split("/")[-2] for topic, _ in payloads})
+    secure = start_secure(work / "secure", ROOT, device_ids, 10 * args.messages)
     report: dict[str, Any] = {
         "benchmark": "ingest",
         "when": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -355,36 +440,20 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "devices": DEVICES,
     }
     try:
-        ceilings, coords, lost = [], [], 0
-        for r in range(args.repeats):
-            ceilings.append(drain_bare(broker, payloads, f"b{r}"))
-            rate, lost_r = drain_coordinators(
-                broker, payloads, f"sqlite:///{work / f'one-{r}.db'}", f"s{r}"
-            )
-            coords.append(rate)
-            lost += lost_r
-            say(
-                f"repeat {r + 1}/{args.repeats}: ceiling {ceilings[-1]:.0f}/s, "
-                f"coordinator {rate:.0f}/s"
-            )
-        report["ceiling_msgs_per_s"] = statistics.median(ceilings)
-        report["coordinator_msgs_per_s"] = statistics.median(coords)
-        report["ratio"] = statistics.median(c / b for c, b in zip(coords, ceilings, strict=True))
-        report["lost"] = lost
-        report["ceiling_runs"] = ceilings
-        report["coordinator_runs"] = coords
+        report.update(sqlite_rounds(broker, secure, payloads, work, args.repeats))
         report.update(
             live_phase(broker, f"sqlite:///{work / 'live.db'}", args.live_seconds, args.live_rate)
         )
         report["live_rate_per_device"] = args.live_rate
         if not args.skip_postgres:
+            plain = Endpoint.anonymous(broker)
             with postgres_server() as admin:
                 ones, twos, lost2 = [], [], 0
                 for r in range(max(1, args.repeats - 1)):
                     with scratch_database(admin) as dsn:
-                        one, _ = drain_coordinators(broker, payloads, dsn, f"p1{r}")
+                        one, _ = drain_coordinators(plain, payloads, dsn, f"p1{r}")
                     with scratch_database(admin) as dsn:
-                        two, lost_r = drain_coordinators(broker, payloads, dsn, f"p2{r}", 2)
+                        two, lost_r = drain_coordinators(plain, payloads, dsn, f"p2{r}", 2)
                     ones.append(one)
                     twos.append(two)
                     lost2 += lost_r
@@ -396,6 +465,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 report["two_coordinators_lost"] = lost2
     finally:
+        secure.broker.stop()
         broker.stop()
     report["load_avg_after"] = load_avg()
     rounded: dict[str, Any] = rounded_floats(report)
