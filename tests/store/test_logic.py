@@ -15,31 +15,38 @@ from tests.store.payloads import (
 
 
 def test_status_rules() -> None:
+    # A is current (received at T0); ts is never looked at, only boots and arrival.
     a = logic.StatusState(BOOT_A, T0)
-    birth_a = status("pi-1", BOOT_A, T0, T0).status
-    will_a_old = status("pi-1", BOOT_A, T0 - 1, T0, online=False).status
-    birth_b_old = status("pi-1", BOOT_B, T0 - 100, T0).status
-    will_b_old = status("pi-1", BOOT_B, T0 - 100, T0, online=False).status
-    assert logic.status_applies(logic.StatusState(None, None), will_a_old)
-    assert logic.status_applies(a, birth_a)  # equal ts
-    assert not logic.status_applies(a, will_a_old)
-    assert logic.status_applies(a, birth_b_old)  # another boot's birth: a restart
-    assert not logic.status_applies(a, will_b_old)
-    assert not logic.is_id_conflict(a, {BOOT_A}, birth_b_old)
-    assert logic.is_id_conflict(a, {BOOT_A, BOOT_B}, birth_b_old)
-    assert not logic.is_id_conflict(a, {BOOT_A, BOOT_B}, will_b_old)
+    will_a_later = status("pi-1", BOOT_A, T0 - 1, T0 + 1, online=False)
+    will_a_earlier = status("pi-1", BOOT_A, T0 + 1e6, T0 - 1, online=False)
+    birth_b_new = status("pi-1", BOOT_B, T0 - 100, T0 + 1)
+    only_a = {BOOT_A: T0 - 10}
+    b_older = {BOOT_A: T0 - 10, BOOT_B: T0 - 20}
+    assert logic.status_applies(logic.StatusState(None, None), {}, will_a_later)
+    assert logic.status_applies(a, only_a, will_a_later)  # same boot, came later
+    assert not logic.status_applies(a, only_a, will_a_earlier)  # came earlier, whatever ts
+    assert logic.status_applies(logic.StatusState(BOOT_A, None), only_a, will_a_earlier)
+    assert logic.status_applies(a, only_a, birth_b_new)  # a boot never seen: a restart
+    assert not logic.status_applies(a, b_older, birth_b_new)  # B was first seen before A
+    assert logic.status_applies(a, {BOOT_A: T0 - 10, BOOT_B: T0 - 5}, birth_b_new)
+    assert not logic.is_id_conflict(a, {BOOT_A}, birth_b_new.status)
+    assert logic.is_id_conflict(a, {BOOT_A, BOOT_B}, birth_b_new.status)
+    will_b = status("pi-1", BOOT_B, T0, T0, online=False).status
+    assert not logic.is_id_conflict(a, {BOOT_A, BOOT_B}, will_b)
 
     fold = logic.fold_statuses(
         logic.StatusState(None, None),
-        set(),
+        {},
         [
             status("pi-1", BOOT_A, T0, T0, group="g1"),
             status("pi-1", BOOT_B, T0 + 5, T0 + 2, group=None),
             status("pi-1", BOOT_A, T0 + 9, T0 + 3, group=None),
         ],
     )
+    # A's return after B is a conflict and does not apply: B was first seen later.
     assert fold.conflicts == 1 and fold.group == "g1"
-    assert fold.applied is not None and fold.applied.boot_id == BOOT_A
+    assert fold.applied is not None and fold.applied.boot_id == BOOT_B
+    assert fold.applied_at == T0 + 2
     assert fold.boots == {BOOT_A: (T0, T0 + 3), BOOT_B: (T0 + 2, T0 + 2)}
 
 

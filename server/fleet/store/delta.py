@@ -24,6 +24,7 @@ class DeviceDelta:
     first_seen: float
     last_seen: float
     status: Status | None  # the status to store; None leaves online/boot/status alone
+    status_received_at: float | None  # when that status came (how statuses are ordered)
     group: str | None  # None leaves the group alone
     id_conflicts: int
     first_seq: int | None  # lowest seq inserted by the batch
@@ -46,6 +47,7 @@ class DeviceDelta:
             "status_json": None if self.status is None else self.status.model_dump_json(),
             "status_ts": None if self.status is None else self.status.ts,
             "boot_id": None if self.status is None else self.status.boot_id,
+            "status_received_at": self.status_received_at,
             "device_group": self.group,
             "id_conflicts": self.id_conflicts,
             "first_seq": self.first_seq,
@@ -102,6 +104,7 @@ def device_deltas(
                 first_seen=lo,
                 last_seen=hi,
                 status=None if fold is None else fold.applied,
+                status_received_at=None if fold is None else fold.applied_at,
                 group=None if fold is None else fold.group,
                 id_conflicts=0 if fold is None else fold.conflicts,
                 first_seq=None if tally is None else tally.min_seq,

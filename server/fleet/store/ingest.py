@@ -103,13 +103,13 @@ def _claim_devices(
 
 def _lock_devices(sql: Sql, ids: Sequence[str]) -> dict[str, logic.DeviceState]:
     rows = sql.rows(
-        "SELECT device_id, boot_id, status_ts, max_seq, lost, dropped FROM devices "
+        "SELECT device_id, boot_id, status_received_at, max_seq, lost, dropped FROM devices "
         f"WHERE device_id {sql.IN_LIST} ORDER BY device_id{sql.FOR_UPDATE}",
         (sql.as_list(ids),),
     )
     return {
-        str(d): logic.DeviceState(boot_id, status_ts, max_seq, int(lost), int(dropped))
-        for d, boot_id, status_ts, max_seq, lost, dropped in rows
+        str(d): logic.DeviceState(boot_id, status_at, max_seq, int(lost), int(dropped))
+        for d, boot_id, status_at, max_seq, lost, dropped in rows
     }
 
 
@@ -121,12 +121,13 @@ def _apply_statuses(
     if not by_device:
         return {}
     ids = sorted(by_device)
-    seen: dict[str, set[str]] = {d: set() for d in ids}
-    for device_id, boot_id in sql.rows(
-        f"SELECT device_id, boot_id FROM boot_ids WHERE device_id {sql.IN_LIST}",
+    # Boots in the order this coordinator first saw them: how statuses are ordered.
+    seen: dict[str, dict[str, float]] = {d: {} for d in ids}
+    for device_id, boot_id, first_seen in sql.rows(
+        f"SELECT device_id, boot_id, first_seen FROM boot_ids WHERE device_id {sql.IN_LIST}",
         (sql.as_list(ids),),
     ):
-        seen[str(device_id)].add(str(boot_id))
+        seen[str(device_id)][str(boot_id)] = float(first_seen)
     folds: dict[str, logic.StatusFold] = {}
     boots: list[tuple[str, str, float, float]] = []
     for device_id in ids:

@@ -111,7 +111,7 @@ class StatusState:
     """The stored status of a device as far as ordering goes."""
 
     boot_id: str | None
-    ts: float | None
+    received_at: float | None  # when the stored status came; None if stored before schema v3
 
 
 @dataclass(frozen=True)
@@ -119,35 +119,38 @@ class DeviceState:
     """What ingest reads of a stored device row (under its lock) before deciding."""
 
     boot_id: str | None
-    status_ts: float | None
+    status_received_at: float | None
     max_seq: int | None
     lost: int
     dropped: int
 
     @property
     def status(self) -> StatusState:
-        return StatusState(self.boot_id, self.status_ts)
+        return StatusState(self.boot_id, self.status_received_at)
 
 
-def status_applies(current: StatusState, incoming: Status) -> bool:
+def status_applies(current: StatusState, boots: Mapping[str, float], incoming: StatusIn) -> bool:
     """Tell whether incoming replaces the stored status.
 
-    Statuses apply in arrival order with two exceptions, both about messages that are late
-    rather than new:
-    - same boot_id and an older ts: the Will of an earlier session of the same agent process
-      (its ts is that session's connect time) arriving after the reconnect's birth. Equal ts
-      applies, so the Will of the current session (same ts and boot_id as its birth) wins when
-      it arrives after the birth.
-    - offline, another boot_id and an older ts: the Will of a replaced agent process arriving
-      after its successor's birth (a takeover seen through another coordinator, or a second
-      agent with the same id dropping out). Applying it would show a running device offline.
-    Births always apply when their boot_id differs: a restarted device may have a worse clock.
+    Statuses are ordered by (boot, received_at): boots in the order this coordinator first saw
+    them (boots maps each known boot_id to that time), then by when this coordinator received
+    the status, which is the broker's order for one device's topic. The status's own ts is
+    never used: a client can put any ts in a status (a forged far-future ts must not keep a
+    SIGKILLed agent online after its Will). So:
+    - same boot: the later arrival wins, so the Will of the current boot beats its birth.
+      The Will of an earlier session of the same process comes before the next session's
+      birth, since the broker publishes it when the new connection takes the client id over.
+    - another boot first seen earlier than the current one: never applies (the late Will of
+      a replaced process, or a second agent with the same id coming back, see is_id_conflict).
+    - a boot never seen before: a restart, it applies whatever its clock says.
     """
-    if current.boot_id is None or current.ts is None:
+    if current.boot_id is None:
         return True
-    if incoming.boot_id == current.boot_id:
-        return incoming.ts >= current.ts
-    return incoming.online or incoming.ts >= current.ts
+    s = incoming.status
+    if s.boot_id == current.boot_id:
+        return current.received_at is None or incoming.received_at >= current.received_at
+    first, current_first = boots.get(s.boot_id), boots.get(current.boot_id)
+    return first is None or current_first is None or first >= current_first
 
 
 def is_id_conflict(current: StatusState, seen_boots: AbstractSet[str], incoming: Status) -> bool:
@@ -174,28 +177,36 @@ class StatusFold:
     conflicts: int
     boots: dict[str, tuple[float, float]]  # boot_id -> earliest, latest received_at
 
+    @property
+    def applied_at(self) -> float | None:
+        """When the applied status was received."""
+        return None if self.applied is None else self.state.received_at
+
 
 def fold_statuses(
-    current: StatusState, seen_boots: AbstractSet[str], statuses: Sequence[StatusIn]
+    current: StatusState, seen_boots: Mapping[str, float], statuses: Sequence[StatusIn]
 ) -> StatusFold:
-    """Apply one device's statuses in arrival order (see status_applies, is_id_conflict)."""
+    """Apply one device's statuses in arrival order (see status_applies, is_id_conflict).
+
+    seen_boots maps the device's known boot_ids to when this coordinator first saw them.
+    """
     state = current
-    seen = set(seen_boots)
+    first_seen = dict(seen_boots)
     applied: Status | None = None
     group: str | None = None
     conflicts = 0
     boots: dict[str, tuple[float, float]] = {}
     for item in statuses:
         s = item.status
-        if is_id_conflict(state, seen, s):
+        if is_id_conflict(state, first_seen.keys(), s):
             conflicts += 1
-        if status_applies(state, s):
+        if status_applies(state, first_seen, item):
             applied = s
-            state = StatusState(s.boot_id, s.ts)
+            state = StatusState(s.boot_id, item.received_at)
             # A status without a group leaves the operator's assignment alone.
             if s.group is not None:
                 group = s.group
-        seen.add(s.boot_id)
+        first_seen.setdefault(s.boot_id, item.received_at)
         lo, hi = boots.get(s.boot_id, (item.received_at, item.received_at))
         boots[s.boot_id] = (min(lo, item.received_at), max(hi, item.received_at))
     return StatusFold(state, applied, group, conflicts, boots)

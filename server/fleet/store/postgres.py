@@ -49,6 +49,8 @@ UPDATE devices AS d SET
     online = COALESCE(u.online, d.online),
     status_json = COALESCE(u.status_json, d.status_json),
     status_ts = CASE WHEN u.status_json IS NULL THEN d.status_ts ELSE u.status_ts END,
+    status_received_at = CASE WHEN u.status_json IS NULL THEN d.status_received_at
+                              ELSE u.status_received_at END,
     boot_id = COALESCE(u.boot_id, d.boot_id),
     device_group = COALESCE(u.device_group, d.device_group),
     id_conflicts = d.id_conflicts + u.id_conflicts,
@@ -67,11 +69,13 @@ UPDATE devices AS d SET
 FROM unnest(
     %(device_id)b::text[], %(first_seen)b::float8[], %(last_seen)b::float8[],
     %(online)b::bool[], %(status_json)b::text[], %(status_ts)b::float8[],
+    %(status_received_at)b::float8[],
     %(boot_id)b::text[], %(device_group)b::text[], %(id_conflicts)b::int8[],
     %(first_seq)b::int8[], %(max_seq)b::int8[], %(received)b::int8[],
     %(duplicates)b::int8[], %(unlost)b::int8[], %(undropped)b::int8[], %(overflow)b::int8[],
     %(newest_seq)b::int8[], %(newest_json)b::text[]
-) AS u(device_id, first_seen, last_seen, online, status_json, status_ts, boot_id,
+) AS u(device_id, first_seen, last_seen, online, status_json, status_ts, status_received_at,
+       boot_id,
        device_group, id_conflicts, first_seq, max_seq, received, duplicates, unlost,
        undropped, overflow, newest_seq, newest_json)
 WHERE d.device_id = u.device_id

@@ -266,9 +266,20 @@ ALTER TABLE devices ADD COLUMN dropped BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE lost_ranges ADD COLUMN dropped BOOLEAN NOT NULL DEFAULT FALSE;
 """
 
+# v3: statuses are ordered by boot and by when the coordinator received them, not by the
+# client-supplied ts (kept in status_ts, informational). NULL for a status stored before: the
+# next status of the same boot applies, as it came later.
+_V3_SQLITE = """
+ALTER TABLE devices ADD COLUMN status_received_at REAL;
+"""
+_V3_POSTGRES = """
+ALTER TABLE devices ADD COLUMN status_received_at DOUBLE PRECISION;
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _V1_SQLITE, _V1_POSTGRES),
     Migration(2, "reported drops apart from losses", _V2_SQLITE, _V2_POSTGRES),
+    Migration(3, "statuses ordered by receive time", _V3_SQLITE, _V3_POSTGRES),
 ]
 
 # Created outside the versions: it is how a database says which versions it has.

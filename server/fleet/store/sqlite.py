@@ -40,6 +40,8 @@ UPDATE devices SET
     online = coalesce(:online, online),
     status_json = coalesce(:status_json, status_json),
     status_ts = CASE WHEN :status_json IS NULL THEN status_ts ELSE :status_ts END,
+    status_received_at = CASE WHEN :status_json IS NULL THEN status_received_at
+                              ELSE :status_received_at END,
     boot_id = coalesce(:boot_id, boot_id),
     device_group = coalesce(:device_group, device_group),
     id_conflicts = id_conflicts + :id_conflicts,
