@@ -76,6 +76,7 @@ def _run(args: argparse.Namespace) -> int:
             http_port=http_port,
             token=_read_token(args.token_file),
             loss_grace_s=args.loss_grace,
+            state_dir=args.state_dir,
             http_max_body_bytes=args.http_max_body,
         )
     except (ValueError, OSError) as exc:
@@ -127,8 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="file holding the API token for actions (default: the systemd credential "
         f"api-token, else ${TOKEN_ENV}; none: actions are refused)",
     )
-    p.add_argument("--client-id", default="edgefleet-coordinator-1",
-                   help="MQTT client id: unique per coordinator, stable across restarts")
+    p.add_argument("--client-id", default=None,
+                   help="MQTT client id: unique per coordinator, stable across restarts "
+                   "(default: edgefleet-coordinator-<random>, made once and kept in "
+                   "--state-dir; on the secure profile the broker uses the username)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where the coordinator keeps its client id (default: the SQLite "
+                   "store's directory, else /var/lib/edgefleet)")
     p.add_argument(
         "--share-group",
         default=None,

@@ -66,7 +66,13 @@ class IngestConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     root: str = DEFAULT_ROOT
-    client_id: str = Field("edgefleet-coordinator-1", min_length=1, max_length=128)
+    client_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Stable across restarts (the session is persistent); None: the service "
+        "picks this installation's id (see fleet/client_id.py) before the Ingestor starts.",
+    )
     share_group: str | None = Field(
         None,
         description="Coordinators with the same share group split the device traffic (MQTT 5 "
@@ -121,6 +127,9 @@ class Ingestor:
     def __init__(self, cfg: IngestConfig, store: Store, *, writer_url: str | None = None) -> None:
         """store serves reads (commands); writes go through it too unless writer_url is given,
         in which case a child process opens that store URL and does decoding and writing."""
+        if cfg.client_id is None:
+            # paho would make up an id per connection, and the persistent session would go.
+            raise ValueError("IngestConfig.client_id is required (see fleet/client_id.py)")
         self.cfg = cfg
         self.store = store
         self.tree = TopicTree(cfg.root)

@@ -6,11 +6,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.server.fleet.api import create_app
+from edgefleet.server.fleet.client_id import coordinator_client_id, state_dir_for
 from edgefleet.server.fleet.commander import Commander
 from edgefleet.server.fleet.gc_tuning import tune_gc
 from edgefleet.server.fleet.http_guard import DEFAULT_MAX_BODY_BYTES
@@ -41,6 +43,20 @@ class CoordinatorConfig(BaseModel):
     maintenance_every_s: float = Field(30.0, gt=0)
     retention_every_s: float = Field(3600.0, gt=0)
     retention: RetentionPolicy = RetentionPolicy()
+    state_dir: Path | None = Field(
+        None,
+        description="Where the coordinator keeps its own state (its MQTT client id); default: "
+        "the SQLite store's directory, else /var/lib/edgefleet.",
+    )
+
+    def ingest_config(self) -> IngestConfig:
+        """mqtt with its client id filled in: as configured, else the username, else this
+        installation's id (made once in state_dir, the same across restarts)."""
+        if self.mqtt.client_id is not None:
+            return self.mqtt
+        state_dir = self.state_dir or state_dir_for(self.store)
+        client_id = coordinator_client_id(state_dir, self.mqtt.username)
+        return self.mqtt.model_copy(update={"client_id": client_id})
 
 
 @dataclass
@@ -56,7 +72,7 @@ class Coordinator:
 
     def start(self) -> None:
         self.store = open_store(self.cfg.store)
-        self.ingestor = Ingestor(self.cfg.mqtt, self.store, writer_url=self.cfg.store)
+        self.ingestor = Ingestor(self.cfg.ingest_config(), self.store, writer_url=self.cfg.store)
         app = create_app(
             self.store,
             token=self.cfg.token,
@@ -82,7 +98,7 @@ class Coordinator:
         deadline = time.monotonic() + 10
         while not self.http.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        log.info("coordinator %s: HTTP on %s, store %s", self.cfg.mqtt.client_id, self.url,
+        log.info("coordinator %s: HTTP on %s, store %s", self.ingestor.cfg.client_id, self.url,
                  self.cfg.store.split("@")[-1])
 
     @property

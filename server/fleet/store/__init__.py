@@ -78,11 +78,23 @@ __all__ = [
     "TelemetryIn",
     "TelemetryRecord",
     "open_store",
+    "sqlite_path",
 ]
 
 # "host=db dbname=fleet": libpq's keyword form starts with a keyword and '='.
 _LIBPQ_KEYWORDS = re.compile(r"^\s*[A-Za-z_]+\s*=")
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file a SQLite store URL (or plain path) names; None for a PostgreSQL store."""
+    if url.startswith(("postgresql://", "postgres://")) or (
+        _LIBPQ_KEYWORDS.match(url) and not _URL_SCHEME.match(url)
+    ):
+        return None
+    if url.startswith("sqlite://"):
+        return url[len("sqlite://") :]
+    return url
 
 
 def open_store(url: str) -> Store:
