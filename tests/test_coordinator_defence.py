@@ -1,8 +1,10 @@
-"""Status ordering through a real mosquitto: boot and arrival decide, never the status's ts.
+"""The coordinator's defence in depth (issue 12) through a real mosquitto, on both stores.
 
-A device process with a Last Will is SIGKILLed after someone published an online status of its
-boot with the largest ts the protocol admits; before the coordinator ordered statuses by
-arrival, that forged ts kept the device online after its Will (issue 12).
+- Status ordering: boot and arrival decide, never the status's ts. A device process with a
+  Last Will is SIGKILLed after someone published an online status of its boot with the largest
+  ts the protocol admits; before the coordinator ordered statuses by arrival, that forged ts
+  kept the device online after its Will.
+- Reported drops: windows a device says its full outbox dropped are counted dropped, not lost.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.protocol import TopicTree, encode, offline_will
+from edgefleet.agent.protocol import Telemetry, TopicTree, encode, offline_will
 from edgefleet.agent.protocol.bounds import MAX_TS
 from edgefleet.server.fleet.store import Store, open_store
 from edgefleet.server.local.broker import MosquittoBroker
@@ -104,5 +106,32 @@ def test_a_forged_future_ts_does_not_keep_a_sigkilled_agent_online(
         if device.poll() is None:
             device.kill()
             device.wait(10)
+        pub.close()
+        ing.stop()
+
+
+def _window(seq: int, overflow: int) -> Telemetry:
+    now = time.time()
+    return samples.telemetry("pi-7", seq=seq).model_copy(
+        update={"window_start": now - 10, "window_end": now, "outbox_overflow": overflow}
+    )
+
+
+def test_windows_the_device_reported_dropping_are_dropped_not_lost(
+    mqtt_broker: MosquittoBroker, topic_prefix: str, store: Store
+) -> None:
+    # The outbox dropped 3..7, its oldest, while the broker was away; the windows made after
+    # the drops say so (a lifetime count). 9 vanished without a word.
+    topic = TopicTree(topic_prefix).device("pi-7", "telemetry")
+    ing = start_ingestor(mqtt_broker, topic_prefix, store)
+    pub = RawPublisher(mqtt_broker)
+    try:
+        for seq in (0, 1, 2, 8, 10, 11):
+            pub.publish(topic, encode(_window(seq, 5 if seq >= 10 else 0)))
+        wait_until(lambda: store.telemetry_count() == 6, 20, "six windows stored")
+        store.declare_losses(time.time() + 3600, grace_s=0)
+        (rep,) = store.sequence_reports("pi-7")
+        assert (rep.missing, rep.dropped, rep.lost, rep.reported_overflow) == (6, 5, 1, 5)
+    finally:
         pub.close()
         ing.stop()
