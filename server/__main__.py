@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--state-dir; on the secure profile the broker uses the username)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where the coordinator keeps its client id (default: the SQLite "
-                   "store's directory, else /var/lib/edgefleet)")
+                   "store's directory, else $STATE_DIRECTORY, else /var/lib/edgefleet)")
     p.add_argument(
         "--share-group",
         default=None,

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.protocol import TopicTree, encode
-from edgefleet.server.fleet.client_id import ID_FILE, PREFIX, coordinator_client_id
+from edgefleet.server.fleet.client_id import (
+    ID_FILE,
+    PREFIX,
+    coordinator_client_id,
+    state_dir_for,
+)
 from edgefleet.server.fleet.ingest import IngestConfig
 from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
 from edgefleet.server.local.broker import MosquittoBroker
@@ -25,6 +30,16 @@ def test_each_installation_gets_its_own_id_and_keeps_it(tmp_path: Path) -> None:
     assert coordinator_client_id(two) != first
     # The secure profile: the broker takes the username as the client id anyway.
     assert coordinator_client_id(one, "coord-a") == "coord-a"
+
+
+def test_the_state_dir_is_beside_a_sqlite_store_else_the_units(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert state_dir_for(f"sqlite://{tmp_path}/db/fleet.db") == tmp_path / "db"
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert state_dir_for("postgresql://edgefleet@db/edgefleet") == Path("/var/lib/edgefleet")
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/unit:/elsewhere")
+    assert state_dir_for("host=db dbname=edgefleet") == tmp_path / "unit"
 
 
 def test_a_damaged_id_file_is_refused_not_replaced(tmp_path: Path) -> None:

@@ -31,12 +31,14 @@ _VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def state_dir_for(store_url: str) -> Path:
-    """Where a coordinator keeps its own state by default: beside a SQLite store, else
-    /var/lib/edgefleet (a PostgreSQL store is shared by coordinators that each need an id)."""
+    """Where a coordinator keeps its own state by default: beside a SQLite store, else the
+    unit's StateDirectory= ($STATE_DIRECTORY), else /var/lib/edgefleet (a PostgreSQL store is
+    shared by coordinators that each need their own id)."""
     path = sqlite_path(store_url)
-    if not path:
-        return DEFAULT_STATE_DIR
-    return Path(path).expanduser().resolve().parent
+    if path:
+        return Path(path).expanduser().resolve().parent
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(systemd) if systemd else DEFAULT_STATE_DIR
 
 
 def coordinator_client_id(state_dir: Path, username: str | None = None) -> str:

@@ -46,7 +46,7 @@ class CoordinatorConfig(BaseModel):
     state_dir: Path | None = Field(
         None,
         description="Where the coordinator keeps its own state (its MQTT client id); default: "
-        "the SQLite store's directory, else /var/lib/edgefleet.",
+        "the SQLite store's directory, else $STATE_DIRECTORY (systemd), else /var/lib/edgefleet.",
     )
 
     def ingest_config(self) -> IngestConfig:
