@@ -47,6 +47,31 @@ def _read_token(path: str | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def _read_mqtt_password(path: str | None) -> str | None:
+    """The coordinator's broker password: --mqtt-password-file, else the systemd credential."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path is None and cred_dir and (Path(cred_dir) / "mqtt-password").is_file():
+        path = str(Path(cred_dir) / "mqtt-password")
+    if path is None:
+        return None
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"--mqtt-password-file {path}: {exc.strerror or exc}") from None
+    if not password:
+        raise ValueError(f"--mqtt-password-file {path}: the file is empty")
+    return password
+
+
+def _broker_ca(path: Path | None) -> str | None:
+    """--broker-ca as a readable file's path, or ValueError naming the option."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"--broker-ca {path}: no such file")
+    return str(path)
+
+
 def _host_port(value: str, option: str) -> tuple[str, int]:
     """HOST:PORT (HOST may be empty for 127.0.0.1), or ValueError naming the option."""
     host, sep, port = value.rpartition(":")
@@ -71,6 +96,9 @@ def _run(args: argparse.Namespace) -> int:
                 client_id=args.client_id,
                 share_group=args.share_group,
                 registration_open=not args.closed_registration,
+                username=args.mqtt_username,
+                password=_read_mqtt_password(args.mqtt_password_file),
+                tls_ca=_broker_ca(args.broker_ca),
             ),
             http_host=http_host,
             http_port=http_port,
@@ -128,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="file holding the API token for actions (default: the systemd credential "
         f"api-token, else ${TOKEN_ENV}; none: actions are refused)",
     )
+    p.add_argument("--mqtt-username", default=None,
+                   help="this coordinator's broker identity (edgefleet fleet provision "
+                   "--coordinator); none: connect anonymously (test brokers only)")
+    p.add_argument("--mqtt-password-file", default=None,
+                   help="file holding its broker password (default: the systemd credential "
+                   "mqtt-password, if present)")
+    p.add_argument("--broker-ca", type=Path, default=None,
+                   help="CA certificate of the broker's TLS listener: connect over TLS "
+                   "(default: plain TCP, for the secure broker's loopback listener)")
     p.add_argument("--client-id", default=None,
                    help="MQTT client id: unique per coordinator, stable across restarts "
                    "(default: edgefleet-coordinator-<random>, made once and kept in "

@@ -78,8 +78,13 @@ class IngestConfig(BaseModel):
         description="Coordinators with the same share group split the device traffic (MQTT 5 "
         "shared subscriptions); None: this coordinator subscribes to all of it.",
     )
-    username: str | None = None
-    password: str | None = None
+    username: str | None = Field(None, description="This coordinator's broker identity.")
+    password: str | None = Field(None, description="Its password (edgefleet fleet provision).")
+    tls_ca: str | None = Field(
+        None,
+        description="CA certificate (PEM) that signed the broker's: connect over TLS and verify "
+        "the broker; None: plain TCP (the secure broker's loopback listener on the same host).",
+    )
     session_expiry_s: int = Field(
         7 * 24 * 3600, ge=0, description="How long the broker queues for us while we are down."
     )
@@ -161,6 +166,8 @@ class Ingestor:
         )
         if self.cfg.username:
             client.username_pw_set(self.cfg.username, self.cfg.password)
+        if self.cfg.tls_ca:
+            client.tls_set(ca_certs=self.cfg.tls_ca)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
