@@ -265,12 +265,23 @@ def test_commands_get_replies(
     refused = reply(UNCORRELATED_ID)
     assert not refused.ok and "payload is not JSON" in (refused.error or "")
 
+    # A retained command (stale, or published retained by anyone) is never run, as by the agent.
+    publisher.publish(
+        tree.device(target, "cmd"),
+        encode(Command(id="kept-1", ts=time.time(), command=Ping())),
+        qos=1,
+        retain=True,
+    ).wait_for_publish(5)
+    send(encode(Command(id="after-kept", ts=time.time(), command=Ping())))
+    assert reply("after-kept").ok
+    assert not any(r.id == "kept-1" for r in replies())
+
     send(encode(Command(id="grp-1", ts=time.time(), command=Ping())), tree.group_cmd("line-1"))
     collector.wait_for(
         "a reply from every group member",
         lambda: {r.device_id for r in replies() if r.id == "grp-1"} == set(sim.device_ids()),
     )
-    assert sim.stats().by_id()[target].commands == 6
+    assert sim.stats().by_id()[target].commands == 7
     assert all(decode(Reply, encode(r)) == r for r in replies())
 
 

@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgefleet.agent.protocol import encode, offline_will
 
@@ -198,9 +199,12 @@ class Sessions:
         dev.state = "online"
         birth = dev.session_birth or dev.birth()
         client.publish(dev.topics["status"], encode(birth), qos=1, retain=True)
-        subs: list[tuple[str, int]] = [(dev.topics["cmd"], 1)]
+        # As the agent: retain-as-published, so a command that arrives retained (stale, or
+        # published retained by someone) is recognised and never run (docs/protocol.md).
+        opts = SubscribeOptions(qos=1, retainAsPublished=True)
+        subs = [(dev.topics["cmd"], opts)]
         if dev.group_topic:
-            subs.append((dev.group_topic, 1))
+            subs.append((dev.group_topic, opts))
         client.subscribe(subs)
         dev.backlog.replay()
         self.to_pump.add(dev)
@@ -258,6 +262,9 @@ class Sessions:
 
     def _on_message(self, client: mqtt.Client, dev: SimDevice, msg: mqtt.MQTTMessage) -> None:
         if dev.client is not client:
+            return
+        if msg.retain:
+            log.warning("%s: ignored a retained command on %s", dev.device_id, msg.topic)
             return
         dev.answer(msg.topic, bytes(msg.payload))
 
