@@ -25,29 +25,14 @@ from edgefleet.agent.bundle import (
     ExtraFile,
     MalformedManifest,
     UnsafeArchive,
-    generate_private_key,
     pack,
     save_public_key,
     unpack,
     verify_bundle,
-    write_bundle,
 )
 from edgefleet.agent.bundle import tree as tree_module
 from edgefleet.agent.bundle.keys import sign
 from edgefleet.agent.bundle.tree import MAX_DEPTH, MAX_ENTRIES, copy_tree, plain_tree
-from tests.bundle_helpers import two_stage_body, two_stage_files
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return generate_private_key()
-
-
-@pytest.fixture
-def bundle(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
-    out = tmp_path / "bundle"
-    write_bundle(out, two_stage_body(), two_stage_files(), key)
-    return out
 
 
 def _link_message(rel: str) -> str:

@@ -44,18 +44,6 @@ from edgefleet.agent.bundle.keys import public_key_pem, sign
 from tests.bundle_helpers import one_stage_body, stage1_model, two_stage_body, two_stage_files
 
 
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return generate_private_key()
-
-
-@pytest.fixture
-def bundle(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
-    out = tmp_path / "bundle"
-    write_bundle(out, two_stage_body(), two_stage_files(), key)
-    return out
-
-
 def _resign(bundle: Path, key: Ed25519PrivateKey, data: bytes) -> None:
     """Replace the manifest with other bytes, correctly signed: tests what comes after the sig."""
     (bundle / "manifest.json").write_bytes(data)
