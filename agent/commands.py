@@ -27,6 +27,7 @@ from edgefleet.agent.protocol import (
     ProtocolError,
     ReloadBundle,
     Reply,
+    RollbackBundle,
     SetOperatingPoint,
     SetTelemetryInterval,
     SetThresholds,
@@ -188,6 +189,6 @@ class CommandHandler:
             return {"jpeg_b64": base64.b64encode(jpeg).decode(), "bytes": len(jpeg)}
         if isinstance(body, ReloadBundle):
             return t.reload_bundle()
-        if isinstance(body, InstallBundle):
+        if isinstance(body, (InstallBundle, RollbackBundle)):
             raise RuntimeError("bundle transfer is not supported by this agent version yet")
         raise ValueError(f"unknown command {body.name!r}")  # pragma: no cover - union is closed

@@ -6,6 +6,7 @@ from edgefleet.agent.protocol import (
     AnyCommand,
     BundleOffer,
     Command,
+    DeltaRef,
     Event,
     Hardware,
     InstallBundle,
@@ -15,6 +16,7 @@ from edgefleet.agent.protocol import (
     ReloadBundle,
     Reply,
     Result,
+    RollbackBundle,
     SetOperatingPoint,
     SetTelemetryInterval,
     SetThresholds,
@@ -26,6 +28,9 @@ from edgefleet.agent.protocol import (
 )
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+MANIFEST_SHA = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
+BASE_MANIFEST_SHA = "fd61a03af4f77d870fc21e05e7e80678095c92d808cfb3b5c279ee04c74aca13"
+DELTA_SHA = "a4e624d686e03ed2767c0abd85c14426b0b1157d2ce81d27bb4fe4f6f01d688a"
 
 
 def status(device_id: str = "pi-7", online: bool = True) -> Status:
@@ -119,7 +124,17 @@ COMMAND_BODIES: list[AnyCommand] = [
     SetTelemetryInterval(seconds=30),
     Snapshot(quality=70),
     ReloadBundle(),
-    InstallBundle(sha256=SHA, model_id="digits-ee", version=4),
+    InstallBundle(
+        sha256=SHA,
+        model_id="digits-ee",
+        version=4,
+        manifest_sha256=MANIFEST_SHA,
+        delta=DeltaRef(sha256=DELTA_SHA, base_manifest_sha256=BASE_MANIFEST_SHA),
+        rollout_id="r-20261202-1",
+    ),
+    RollbackBundle(
+        manifest_sha256=MANIFEST_SHA, rollout_id="r-20261202-1", reason="halt rule p95_ms>40"
+    ),
 ]
 
 
@@ -154,6 +169,7 @@ def offer() -> BundleOffer:
         sha256=SHA,
         model_id="digits-ee",
         version=4,
+        manifest_sha256=MANIFEST_SHA,
         size=600 * 1024,
         chunk_size=256 * 1024,
         chunk_sha256=[f"{i:x}" * 64 for i in (10, 11, 12)],

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from edgefleet.agent.protocol.base import ModelId, Payload, PayloadKind, Strict
 from edgefleet.agent.protocol.bounds import MAX_SEQ, MAX_TS, BoundedJson
-from edgefleet.agent.protocol.ids import DeviceId, Sha256Hex
+from edgefleet.agent.protocol.ids import ID_PATTERN, DeviceId, Sha256Hex
 from edgefleet.agent.protocol.messages import MAX_EXITS
 
 # Printable ASCII without spaces: the id is echoed in logs and replies.
@@ -16,6 +16,8 @@ CORRELATION_ID_PATTERN = r"^[\x21-\x7e]{1,64}$"
 # The id of a reply to a command whose own id could not be read (not JSON, no id): the
 # sender still hears that something it sent was refused. Never a UUID, so never a real id.
 UNCORRELATED_ID = "-"
+
+RolloutId = Annotated[str, Field(pattern=ID_PATTERN)]
 
 
 class Ping(Strict):
@@ -70,13 +72,46 @@ class ReloadBundle(Strict):
     name: Literal["reload_bundle"] = "reload_bundle"
 
 
+class DeltaRef(Strict):
+    """A delta archive of the same bundle, usable by a device that has its base installed."""
+
+    sha256: Sha256Hex = Field(description="sha256 of the delta archive; names its topics.")
+    base_manifest_sha256: Sha256Hex = Field(
+        description="Manifest sha256 of the bundle the delta was built on."
+    )
+
+
 class InstallBundle(Strict):
-    """Fetch the bundle archive offered under this sha256, verify it and switch to it."""
+    """Fetch the bundle archive offered under this sha256, verify it and switch to it.
+
+    The reply only says whether the install was accepted (or is already done); its progress
+    and outcome come as events carrying `install_state` and `manifest_sha256`.
+    """
 
     name: Literal["install_bundle"] = "install_bundle"
-    sha256: Sha256Hex = Field(description="sha256 of the archive; names its transfer topics.")
+    sha256: Sha256Hex = Field(description="sha256 of the full archive; names its transfer topics.")
     model_id: ModelId = Field(description="Model the archive must contain.")
     version: int = Field(ge=1, le=MAX_SEQ, description="Version the archive must contain.")
+    manifest_sha256: Sha256Hex = Field(description="Manifest sha256 the bundle must have.")
+    delta: DeltaRef | None = Field(
+        None, description="A smaller archive to use instead when the device has its base."
+    )
+    rollout_id: RolloutId | None = Field(None, description="Rollout this install belongs to.")
+    allow_model_change: bool = Field(
+        False,
+        description="Accept a bundle of another model_id or input shape than the running one.",
+    )
+
+
+class RollbackBundle(Strict):
+    """Go back to the previous installed bundle if the device runs the one named."""
+
+    name: Literal["rollback_bundle"] = "rollback_bundle"
+    manifest_sha256: Sha256Hex = Field(
+        description="Roll back only from this bundle; a device running another one does nothing."
+    )
+    rollout_id: RolloutId | None = Field(None, description="Rollout that asks for it.")
+    reason: str = Field("", max_length=500, description="Why, for the device's event and log.")
 
 
 # To add a command: define its class with a unique `name` literal and append it here.
@@ -89,7 +124,8 @@ AnyCommand = Annotated[
     | SetTelemetryInterval
     | Snapshot
     | ReloadBundle
-    | InstallBundle,
+    | InstallBundle
+    | RollbackBundle,
     Field(discriminator="name"),
 ]
 

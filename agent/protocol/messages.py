@@ -16,7 +16,7 @@ from edgefleet.agent.protocol.bounds import (
     MAX_TS,
     Int64,
 )
-from edgefleet.agent.protocol.ids import DeviceId, GroupName
+from edgefleet.agent.protocol.ids import DeviceId, GroupName, Sha256Hex
 
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -64,6 +64,12 @@ class Status(Payload):
     boot_id: str = Field(
         pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
         description="UUID made at each agent start; a new one means the agent restarted.",
+    )
+    bundle_sha256: Sha256Hex | None = Field(
+        None, description="sha256 of the running bundle's manifest.json: exactly what runs."
+    )
+    previous_bundle_sha256: Sha256Hex | None = Field(
+        None, description="Manifest sha256 of the bundle a rollback would go back to."
     )
 
 

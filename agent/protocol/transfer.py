@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -23,6 +23,18 @@ class BundleOffer(Payload):
     sha256: Sha256Hex = Field(description="sha256 of the whole archive; equals the topic's.")
     model_id: ModelId = Field(description="Model inside the archive.")
     version: int = Field(ge=1, le=MAX_SEQ, description="Bundle version inside the archive.")
+    manifest_sha256: Sha256Hex = Field(
+        description="sha256 of the bundle's manifest.json: names the bundle itself, so a device "
+        "that already has it installed needs nothing"
+    )
+    kind: Literal["full", "delta"] = Field(
+        "full",
+        description="full: the whole bundle; delta: the manifest, its signature and only the "
+        "files whose sha256 the base bundle does not have",
+    )
+    base_manifest_sha256: Sha256Hex | None = Field(
+        None, description="delta only: manifest sha256 of the bundle the delta was built on"
+    )
     size: int = Field(ge=1, le=MAX_CHUNKS * MAX_CHUNK_SIZE, description="Archive size in bytes.")
     chunk_size: int = Field(
         ge=1, le=MAX_CHUNK_SIZE, description="Bytes per chunk; the last chunk may be shorter."
@@ -38,6 +50,8 @@ class BundleOffer(Payload):
 
     @model_validator(mode="after")
     def _chunks_cover_size(self) -> BundleOffer:
+        if (self.kind == "delta") != (self.base_manifest_sha256 is not None):
+            raise ValueError("base_manifest_sha256 is required for a delta and only for one")
         expected = -(-self.size // self.chunk_size)
         if len(self.chunk_sha256) != expected:
             raise ValueError(
