@@ -36,6 +36,8 @@ from __future__ import annotations
 import re
 
 from edgefleet.server.fleet.store.base import (
+    ACTIVE_ROLLOUT_STATES,
+    BundleRecord,
     CommandRecord,
     DeviceRecord,
     EventIn,
@@ -47,6 +49,10 @@ from edgefleet.server.fleet.store.base import (
     ReplyIn,
     RetentionOutcome,
     RetentionPolicy,
+    RolloutDeviceRecord,
+    RolloutDeviceState,
+    RolloutRecord,
+    RolloutState,
     RollupRecord,
     SequenceReport,
     StatusIn,
@@ -54,10 +60,13 @@ from edgefleet.server.fleet.store.base import (
     TelemetryIn,
     TelemetryRecord,
 )
+from edgefleet.server.fleet.store.errors import RolloutConflict
 from edgefleet.server.fleet.store.postgres import PostgresStore
 from edgefleet.server.fleet.store.sqlite import SqliteStore
 
 __all__ = [
+    "ACTIVE_ROLLOUT_STATES",
+    "BundleRecord",
     "CommandRecord",
     "DeviceRecord",
     "EventIn",
@@ -70,6 +79,11 @@ __all__ = [
     "ReplyIn",
     "RetentionOutcome",
     "RetentionPolicy",
+    "RolloutConflict",
+    "RolloutDeviceRecord",
+    "RolloutDeviceState",
+    "RolloutRecord",
+    "RolloutState",
     "RollupRecord",
     "SequenceReport",
     "SqliteStore",

@@ -9,6 +9,7 @@ coordinator wrote it first.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -198,6 +199,78 @@ class RetentionOutcome:
     events_deleted: int
 
 
+RolloutState = Literal["running", "paused", "halted", "completed", "aborted"]
+# States in which a rollout holds its group (the unique index of schema v4).
+ACTIVE_ROLLOUT_STATES: tuple[RolloutState, ...] = ("running", "paused")
+RolloutDeviceState = Literal[
+    "pending",  # planned, no command sent yet
+    "sent",  # install_bundle sent, nothing heard back
+    "downloading",
+    "verifying",
+    "health_checking",
+    "active",  # installed and running the bundle
+    "failed",
+    "rolled_back",
+    "refused",
+    "timed_out",  # no final state before deadline_at
+]
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    """A bundle archive the coordinator holds and may publish as retained chunks."""
+
+    sha256: str  # of the archive: names its bundle/{sha256}/ topics
+    kind: Literal["full", "delta"]
+    manifest_sha256: str
+    base_manifest_sha256: str | None  # delta only: the bundle it applies on
+    model_id: str
+    version: int
+    size: int
+    chunk_size: int
+    path: str
+    added_at: float
+    published_at: float | None = None
+    cleared_at: float | None = None
+    published_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """One rollout of a bundle to a group; spec_json holds the operator's options."""
+
+    rollout_id: str
+    group: str
+    bundle_sha256: str
+    manifest_sha256: str
+    model_id: str
+    version: int
+    spec_json: str  # canary, soak_s, halt rules as text, waves, deadline_s, allow_model_change
+    state: RolloutState
+    phase: str  # e.g. "canary", "soak", "wave 2", "done"
+    phase_started_at: float
+    reason: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class RolloutDeviceRecord:
+    """One device of a rollout: its wave and how far its install got."""
+
+    rollout_id: str
+    device_id: str
+    wave: int  # 0: canary
+    state: RolloutDeviceState
+    have: int  # chunks received, as the device reported
+    total: int | None
+    reason: str | None
+    previous_manifest_sha256: str | None  # what to roll back to
+    sent_at: float | None
+    deadline_at: float | None
+    updated_at: float
+
+
 class Store(ABC):
     """The coordinator's persistent state; every method is one transaction."""
 
@@ -287,3 +360,76 @@ class Store(ABC):
     @abstractmethod
     def telemetry_count(self) -> int:
         """Raw telemetry windows stored (for ingest-rate metrics and benchmarks)."""
+
+    # -- rollouts -------------------------------------------------------------------------
+
+    @abstractmethod
+    def add_bundle(self, record: BundleRecord) -> bool:
+        """Remember a bundle archive; False (and the first record kept) when already known."""
+
+    @abstractmethod
+    def bundle(self, sha256: str) -> BundleRecord | None: ...
+
+    @abstractmethod
+    def bundles(self) -> list[BundleRecord]:
+        """Every bundle, newest added first."""
+
+    @abstractmethod
+    def mark_bundle_published(self, sha256: str, at: float, published_bytes: int) -> None:
+        """Record that the archive's chunks and offer are on the broker (clears cleared_at)."""
+
+    @abstractmethod
+    def mark_bundle_cleared(self, sha256: str, at: float) -> None:
+        """Record that the archive's retained messages were deleted from the broker."""
+
+    @abstractmethod
+    def create_rollout(self, record: RolloutRecord, waves: list[list[str]]) -> None:
+        """Store a rollout and its devices (state pending, wave = index in waves).
+
+        Raises RolloutConflict when record is running or paused and its group already has a
+        rollout running or paused, whichever coordinator created that one.
+        """
+
+    @abstractmethod
+    def rollout(self, rollout_id: str) -> RolloutRecord | None: ...
+
+    @abstractmethod
+    def rollouts(
+        self,
+        group: str | None = None,
+        states: Sequence[RolloutState] | None = None,
+        limit: int = 100,
+    ) -> list[RolloutRecord]:
+        """Newest created first, of one group and/or in some states."""
+
+    @abstractmethod
+    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRecord]:
+        """The rollout's devices by wave, then device id."""
+
+    @abstractmethod
+    def update_rollout(
+        self,
+        rollout_id: str,
+        *,
+        state: RolloutState | None = None,
+        phase: str | None = None,
+        phase_started_at: float | None = None,
+        reason: str | None = None,
+    ) -> RolloutRecord:
+        """Change the given fields (None: keep), set updated_at; KeyError for an unknown id."""
+
+    @abstractmethod
+    def update_rollout_device(
+        self,
+        rollout_id: str,
+        device_id: str,
+        *,
+        state: RolloutDeviceState | None = None,
+        have: int | None = None,
+        total: int | None = None,
+        reason: str | None = None,
+        sent_at: float | None = None,
+        deadline_at: float | None = None,
+        previous_manifest_sha256: str | None = None,
+    ) -> RolloutDeviceRecord:
+        """Change the given fields (None: keep), set updated_at; KeyError when not in it."""

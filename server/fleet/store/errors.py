@@ -42,3 +42,15 @@ def refused(exc: BaseException) -> StoreRefused:
 def unavailable(exc: BaseException) -> StoreUnavailable:
     """A StoreUnavailable naming the driver's error."""
     return StoreUnavailable(f"{type(exc).__name__}: {exc}".strip())
+
+
+class RolloutConflict(StoreError):
+    """A group already has a rollout running or paused; at most one may hold it at a time."""
+
+    def __init__(self, group: str, holder: str) -> None:
+        super().__init__(
+            f"group {group!r} already has rollout {holder} running or paused; "
+            "halt, abort or finish it first"
+        )
+        self.group = group
+        self.holder = holder

@@ -276,10 +276,73 @@ _V3_POSTGRES = """
 ALTER TABLE devices ADD COLUMN status_received_at DOUBLE PRECISION;
 """
 
+# v4: rollouts. bundles: the archives the coordinator published as retained chunks. rollouts:
+# one row per rollout, its spec as JSON; the partial unique index lets a group have at most one
+# rollout running or paused, enforced by the database across coordinators. rollout_devices:
+# each device's wave and install progress.
+_V4_COMMON = """
+CREATE TABLE bundles (
+    sha256 TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('full', 'delta')),
+    manifest_sha256 TEXT NOT NULL,
+    base_manifest_sha256 TEXT,
+    model_id TEXT NOT NULL,
+    version {int} NOT NULL,
+    size {int} NOT NULL,
+    chunk_size {int} NOT NULL,
+    path TEXT NOT NULL,
+    added_at {real} NOT NULL,
+    published_at {real},
+    cleared_at {real},
+    published_bytes {int} NOT NULL DEFAULT 0
+);
+CREATE INDEX bundles_manifest ON bundles (manifest_sha256);
+
+CREATE TABLE rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    device_group TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    version {int} NOT NULL,
+    spec_json TEXT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('running', 'paused', 'halted', 'completed', 'aborted')),
+    phase TEXT NOT NULL,
+    phase_started_at {real} NOT NULL,
+    reason TEXT,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL
+);
+CREATE INDEX rollouts_created_at ON rollouts (created_at);
+CREATE UNIQUE INDEX rollouts_one_active ON rollouts (device_group)
+    WHERE state IN ('running', 'paused');
+
+CREATE TABLE rollout_devices (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    wave {int} NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'downloading', 'verifying',
+        'health_checking', 'active', 'failed', 'rolled_back', 'refused', 'timed_out')),
+    have {int} NOT NULL DEFAULT 0,
+    total {int},
+    reason TEXT,
+    previous_manifest_sha256 TEXT,
+    sent_at {real},
+    deadline_at {real},
+    updated_at {real} NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX rollout_devices_device ON rollout_devices (device_id);
+"""
+_V4_SQLITE = _V4_COMMON.format(int="INTEGER", real="REAL")
+_V4_POSTGRES = _V4_COMMON.format(int="BIGINT", real="DOUBLE PRECISION")
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _V1_SQLITE, _V1_POSTGRES),
     Migration(2, "reported drops apart from losses", _V2_SQLITE, _V2_POSTGRES),
     Migration(3, "statuses ordered by receive time", _V3_SQLITE, _V3_POSTGRES),
+    Migration(4, "bundles and rollouts", _V4_SQLITE, _V4_POSTGRES),
 ]
 
 # Created outside the versions: it is how a database says which versions it has.

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar, get_args
 
 from edgefleet.agent.protocol import Event, Reply, Telemetry
-from edgefleet.server.fleet.store import ingest, logic, losses, rows
+from edgefleet.server.fleet.store import ingest, logic, losses, rollouts, rows
 from edgefleet.server.fleet.store.base import (
+    BundleRecord,
     CommandRecord,
     DeviceRecord,
     EventRecord,
@@ -22,6 +23,10 @@ from edgefleet.server.fleet.store.base import (
     RejectReason,
     RetentionOutcome,
     RetentionPolicy,
+    RolloutDeviceRecord,
+    RolloutDeviceState,
+    RolloutRecord,
+    RolloutState,
     RollupRecord,
     SequenceReport,
     Store,
@@ -230,6 +235,133 @@ class SqlStore(Store):
     def telemetry_count(self) -> int:
         (n,) = self._run(lambda sql: sql.one("SELECT count(*) FROM telemetry"), write=False)
         return int(n)
+
+    # -- rollouts (the SQL is in rollouts.py) -----------------------------------------------
+
+    def add_bundle(self, record: BundleRecord) -> bool:
+        return self._run(lambda sql: rollouts.add_bundle(sql, record), write=True)
+
+    def bundle(self, sha256: str) -> BundleRecord | None:
+        found = self._read(
+            f"SELECT {rollouts.BUNDLE_COLUMNS} FROM bundles WHERE sha256 = ?", (sha256,)
+        )
+        return rollouts.bundle_record(found[0]) if found else None
+
+    def bundles(self) -> list[BundleRecord]:
+        found = self._read(
+            f"SELECT {rollouts.BUNDLE_COLUMNS} FROM bundles ORDER BY added_at DESC, sha256"
+        )
+        return [rollouts.bundle_record(r) for r in found]
+
+    def mark_bundle_published(self, sha256: str, at: float, published_bytes: int) -> None:
+        changed = self._run(
+            lambda sql: sql.run(
+                "UPDATE bundles SET published_at = ?, published_bytes = ?, cleared_at = NULL "
+                "WHERE sha256 = ?",
+                (at, published_bytes, sha256),
+            ),
+            write=True,
+        )
+        if changed == 0:
+            raise KeyError(sha256)
+
+    def mark_bundle_cleared(self, sha256: str, at: float) -> None:
+        changed = self._run(
+            lambda sql: sql.run("UPDATE bundles SET cleared_at = ? WHERE sha256 = ?", (at, sha256)),
+            write=True,
+        )
+        if changed == 0:
+            raise KeyError(sha256)
+
+    def create_rollout(self, record: RolloutRecord, waves: list[list[str]]) -> None:
+        self._run(lambda sql: rollouts.create_rollout(sql, record, waves), write=True)
+
+    def rollout(self, rollout_id: str) -> RolloutRecord | None:
+        found = self._read(
+            f"SELECT {rollouts.ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?", (rollout_id,)
+        )
+        return rollouts.rollout_record(found[0]) if found else None
+
+    def rollouts(
+        self,
+        group: str | None = None,
+        states: Sequence[RolloutState] | None = None,
+        limit: int = 100,
+    ) -> list[RolloutRecord]:
+        found = self._run(
+            lambda sql: rollouts.rollouts_query(sql, group, states, limit), write=False
+        )
+        return [rollouts.rollout_record(r) for r in found]
+
+    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRecord]:
+        found = self._read(
+            f"SELECT {rollouts.DEVICE_COLUMNS} FROM rollout_devices WHERE rollout_id = ? "
+            "ORDER BY wave, device_id",
+            (rollout_id,),
+        )
+        return [rollouts.device_record(r) for r in found]
+
+    def update_rollout(
+        self,
+        rollout_id: str,
+        *,
+        state: RolloutState | None = None,
+        phase: str | None = None,
+        phase_started_at: float | None = None,
+        reason: str | None = None,
+    ) -> RolloutRecord:
+        if state is not None:
+            rollouts.check_state(state)
+        changes = {
+            "state": state,
+            "phase": phase,
+            "phase_started_at": phase_started_at,
+            "reason": reason,
+        }
+        row = self._run(
+            lambda sql: rollouts.update(
+                sql, "rollouts", {"rollout_id": rollout_id}, changes, rollouts.ROLLOUT_COLUMNS
+            ),
+            write=True,
+        )
+        if row is None:
+            raise KeyError(rollout_id)
+        return rollouts.rollout_record(row)
+
+    def update_rollout_device(
+        self,
+        rollout_id: str,
+        device_id: str,
+        *,
+        state: RolloutDeviceState | None = None,
+        have: int | None = None,
+        total: int | None = None,
+        reason: str | None = None,
+        sent_at: float | None = None,
+        deadline_at: float | None = None,
+        previous_manifest_sha256: str | None = None,
+    ) -> RolloutDeviceRecord:
+        if state is not None:
+            rollouts.check_device_state(state)
+        changes = {
+            "state": state,
+            "have": have,
+            "total": total,
+            "reason": reason,
+            "sent_at": sent_at,
+            "deadline_at": deadline_at,
+            "previous_manifest_sha256": previous_manifest_sha256,
+        }
+        key = {"rollout_id": rollout_id, "device_id": device_id}
+        row = self._run(
+            lambda sql: rollouts.update(
+                sql, "rollout_devices", key, changes, rollouts.DEVICE_COLUMNS
+            ),
+            write=True,
+        )
+        if row is None:
+            raise KeyError(f"{device_id} in rollout {rollout_id}")
+        return rollouts.device_record(row)
 
     def _read(self, query: str, params: tuple[object, ...] = ()) -> list[Row]:
         return self._run(lambda sql: sql.rows(query, params), write=False)
