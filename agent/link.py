@@ -4,6 +4,11 @@ Telemetry, events and replies are written to the on-disk outbox first and acknow
 only on PUBACK, so a broker outage or an agent restart loses nothing: after reconnect the
 outbox is replayed from its head, in order (at least once; sequence numbers make duplicates
 visible). Results are QoS 0 and skip the outbox: a stale result is worth nothing.
+
+Bundle transfers (agent/update/fetch.py) subscribe to individual `bundle/` topics through
+`transfer_subscribe`; the link keeps that set and subscribes it again after every reconnect
+(the broker forgets a session's subscriptions), and hands each message under `bundle/` to
+`on_transfer` instead of the command queue.
 """
 
 from __future__ import annotations
@@ -101,6 +106,11 @@ class Link:
         # mids acknowledged before the drainer recorded them, with when; QoS 0 results land here
         # too, so entries expire long before paho's 16-bit mids could come round again.
         self._early_acks: dict[int, float] = {}
+        # Transfer topics (bundle meta and chunk windows) to hold across reconnects.
+        self._transfer_topics: set[str] = set()
+        self._bundle_prefix = f"{self.tree.root}/bundle/"
+        # Called on paho's network thread for every message under bundle/: must only enqueue.
+        self.on_transfer: Callable[[str, bytes], None] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
@@ -166,6 +176,47 @@ class Link:
         if self.connected.is_set():
             self.client.publish(self.tree.device(self.device_id, "results"), payload, qos=0)
 
+    # -- bundle transfers ---------------------------------------------------------------
+
+    def transfer_subscribe(self, topics: list[str]) -> None:
+        """Subscribe (QoS 1) to these bundle topics now if connected, and after each reconnect."""
+        with self._lock:
+            new = [t for t in dict.fromkeys(topics) if t not in self._transfer_topics]
+            self._transfer_topics.update(new)
+        # Outside the lock: paho may call back into code that takes it (see _drain_once).
+        if new and self.connected.is_set():
+            self.client.subscribe([(t, SubscribeOptions(qos=1)) for t in new])
+
+    def transfer_unsubscribe(self, topics: list[str]) -> None:
+        """Stop receiving these bundle topics (and forget them for reconnects)."""
+        with self._lock:
+            gone = [t for t in dict.fromkeys(topics) if t in self._transfer_topics]
+            self._transfer_topics.difference_update(gone)
+        if gone and self.connected.is_set():
+            self.client.unsubscribe(gone)
+
+    @property
+    def transfer_topics(self) -> frozenset[str]:
+        """The bundle topics held now (subscribed, or to subscribe on connect)."""
+        with self._lock:
+            return frozenset(self._transfer_topics)
+
+    def _resubscribe_transfers(self, client: mqtt.Client, subscribed: set[str]) -> None:
+        """After connect: catch up with transfer topics added or dropped while subscribing.
+
+        A topic added after the snapshot but before `connected` was set found the link
+        offline and was not subscribed by its caller; one dropped after the snapshot may have
+        been subscribed again by us. A topic subscribed twice only brings a duplicate that the
+        download ignores.
+        """
+        with self._lock:
+            late = sorted(self._transfer_topics - subscribed)
+            dropped = sorted(subscribed - self._transfer_topics)
+        if late:
+            client.subscribe([(t, SubscribeOptions(qos=1)) for t in late])
+        if dropped:
+            client.unsubscribe(dropped)
+
     def _drain_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(0.5)
@@ -225,6 +276,7 @@ class Link:
             self._inflight.clear()
             self._queued.clear()
             self._early_acks.clear()
+            transfers = set(self._transfer_topics)
         status = self.tree.device(self.device_id, "status")
         client.publish(status, encode(self.birth()), qos=1, retain=True)
         # retainAsPublished: a command published retained keeps its retain flag on the way to
@@ -235,8 +287,12 @@ class Link:
         if self.group:
             subs.append((self.tree.group_cmd(self.group), opts))
         client.subscribe(subs)
+        if transfers:
+            # Resume: the broker sends each retained chunk again on the new subscription.
+            client.subscribe([(t, SubscribeOptions(qos=1)) for t in sorted(transfers)])
         self._connected_at = time.monotonic()
         self.connected.set()
+        self._resubscribe_transfers(client, transfers)
         log.info("device %s connected to %s:%s", self.device_id, self.cfg.host, self.cfg.port)
         self._wake.set()
 
@@ -315,6 +371,16 @@ class Link:
         self._wake.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.startswith(self._bundle_prefix):
+            handler = self.on_transfer
+            if handler is None:
+                log.debug("no transfer running; dropping message on %s", msg.topic)
+                return
+            try:
+                handler(msg.topic, bytes(msg.payload))
+            except Exception:  # a bug in a download must not kill paho's network thread
+                log.exception("transfer handler failed on %s", msg.topic)
+            return
         try:
             self.commands.put_nowait((msg.topic, bytes(msg.payload), bool(msg.retain)))
         except queue.Full:
