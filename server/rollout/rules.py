@@ -184,6 +184,8 @@ def evaluate(
     windows_before: Sequence[Telemetry],
     error_events: int,
     min_windows: int = 2,
+    *,
+    error_events_before: int = 0,
 ) -> Verdict:
     """Judge the canaries' windows since the install against the rules.
 

@@ -161,3 +161,12 @@ def test_windows_without_frames_weigh_nothing() -> None:
     ws = [window("a", 1, p95=10, frames=100), window("a", 2, p95=0, frames=0, histogram=[0, 0])]
     assert pooled("p95_ms", ws) == 10.0
     assert pooled("p95_ms", [window("a", 2, p95=0, frames=0, histogram=[0, 0])]) is None
+
+
+def test_relative_error_rate_uses_the_errors_before_the_install() -> None:
+    before = [window("a", 1), window("a", 2)]  # 200 frames
+    after = [window("a", 3), window("a", 4)]  # 200 frames
+    rule = parse_rule("error_rate>2x")
+    assert evaluate([rule], after, before, 5, error_events_before=2).state == "breached"
+    assert evaluate([rule], after, before, 3, error_events_before=2).state == "ok"
+    assert evaluate([rule], after, before, 3).state == "insufficient"  # no baseline errors
