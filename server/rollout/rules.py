@@ -197,8 +197,11 @@ def evaluate(
     n = len(windows_after)
     where = f"over {n} window{'s' * (n != 1)} from {devices} canar{'ies' if devices != 1 else 'y'}"
     values = {r.metric: pooled(r.metric, windows_after, error_events) for r in rules}
-    # error events happened after the install: the baseline has no error count to use.
-    baselines = {r.metric: pooled(r.metric, windows_before, 0) for r in rules if r.relative}
+    # A relative error_rate rule needs error_events_before (the same devices' errors over
+    # windows_before); without any, its baseline is 0 and the rule cannot be judged.
+    baselines = {
+        r.metric: pooled(r.metric, windows_before, error_events_before) for r in rules if r.relative
+    }
     if n < min_windows:
         return Verdict(
             "insufficient",
