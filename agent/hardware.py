@@ -39,3 +39,60 @@ def describe() -> Hardware:
         accelerators=providers,
         device_model=board_model(),
     )
+
+
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The first 'flags' (x86) or 'Features' (ARM) line of /proc/cpuinfo, as a set."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _slug(text: str) -> str:
+    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+    return "-".join(words)[:48]
+
+
+def classify_device(machine: str, board: str | None, cpuinfo: str = "") -> str:
+    """The device class a bundle's latency expectation is keyed by (pure: unit-testable).
+
+    rpi5, rpi4, jetson-orin-nano, jetson-<model>, x86-avx512, x86-avx2, x86, or the machine
+    name (aarch64, armv7l...) when nothing more specific is known. Devices of one class run a
+    given INT8 model at about the same speed, which is what the health check needs.
+    """
+    board_l = (board or "").lower()
+    if board_l.startswith("raspberry pi"):
+        rest = board_l.removeprefix("raspberry pi").split()
+        if rest and rest[0].isdigit():
+            return f"rpi{rest[0]}"
+        return "rpi"
+    if "jetson" in board_l:
+        model = board_l.split("jetson", 1)[1]
+        # 'NVIDIA Jetson Orin Nano Developer Kit' -> jetson-orin-nano
+        model = model.replace("developer kit", "").replace("engineering reference", "")
+        slug = _slug(model)
+        return f"jetson-{slug}" if slug else "jetson"
+    arch = machine.lower()
+    if arch in ("x86_64", "amd64", "i686", "i386", "x86"):
+        flags = cpu_flags(cpuinfo)
+        if "avx512f" in flags:
+            return "x86-avx512"
+        if "avx2" in flags:
+            return "x86-avx2"
+        return "x86"
+    return arch or "unknown"
+
+
+def device_class(hw: Hardware | None = None, cpuinfo_path: Path = _CPUINFO) -> str:
+    """This device's class (see classify_device), from its Hardware description."""
+    hw = hw if hw is not None else describe()
+    try:
+        cpuinfo = cpuinfo_path.read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    return classify_device(hw.machine, hw.device_model, cpuinfo)

@@ -6,6 +6,7 @@ import gzip
 import os
 import shutil
 import tarfile
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 
 from .errors import UnsafeArchive
@@ -15,11 +16,17 @@ MAX_MEMBERS = MAX_ENTRIES
 MAX_UNPACKED_BYTES = MAX_BYTES
 
 
-def pack(bundle_dir: Path, archive: Path) -> Path:
-    """Write bundle_dir's files into a gzip tar with fixed metadata (same input, same bytes)."""
+def pack(bundle_dir: Path, archive: Path, only: Collection[str] | None = None) -> Path:
+    """Write bundle_dir's files into a gzip tar with fixed metadata (same input, same bytes).
+
+    `only` limits the archive to those bundle-relative names (a delta bundle, delta.py).
+    """
     bundle_dir = Path(bundle_dir)
     # The verifier's rule: a link anywhere in the bundle is refused, never packed through.
-    files = [bundle_dir / rel for rel in sorted(plain_tree(bundle_dir).files)]
+    names = sorted(plain_tree(bundle_dir).files)
+    if only is not None:
+        names = [n for n in names if n in only]
+    files = [bundle_dir / rel for rel in names]
     # Fixed owner, mode, mtime and an empty gzip name so an archive's sha256 names its content.
     with (
         archive.open("wb") as raw,

@@ -168,6 +168,57 @@ class FileEntry(_Model):
     size: int = Field(ge=0)
 
 
+class HealthSpec(_Model):
+    """What a device checks before it switches to a new bundle (agent/update/health.py).
+
+    The golden file is an .npz in the bundle with `inputs` (N, *input shape without the batch
+    dim; float32 or uint8, already preprocessed), `probs` (N, classes: the final head's softmax
+    with every exit disabled), `exit_index` and `class_index` (N,) at the default operating
+    point, all recorded by the optimizer through the very bundle it wrote.
+    """
+
+    golden_file: str = Field(description="bundle-relative .npz with the golden inputs/outputs")
+    golden_kind: Literal["validation", "synthetic"] = Field(
+        "validation",
+        description="validation: inputs from the validation split, outputs are meaningful; "
+        "synthetic: a deterministic made-up input, good only for the NaN/determinism check",
+    )
+    # INT8 kernels differ across CPUs (VNNI vs. plain AVX2 vs. NEON dot products round and
+    # saturate differently), so a device never reproduces the optimizer's probabilities bit
+    # for bit; 0.05 absorbs that while a wrong or corrupted model is far outside it.
+    atol: float = Field(0.05, ge=0, le=1, description="max |probs - golden probs| allowed")
+    min_agreement: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="fraction of golden inputs whose top-1 class must match; inputs whose "
+        "recorded top-1 margin is below atol are excused",
+    )
+    latency_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="device class -> median ms per frame, all exits disabled, measured by the "
+        "optimizer on its own host",
+    )
+    # The device still runs the old model on the same cores while the check runs.
+    latency_factor: float = Field(3.0, ge=1, description="allowed slowdown over latency_ms")
+
+    @field_validator("golden_file")
+    @classmethod
+    def _golden(cls, value: str) -> str:
+        check_file_name(value)
+        if not value.endswith(".npz"):
+            raise ValueError(f"golden_file {value!r} must be an .npz file")
+        return value
+
+    @field_validator("latency_ms")
+    @classmethod
+    def _latency(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, ms in value.items():
+            if not 0 < ms < 1e7 or len(name) > 64:
+                raise ValueError(f"latency_ms[{name!r}] = {ms} is not a latency in ms")
+        return value
+
+
 class ManifestBody(_Model):
     """Everything in a manifest except what the writer fills in (file hashes, signer)."""
 
@@ -183,6 +234,8 @@ class ManifestBody(_Model):
     default_operating_point: int = Field(0, ge=0)
     provenance: Provenance
     metrics: Metrics = Field(default_factory=Metrics)
+    # Optional so that bundles written before it existed still verify (format_version stays 1).
+    health: HealthSpec | None = Field(None, description="the device's pre-switch health check")
 
     @property
     def early_exits(self) -> list[int]:
@@ -231,6 +284,8 @@ class ManifestBody(_Model):
             names.append(stage.file)
             if stage.exit is not None:
                 names.extend(f for f in (stage.exit.graph_file, stage.exit.head_file) if f)
+        if self.health is not None:
+            names.append(self.health.golden_file)
         return names
 
 

@@ -19,7 +19,12 @@ from .manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, Manife
 
 def manifest_bytes(manifest: Manifest) -> bytes:
     """The canonical bytes that are signed: sorted keys, two-space indent, trailing newline."""
-    return (json.dumps(manifest.model_dump(mode="json"), sort_keys=True, indent=2) + "\n").encode()
+    raw = manifest.model_dump(mode="json")
+    # Without a health section the bytes stay what they were before the field existed, so an
+    # older agent (extra="forbid") still reads a bundle that does not use it.
+    if raw.get("health") is None:
+        raw.pop("health", None)
+    return (json.dumps(raw, sort_keys=True, indent=2) + "\n").encode()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -21,6 +21,7 @@ from edgefleet.agent.bundle import (
 )
 from edgefleet.server import __version__
 from edgefleet.server.keystore import FleetKey
+from edgefleet.server.optimize.golden import synthetic_inputs, write_bundle_with_health
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -92,7 +93,16 @@ def plain_body(
 
 
 def write_plain_bundle(
-    out_dir: Path, body: ManifestBody, model_path: Path, key: FleetKey
+    out_dir: Path, body: ManifestBody, model_path: Path, key: FleetKey, *, health: bool = True
 ) -> Manifest:
-    """Sign and write a plain bundle (see agent.bundle.write_bundle)."""
-    return write_bundle(out_dir, body, {"model.onnx": model_path}, key.private)
+    """Sign and write a plain bundle (see agent.bundle.write_bundle).
+
+    With health (the default) the bundle carries a golden file from a deterministic synthetic
+    input (`golden_kind: synthetic`): there is no data here, so it is good for the device's
+    load/NaN/determinism and latency checks only, not for accuracy.
+    """
+    files: dict[str, bytes | Path] = {"model.onnx": model_path}
+    if not health:
+        return write_bundle(out_dir, body, files, key.private)
+    inputs = synthetic_inputs(body)
+    return write_bundle_with_health(out_dir, body, files, key.private, inputs, kind="synthetic")

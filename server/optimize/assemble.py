@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from edgefleet.agent import __version__
 from edgefleet.agent.bundle import (
     ExitHead,
@@ -20,6 +23,7 @@ from edgefleet.agent.bundle import (
 from edgefleet.server.keystore import FleetKey
 
 from .exits import ExitPlan
+from .golden import write_bundle_with_health
 from .macs import total_macs
 from .options import OptimizeOptions
 from .split import StageGraph
@@ -48,8 +52,13 @@ def assemble_bundle(
     opts: OptimizeOptions,
     calibration: str,
     key: FleetKey,
+    golden_inputs: npt.NDArray[np.float32] | None = None,
 ) -> Manifest:
-    """Write the signed bundle directory `out` and return its manifest."""
+    """Write the signed bundle directory `out` and return its manifest.
+
+    golden_inputs (preprocessed validation inputs, never test) add the device's health check:
+    golden.npz computed through this very bundle and this host's latency (golden.py).
+    """
     files: dict[str, bytes] = {}
     manifest_stages: list[Stage] = []
     last = len(stages) - 1
@@ -118,4 +127,8 @@ def assemble_bundle(
         ),
         metrics=Metrics(),
     )
+    if golden_inputs is not None and len(golden_inputs):
+        return write_bundle_with_health(
+            out, body, files, key.private, golden_inputs, kind="validation"
+        )
     return write_bundle(out, body, files, key.private)

@@ -242,6 +242,7 @@ def optimize(
             opts=opts,
             calibration=_calibration_text(data, qinfo),
             key=key,
+            golden_inputs=x["validation"][:8],
         )
         verified = verify_bundle(tmp / "bundle", [key.public])
         report = _evaluate(verified, fp32, qmodel, x, y, opts, progress)
