@@ -1,0 +1,1 @@
+"""Bundle updates on the device: download, stage, health-check, switch, roll back."""
