@@ -63,6 +63,12 @@ class CommandTarget(Protocol):
     def reload_bundle(self) -> dict[str, JsonValue]:
         """Verify and load the installed bundle again; keeps the old one on failure."""
 
+    def install_bundle(self, cmd: InstallBundle) -> dict[str, JsonValue]:
+        """Accept a pushed bundle (its progress comes as events) or raise naming why not."""
+
+    def rollback_bundle(self, cmd: RollbackBundle) -> dict[str, JsonValue]:
+        """Go back to the previous bundle if the named one runs."""
+
 
 class CommandHandler:
     """Turns a raw command payload into a Reply, calling the target."""
@@ -189,6 +195,8 @@ class CommandHandler:
             return {"jpeg_b64": base64.b64encode(jpeg).decode(), "bytes": len(jpeg)}
         if isinstance(body, ReloadBundle):
             return t.reload_bundle()
-        if isinstance(body, (InstallBundle, RollbackBundle)):
-            raise RuntimeError("bundle transfer is not supported by this agent version yet")
+        if isinstance(body, InstallBundle):
+            return t.install_bundle(body)
+        if isinstance(body, RollbackBundle):
+            return t.rollback_bundle(body)
         raise ValueError(f"unknown command {body.name!r}")  # pragma: no cover - union is closed

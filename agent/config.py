@@ -82,7 +82,11 @@ def source_kind(source: str | int) -> Literal["device", "url", "file"]:
 class ModelConfig(_Section):
     """Which bundle runs, who may sign it, and how it runs."""
 
-    bundle: Path | None = Field(None, description="bundle dir; default: the installed current one")
+    bundle: Path | None = Field(
+        None,
+        description="bundle dir to run until the coordinator installs one (an installed "
+        "state_dir/bundles/current wins); default: the installed current one",
+    )
     trusted_keys: list[Path] = Field(
         default_factory=lambda: [Path("/etc/edgefleet/fleet.pub")], min_length=1
     )
@@ -162,6 +166,26 @@ class PowerConfig(_Section):
         return self
 
 
+class UpdateConfig(_Section):
+    """Bundles pushed by the coordinator: download window, disk budget, trial."""
+
+    enabled: bool = Field(True, description="false: install_bundle is refused")
+    disk_budget_mb: float = Field(
+        512, ge=1, description="bundles + partial downloads; old versions are pruned to fit"
+    )
+    window: int = Field(8, ge=1, le=64, description="chunks asked for at a time")
+    rerequest_s: float = Field(20.0, gt=0, le=3600, description="ask again for a chunk after")
+    give_up_s: float = Field(900.0, gt=0, description="no progress this long fails the install")
+    confirm_frames: int = Field(
+        20, ge=0, le=100_000, description="frames on a new model before it is confirmed"
+    )
+
+    @property
+    def disk_budget_bytes(self) -> int:
+        """The budget in bytes."""
+        return int(self.disk_budget_mb * 2**20)
+
+
 class AgentConfig(_Section):
     """The whole agent configuration."""
 
@@ -175,6 +199,7 @@ class AgentConfig(_Section):
     governor: GovernorConfig = Field(default_factory=GovernorConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
 
 
 def _set_path(data: dict[str, Any], keys: list[str], value: str) -> None:

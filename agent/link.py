@@ -171,6 +171,24 @@ class Link:
         self.outbox.put(topic, payload, qos=1, retain=retain, kind=kind)
         self._wake.set()
 
+    def republish_birth(self) -> None:
+        """Publish the retained status again (a new model runs); the next connect does it too.
+
+        The Last Will keeps the status of the connect it was set at: it is set again here for
+        the next connection, so an offline device is shown with the model it last ran.
+        """
+        status = self.birth()
+        self.client.will_set(
+            self.tree.device(self.device_id, "status"),
+            encode(offline_will(status)),
+            qos=1,
+            retain=True,
+        )
+        if self.connected.is_set():
+            self.client.publish(
+                self.tree.device(self.device_id, "status"), encode(status), qos=1, retain=True
+            )
+
     def publish_result(self, payload: bytes) -> None:
         """QoS 0, only while connected: results are ephemeral."""
         if self.connected.is_set():

@@ -26,15 +26,25 @@ from edgefleet.agent.camera import Camera, Frame
 from edgefleet.agent.commands import CommandHandler
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.governor import Governor
-from edgefleet.agent.hardware import describe
+from edgefleet.agent.hardware import describe, device_class
 from edgefleet.agent.link import Link, TlsSetupError
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.overflow import OverflowReporter
 from edgefleet.agent.power import PowerMeter, detect, detect_temperature
-from edgefleet.agent.protocol import Event, Result, Status, Telemetry, encode
+from edgefleet.agent.protocol import (
+    Event,
+    InstallBundle,
+    Result,
+    RollbackBundle,
+    Status,
+    Telemetry,
+    encode,
+)
 from edgefleet.agent.runtime.preprocess import FrameError, Preprocessor
 from edgefleet.agent.runtime.staged import RuntimeLoadError, StagedModel
 from edgefleet.agent.systemd import Notifier, WatchdogFeeder
+from edgefleet.agent.update.manager import Running, UpdateManager, previous_manifest_sha256
+from edgefleet.agent.update.slots import Slots
 from edgefleet.agent.window import TelemetryWindow
 
 log = logging.getLogger(__name__)
@@ -77,8 +87,27 @@ def acquire_lock(state_dir: Path, device_id: str) -> IO[str]:
 
 
 def bundle_path(cfg: AgentConfig) -> Path:
-    """The bundle the agent runs: model.bundle, else the installed current one."""
-    return cfg.model.bundle or cfg.state_dir / "bundles" / "current"
+    """The bundle the agent runs: the installed current one, else model.bundle.
+
+    model.bundle is where a device starts (the installer's, or a fixed one for tests); once
+    the coordinator has installed a bundle under state_dir, that one runs.
+    """
+    installed = cfg.state_dir / "bundles" / "current"
+    if cfg.model.bundle is None or os.path.lexists(installed):
+        return installed
+    return cfg.model.bundle
+
+
+def recover_bundles(cfg: AgentConfig) -> str | None:
+    """Finish or undo what a killed install left under state_dir/bundles; a line if anything."""
+    if not (cfg.state_dir / "bundles").is_dir():
+        return None
+    try:
+        keys = [load_public_key(p) for p in cfg.model.trusted_keys]
+    except KeyFileError as exc:
+        raise AgentError(f"refusing to run: {exc}") from exc
+    report = Slots(cfg.state_dir / "bundles").recover(keys)
+    return report.summary() if report.changed else None
 
 
 def load_model(cfg: AgentConfig) -> StagedModel:
@@ -112,6 +141,9 @@ class Agent:
         # Building sessions can take minutes (TensorRT engines on a Jetson): ask systemd for
         # the time instead of being killed by TimeoutStartSec half-way.
         self.notifier.extend_timeout(LOAD_TIMEOUT_S)
+        recovered = recover_bundles(cfg)
+        if recovered:
+            log.warning("device %s: %s", cfg.device_id, recovered)
         self.notifier.status(f"verifying and loading {bundle_path(cfg)}")
         self.model = load_model(cfg)
         m = self.model.manifest
@@ -128,6 +160,7 @@ class Agent:
         self.governor = Governor(cfg.governor, n_points, m.default_operating_point)
         self.operating_point = m.default_operating_point
         self.interval_s = cfg.telemetry.interval_s
+        self.slots = Slots(cfg.state_dir / "bundles")
         self.camera = Camera(cfg.camera, on_event=self.event)
         try:
             self.link = Link(
@@ -136,6 +169,21 @@ class Agent:
         except TlsSetupError as exc:
             raise AgentError(f"refusing to run: {exc}") from None
         self.commands = CommandHandler(cfg.device_id, self)
+        self.updates = UpdateManager(
+            device_id=cfg.device_id,
+            slots=self.slots,
+            transfers_dir=cfg.state_dir / "transfers",
+            cfg=cfg.update,
+            model_cfg=cfg.model,
+            link=self.link,
+            tree=self.link.tree,
+            keys=[load_public_key(p) for p in cfg.model.trusted_keys],
+            device_class=device_class(self.hardware),
+            event=self.event,
+            running=self._running,
+        )
+        self.link.on_transfer = self.updates.on_transfer
+        self._recovered = recovered
         self.power_reader = (
             detect(profile=cfg.power.profile, source=cfg.power.source)
             if cfg.power.source != "none"
@@ -172,6 +220,8 @@ class Agent:
             group=self.cfg.group,
             hardware=self.hardware,
             boot_id=self.boot_id,
+            bundle_sha256=self.model.verified.manifest_sha256,
+            previous_bundle_sha256=previous_manifest_sha256(self.slots),
         )
 
     def event(self, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
@@ -249,12 +299,36 @@ class Agent:
             raise RuntimeError("JPEG encoding failed")
         return bytes(buf)
 
+    def _running(self) -> Running:
+        m = self.model.manifest
+        v = self.model.verified
+        return Running(m.model_id, m.version, v.manifest_sha256, tuple(m.input.shape), v.path)
+
+    def install_bundle(self, cmd: InstallBundle) -> dict[str, JsonValue]:
+        """Start fetching, checking and switching to a pushed bundle (events tell how it goes)."""
+        if not self.cfg.update.enabled:
+            raise ValueError("updates are disabled on this device (update.enabled = false)")
+        return self.updates.install(cmd)
+
+    def rollback_bundle(self, cmd: RollbackBundle) -> dict[str, JsonValue]:
+        """Go back to the previous bundle if cmd names the running one."""
+        return self.updates.rollback(cmd)
+
     def reload_bundle(self) -> dict[str, JsonValue]:
         """Verify and load the bundle again; on failure the running model stays."""
+        if self.updates.busy():
+            raise RuntimeError("an install or rollback is in progress; reload refused")
         try:
             model = load_model(self.cfg)
         except AgentError as exc:
             raise RuntimeError(str(exc)) from None
+        self._switch(model)
+        m = model.manifest
+        point = self.operating_point
+        return {"model_id": m.model_id, "version": m.version, "operating_point": point}
+
+    def _switch(self, model: StagedModel) -> None:
+        """Run model from the next frame on: its governor, thresholds and preprocessing."""
         m = model.manifest
         index = min(self.operating_point, max(0, len(m.operating_points) - 1))
         # The governor walks the new bundle's points: its count and default, the same
@@ -270,7 +344,18 @@ class Agent:
             model.set_thresholds(m.operating_points[index].thresholds)
         self.model, self.governor, self.operating_point = model, governor, index
         self.pre = Preprocessor(m.preprocessing, dtype=m.input.dtype)
-        return {"model_id": m.model_id, "version": m.version, "operating_point": index}
+
+    def _maybe_swap(self) -> bool:
+        """Take over a model the update manager has checked; True when one was swapped in."""
+        swap = self.updates.take_swap()
+        if swap is None:
+            return False
+        t0 = time.perf_counter()
+        self._switch(swap.model)
+        swap_ms = (time.perf_counter() - t0) * 1e3
+        self.link.republish_birth()
+        self.updates.swapped(swap, swap_ms)
+        return True
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -280,6 +365,8 @@ class Agent:
         self.camera.start()
         self.link.start()
         self.event("started", f"agent {__version__} running {m.model_id} v{m.version}")
+        if self._recovered:
+            self.event("rollback", self._recovered, {"reason": "recovered_at_start"})
         window = self._new_window()
         window_t0 = time.monotonic()
         next_power = next_overflow_check = 0.0
@@ -299,6 +386,7 @@ class Agent:
             # The loop is alive (frames or not): a hung inference stops this, camera loss does not.
             self.watchdog.progress()
             self.watchdog.maybe_feed()
+            self._maybe_swap()
             if self._reshape_window(window):
                 window = self._new_window()
             if frame is not None:
@@ -343,6 +431,7 @@ class Agent:
         latency = (time.perf_counter() - t0) * 1000.0
         self._rejected_reported_at = None  # the next bad frame starts a new report
         window.record(latency, pred.stage_ms, pred.exit_index)
+        self.updates.frame_done()
         self.last_frame = frame
         self._maybe_result(frame, pred.class_index, pred.confidence, pred.exit_index, latency)
 
@@ -478,6 +567,7 @@ class Agent:
         def left() -> float:
             return max(0.1, deadline - time.monotonic())
 
+        self.updates.stop(timeout=min(0.5, left()))
         self.camera.stop(timeout=min(1.0, left()))
         self.link.stop(timeout=left() / 2)  # it may wait twice: the offline status, the drain
         self.outbox.close()

@@ -106,6 +106,9 @@ def _run(args: argparse.Namespace) -> int:
             loss_grace_s=args.loss_grace,
             state_dir=args.state_dir,
             http_max_body_bytes=args.http_max_body,
+            fleet_keys=args.fleet_key,
+            bundles_dir=args.bundles_dir,
+            upload_max_bytes=args.upload_max,
         )
     except (ValueError, OSError) as exc:
         print(f"edgefleet-server run: error: {exc}", file=sys.stderr)
@@ -184,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a sequence gap may stay open before it counts as lost")
     p.add_argument("--http-max-body", type=int, default=1 << 20, metavar="BYTES",
                    help="largest HTTP request body accepted; larger ones get 413")
+    p.add_argument("--fleet-key", type=Path, action="append", default=[], metavar="PUB",
+                   help="public key whose bundles may be rolled out (repeatable; the fleet's "
+                   "fleet.pub); without one, uploads are refused")
+    p.add_argument("--bundles-dir", type=Path, default=None,
+                   help="where uploaded bundle archives are kept (default: STATE_DIR/bundles)")
+    p.add_argument("--upload-max", type=int, default=1 << 30, metavar="BYTES",
+                   help="largest bundle archive accepted by POST /bundles")
     p.set_defaults(func=_run)
     return parser
 

@@ -130,6 +130,7 @@ class StagedModel:
         providers: Sequence[str] | None = None,
     ) -> None:
         self.manifest = verified.manifest
+        self.verified = verified  # what runs, exactly: its manifest sha256 is in the status
         m = self.manifest
         opts = session_options(threads)
         chosen = choose_providers(providers)

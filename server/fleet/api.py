@@ -9,6 +9,7 @@ parsed as strict JSON and bad input of any kind is a 422 (http_json.py), never a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
@@ -44,6 +45,9 @@ from edgefleet.server.fleet.views import (
     SequenceView,
     WindowView,
 )
+from edgefleet.server.rollout.api import DEFAULT_UPLOAD_MAX_BYTES, make_router
+from edgefleet.server.rollout.archives import ArchiveStore
+from edgefleet.server.rollout.engine import RolloutEngine
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -74,8 +78,12 @@ def create_app(
     commander: Commander | None = None,
     stats: IngestStats | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    rollouts: RolloutParts | None = None,
 ) -> FastAPI:
-    """The API over one store; commander is None when no broker connection is available."""
+    """The API over one store; commander is None when no broker connection is available.
+
+    rollouts adds /bundles and /rollouts (the coordinator's rollout engine and archives).
+    """
     app = FastAPI(
         title="edgefleet coordinator",
         version=__version__,
@@ -83,7 +91,10 @@ def create_app(
         exception_handlers={RequestValidationError: validation_error_handler},
     )
     app.router.route_class = StrictJsonRoute
-    app.add_middleware(RequestGuard, token=token, max_body_bytes=max_body_bytes)
+    uploads = {"/bundles": rollouts.upload_max_bytes} if rollouts is not None else {}
+    app.add_middleware(
+        RequestGuard, token=token, max_body_bytes=max_body_bytes, path_limits=uploads
+    )
 
     def require_token(
         request: Request,
@@ -185,7 +196,26 @@ def create_app(
     def metrics() -> Response:
         return PlainTextResponse(render(store, stats), media_type="text/plain; version=0.0.4")
 
+    if rollouts is not None:
+        app.include_router(
+            make_router(
+                store,
+                rollouts.engine,
+                rollouts.archives,
+                require_token,
+                upload_max_bytes=rollouts.upload_max_bytes,
+            )
+        )
     return app
+
+
+@dataclass(frozen=True)
+class RolloutParts:
+    """What the /bundles and /rollouts routes need from the coordinator."""
+
+    engine: RolloutEngine
+    archives: ArchiveStore
+    upload_max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES
 
 
 def _send(

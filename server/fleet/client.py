@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from edgefleet.server.fleet.views import CommandOutcome, DeviceDetail, DeviceView, GroupView
+from edgefleet.server.rollout.views import BundleView, RolloutView
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_ENV = "EDGEFLEET_URL"
@@ -19,6 +20,8 @@ TOKEN_ENV = "EDGEFLEET_API_TOKEN"
 
 _devices = TypeAdapter(list[DeviceView])
 _groups = TypeAdapter(list[GroupView])
+_bundles = TypeAdapter(list[BundleView])
+_rollouts = TypeAdapter(list[RolloutView])
 
 
 class ApiError(RuntimeError):
@@ -47,11 +50,15 @@ class FleetClient:
         self.token = token or os.environ.get(TOKEN_ENV)
         self.timeout = timeout
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+    def _call(
+        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None
+    ) -> Any:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("Accept", "application/json")
-        if data is not None:
+        if raw is not None:
+            req.add_header("Content-Type", "application/octet-stream")
+        elif data is not None:
             req.add_header("Content-Type", "application/json")
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
@@ -99,3 +106,28 @@ class FleetClient:
             raise ValueError("give a device or a group")
         body = {"command": command, "timeout_s": timeout_s}
         return CommandOutcome.model_validate(self._call("POST", path, body))
+
+    # -- bundles and rollouts ------------------------------------------------------------
+
+    def upload_bundle(self, archive: bytes) -> BundleView:
+        """Hand a signed bundle archive to the coordinator (it verifies it before keeping it)."""
+        return BundleView.model_validate(self._call("POST", "/bundles", raw=archive))
+
+    def bundles(self) -> list[BundleView]:
+        return _bundles.validate_python(self._call("GET", "/bundles"))
+
+    def create_rollout(self, request: dict[str, Any]) -> RolloutView:
+        return RolloutView.model_validate(self._call("POST", "/rollouts", request))
+
+    def rollouts(self, group: str | None = None) -> list[RolloutView]:
+        q = f"?{urllib.parse.urlencode({'group': group})}" if group else ""
+        return _rollouts.validate_python(self._call("GET", f"/rollouts{q}"))
+
+    def rollout(self, rollout_id: str) -> RolloutView:
+        return RolloutView.model_validate(
+            self._call("GET", f"/rollouts/{urllib.parse.quote(rollout_id)}")
+        )
+
+    def rollout_action(self, rollout_id: str, action: str) -> RolloutView:
+        path = f"/rollouts/{urllib.parse.quote(rollout_id)}/{urllib.parse.quote(action)}"
+        return RolloutView.model_validate(self._call("POST", path, {}))

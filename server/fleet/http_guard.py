@@ -55,12 +55,25 @@ class BodyTooLarge(HTTPException):
 class RequestGuard:
     """ASGI middleware: token for actions, then the body limit, then the application."""
 
-    def __init__(self, app: ASGIApp, *, token: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        token: str | None,
+        max_body_bytes: int,
+        path_limits: dict[str, int] | None = None,
+    ) -> None:
         if max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be >= 0, not {max_body_bytes}")
         self.app = app
         self.token = token
         self.max_body_bytes = max_body_bytes
+        # Exact paths with their own limit: a bundle upload is streamed to disk by its route,
+        # which enforces this limit as it reads; every other body keeps the small one.
+        self.path_limits = dict(path_limits or {})
+
+    def _limit(self, scope: Scope) -> int:
+        return self.path_limits.get(scope.get("path", ""), self.max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,13 +93,13 @@ class RequestGuard:
             if not declared.isdigit():
                 await _answer(scope, send, 400, f"invalid Content-Length {declared[:40]!r}")
                 return
-            if int(declared) > self.max_body_bytes:
-                await _answer(scope, send, 413, too_large_detail(self.max_body_bytes))
+            if int(declared) > self._limit(scope):
+                await _answer(scope, send, 413, too_large_detail(self._limit(scope)))
                 return
         await self._guarded(scope, receive, send)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self.max_body_bytes
+        limit = self._limit(scope)
         received = 0
         started = False
 

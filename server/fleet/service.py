@@ -11,7 +11,8 @@ from pathlib import Path
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgefleet.server.fleet.api import create_app
+from edgefleet.agent.bundle import load_public_key
+from edgefleet.server.fleet.api import RolloutParts, create_app
 from edgefleet.server.fleet.client_id import coordinator_client_id, state_dir_for
 from edgefleet.server.fleet.commander import Commander
 from edgefleet.server.fleet.gc_tuning import tune_gc
@@ -19,6 +20,9 @@ from edgefleet.server.fleet.http_guard import DEFAULT_MAX_BODY_BYTES
 from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import RetentionPolicy, Store
+from edgefleet.server.rollout.archives import ArchiveStore
+from edgefleet.server.rollout.engine import RolloutEngine
+from edgefleet.server.rollout.mqtt import MqttPublisher, MqttSender
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +47,24 @@ class CoordinatorConfig(BaseModel):
     maintenance_every_s: float = Field(30.0, gt=0)
     retention_every_s: float = Field(3600.0, gt=0)
     retention: RetentionPolicy = RetentionPolicy()
+    fleet_keys: list[Path] = Field(
+        default_factory=list,
+        description="Public keys whose bundles may be rolled out; none: uploads are refused.",
+    )
+    bundles_dir: Path | None = Field(
+        None, description="Uploaded bundle archives; default: state_dir/bundles."
+    )
+    upload_max_bytes: int = Field(1 << 30, ge=1, description="Largest bundle archive accepted.")
+    rollout_tick_s: float = Field(1.0, gt=0, description="How often rollouts take a step.")
     state_dir: Path | None = Field(
         None,
         description="Where the coordinator keeps its own state (its MQTT client id); default: "
         "the SQLite store's directory, else $STATE_DIRECTORY (systemd), else /var/lib/edgefleet.",
     )
+
+    def own_state_dir(self) -> Path:
+        """state_dir, else where the store's location says."""
+        return self.state_dir or state_dir_for(self.store)
 
     def ingest_config(self) -> IngestConfig:
         """mqtt with its client id filled in: as configured, else the username, else this
@@ -66,6 +83,8 @@ class Coordinator:
     cfg: CoordinatorConfig
     store: Store = field(init=False)
     ingestor: Ingestor = field(init=False)
+    archives: ArchiveStore = field(init=False)
+    engine: RolloutEngine = field(init=False)
     http: uvicorn.Server = field(init=False)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -73,12 +92,20 @@ class Coordinator:
     def start(self) -> None:
         self.store = open_store(self.cfg.store)
         self.ingestor = Ingestor(self.cfg.ingest_config(), self.store, writer_url=self.cfg.store)
+        keys = [load_public_key(p) for p in self.cfg.fleet_keys]
+        self.archives = ArchiveStore(
+            self.cfg.bundles_dir or self.cfg.own_state_dir() / "bundles", keys
+        )
+        self.engine = RolloutEngine(
+            self.store, self.archives, MqttSender(self.ingestor), MqttPublisher(self.ingestor)
+        )
         app = create_app(
             self.store,
             token=self.cfg.token,
             commander=Commander(self.ingestor),
             stats=self.ingestor.stats,
             max_body_bytes=self.cfg.http_max_body_bytes,
+            rollouts=RolloutParts(self.engine, self.archives, self.cfg.upload_max_bytes),
         )
         self.http = uvicorn.Server(
             uvicorn.Config(
@@ -95,6 +122,7 @@ class Coordinator:
         self.ingestor.start()
         self._spawn(self.http.run, "http")
         self._spawn(self._maintain, "maintenance")
+        self._spawn(self._roll, "rollouts")
         deadline = time.monotonic() + 10
         while not self.http.started and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -128,6 +156,16 @@ class Coordinator:
                     log.info("retention: %s", out)
             except Exception as exc:  # the store may be briefly unreachable; try next round
                 log.error("store maintenance failed: %s", exc)
+
+    def _roll(self) -> None:
+        """Rollouts take a step every tick; a store outage only delays them."""
+        while not self._stop.wait(self.cfg.rollout_tick_s):
+            if not self.ingestor.connected.is_set():
+                continue  # commands and chunks need the broker; the store keeps the state
+            try:
+                self.engine.tick()
+            except Exception as exc:
+                log.error("rollout step failed: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()

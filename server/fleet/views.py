@@ -40,6 +40,9 @@ class DeviceView(View):
     first_seen: float
     last_seen: float
     id_conflicts: int
+    bundle_sha256: str | None = Field(
+        None, description="Manifest sha256 of the bundle the device reported running."
+    )
 
     @classmethod
     def of(cls, rec: DeviceRecord) -> DeviceView:
@@ -63,6 +66,7 @@ class DeviceView(View):
             first_seen=rec.first_seen,
             last_seen=rec.last_seen,
             id_conflicts=rec.id_conflicts,
+            bundle_sha256=st.bundle_sha256 if st else None,
         )
 
 

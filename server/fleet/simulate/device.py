@@ -23,6 +23,8 @@ from edgefleet.agent.protocol import (
     Event,
     EventKind,
     Hardware,
+    InstallBundle,
+    RollbackBundle,
     Status,
     Telemetry,
     TopicTree,
@@ -278,3 +280,11 @@ class SimDevice:
     def reload_bundle(self) -> dict[str, JsonValue]:
         """Nothing to reload; report the simulated model."""
         return {"model_id": SIM_MODEL_ID, "version": 1}
+
+    def install_bundle(self, cmd: InstallBundle) -> dict[str, JsonValue]:
+        """Simulated devices run no model: a bundle is refused, naming why."""
+        raise ValueError("simulated devices do not install bundles")
+
+    def rollback_bundle(self, cmd: RollbackBundle) -> dict[str, JsonValue]:
+        """Nothing was installed, so nothing to roll back."""
+        return {"rolled_back": False}
