@@ -110,6 +110,7 @@ class _Job:
     total: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    transfer: dict[str, Any] = field(default_factory=dict)
 
 
 def previous_manifest_sha256(slots: Slots) -> str | None:
@@ -400,6 +401,16 @@ class UpdateManager:
             archive = download.run(job.cancel)
         finally:
             self._download = None
+            st = download.stats
+            # Reported with the outcome: what this device took from the broker for it.
+            job.transfer = {
+                "transfer": expect.kind,
+                "chunks_received": st.chunks_received,
+                "chunks_written": st.chunks_written,
+                "duplicates": st.duplicates,
+                "bad_chunks": st.bad_chunks,
+                "rerequests": st.rerequests,
+            }
         self._set(job, "verifying", cmd, "checking hashes and signature")
         sources = list(installed.values()) if use_delta else []
         verified = stage_archive(
@@ -438,7 +449,7 @@ class UpdateManager:
         from_version = self.running().version
         self._adopt_running()
         self.slots.activate(verified.path)
-        health = {k: v for k, v in report.checks.items()}
+        health = {**report.checks, **job.transfer}
         self._swaps.put(
             Swap(verified, report.model, "install", cmd.rollout_id, from_version, health)
         )

@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -153,6 +154,11 @@ class Ingestor:
         self._write_thread = threading.Thread(
             target=self._write_loop, name="ingest-writer", daemon=True
         )
+        self.connects = 0  # broker sessions so far: a new one may have lost retained messages
+        # Messages under {root}/bundle/ (the rollout engine checking its own retained offers)
+        # go here instead of the store; None drops them.
+        self.on_bundle: Callable[[str, bytes], None] | None = None
+        self._bundle_prefix = f"{self.tree.root}/bundle/"
         self.client = self._make_client()
 
     # -- MQTT -----------------------------------------------------------------------------
@@ -209,6 +215,7 @@ class Ingestor:
             return
         # Subscribing again on a resumed session is harmless and covers an expired one.
         client.subscribe(self._subscriptions())
+        self.connects += 1
         log.info(
             "coordinator %s connected to %s:%s (session %s), ingesting %s/dev/+",
             self.cfg.client_id,
@@ -228,6 +235,12 @@ class Ingestor:
                         self.cfg.client_id, self.cfg.host, self.cfg.port, reason)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.startswith(self._bundle_prefix):
+            self.client.ack(msg.mid, msg.qos)
+            handler = self.on_bundle
+            if handler is not None:
+                handler(msg.topic, bytes(msg.payload))
+            return
         # Network thread: only enqueue. Decoding and the store happen on the writer.
         raw = _Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time())
         with self._cond:

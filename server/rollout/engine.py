@@ -75,6 +75,10 @@ class Publisher(Protocol):
 
     def clear(self, info: ArchiveInfo) -> None: ...
 
+    def generation(self) -> int: ...
+
+    def present(self, info: ArchiveInfo) -> bool: ...
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -109,6 +113,8 @@ class RolloutEngine:
         self.settings = settings or EngineSettings()
         self.clock = clock
         self._last_sent: dict[tuple[str, str], float] = {}
+        # archive sha256 -> publisher generation at which it was last seen on the broker.
+        self._checked: dict[str, int] = {}
 
     # -- creating -----------------------------------------------------------------------------
 
@@ -225,6 +231,7 @@ class RolloutEngine:
         if r.state in ("halted", "aborted"):
             self._roll_back(r, now)
             return
+        self._ensure_on_broker(r, spec)
         devices = self.store.rollout_devices(rollout_id)
         verdict = self._judge(r, spec, [d for d in devices if d.state == "active"], now)
         if verdict is not None:
@@ -494,7 +501,36 @@ class RolloutEngine:
                 continue  # already on the broker (another rollout, or before a restart)
             sent = self.publisher.publish(info)
             self.store.mark_bundle_published(sha, self.clock(), sent)
+            self._checked[sha] = self.publisher.generation()
             log.info("rollout %s: published %s (%d bytes)", rollout_id, sha[:12], sent)
+
+    def _ensure_on_broker(self, r: RolloutRecord, spec: RolloutSpec) -> None:
+        """After a broker (or coordinator) restart, publish again what the broker lost.
+
+        A broker killed between two saves of its persistence file loses the retained
+        messages of that interval; devices would wait for chunks that never come. Checked
+        once per broker session and archive: the offer's presence is enough (see
+        MqttPublisher.present).
+        """
+        generation = self.publisher.generation()
+        for sha in (r.bundle_sha256, *spec.deltas.values()):
+            if self._checked.get(sha) == generation:
+                continue
+            info = self.archives.get(sha)
+            rec = self.store.bundle(sha)
+            if info is None or rec is None:
+                continue
+            if not self.publisher.present(info):
+                sent = self.publisher.publish(info)
+                total = rec.published_bytes + sent
+                self.store.mark_bundle_published(sha, self.clock(), total)
+                log.warning(
+                    "rollout %s: the broker had lost %s; published again (%d bytes)",
+                    r.rollout_id,
+                    sha[:12],
+                    sent,
+                )
+            self._checked[sha] = generation
 
     def _clear(self, r: RolloutRecord, spec: RolloutSpec) -> None:
         """Take r's archives off the broker unless another unfinished rollout needs them."""

@@ -8,6 +8,7 @@ events and statuses in the store, which survive a coordinator restart, while a r
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 
@@ -53,6 +54,38 @@ class MqttPublisher:
     def __init__(self, ingestor: Ingestor, timeout_s: float = 600.0) -> None:
         self.ingestor = ingestor
         self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._seen: dict[str, threading.Event] = {}
+        ingestor.on_bundle = self._on_bundle
+
+    def generation(self) -> int:
+        """Changes with every new broker session: retained messages may be gone since."""
+        return self.ingestor.connects
+
+    def present(self, info: ArchiveInfo, timeout_s: float = 3.0) -> bool:
+        """Whether the broker still holds the archive's offer (and so its chunks).
+
+        The offer is published after its chunks and cleared before them, so an offer on the
+        broker implies every chunk is there too, also after a broker restart from its
+        persistence file. Subscribing makes the broker send the retained offer, if any.
+        """
+        topic = self.ingestor.tree.bundle_meta(info.sha256)
+        seen = threading.Event()
+        with self._lock:
+            self._seen[topic] = seen
+        try:
+            self.ingestor.client.subscribe(topic, qos=1)
+            return seen.wait(timeout_s)
+        finally:
+            self.ingestor.client.unsubscribe(topic)
+            with self._lock:
+                self._seen.pop(topic, None)
+
+    def _on_bundle(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            seen = self._seen.get(topic)
+        if seen is not None and payload:  # an empty retained payload is a cleared offer
+            seen.set()
 
     def _offer(self, info: ArchiveInfo):  # type: ignore[no-untyped-def]
         return make_offer(
