@@ -85,6 +85,7 @@ class FleetCollector(Collector):
             "Distinct telemetry windows received.",
             value=sum(r.received for r in reports),
         )
+        yield from self._rollouts()
         rejects = CounterMetricFamily(
             "edgefleet_rejected_messages", "Messages rejected, by reason.", labels=["reason"]
         )
@@ -102,6 +103,30 @@ class FleetCollector(Collector):
                 "Telemetry and events received again (replay, redelivery).",
                 value=self.stats.telemetry_duplicates + self.stats.events_duplicates,
             )
+
+    def _rollouts(self) -> Iterator[GaugeMetricFamily]:
+        """Unfinished rollouts by state, and their devices by install state."""
+        running = self.store.rollouts(states=["running", "paused", "halted", "aborted"])
+        live = [r for r in running if r.phase != "done"]
+        rollouts = GaugeMetricFamily(
+            "edgefleet_rollouts",
+            "Rollouts not yet finished, by state (halted and aborted ones still rolling back).",
+            labels=["group", "state"],
+        )
+        devices = GaugeMetricFamily(
+            "edgefleet_rollout_devices",
+            "Devices of unfinished rollouts, by install state.",
+            labels=["group", "rollout", "state"],
+        )
+        for r in live:
+            rollouts.add_metric([r.group, r.state], 1)
+            counts: dict[str, int] = defaultdict(int)
+            for d in self.store.rollout_devices(r.rollout_id):
+                counts[d.state] += 1
+            for state, n in sorted(counts.items()):
+                devices.add_metric([r.group, r.rollout_id, state], n)
+        yield rollouts
+        yield devices
 
 
 def render(store: Store, stats: IngestStats | None = None) -> bytes:

@@ -7,6 +7,7 @@ of every device, and what is left on the broker.
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,10 @@ def test_a_second_rollout_to_a_busy_group_is_refused(fleet3, tmp_path: Path) -> 
     )
     with pytest.raises(ApiError, match=r"HTTP 409.*lab"):
         client.create_rollout({"bundle_sha256": sha, "group": "lab", "waves": "100%"})
+    with urllib.request.urlopen(f"{client.url}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'edgefleet_rollouts{group="lab",state="running"} 1.0' in metrics, metrics
+    assert f'edgefleet_rollout_devices{{group="lab",rollout="{first.rollout_id}"' in metrics
     paused = client.rollout_action(first.rollout_id, "pause")
     assert paused.state == "paused"
     aborted = client.rollout_action(first.rollout_id, "abort")
