@@ -113,6 +113,16 @@ class _Job:
     transfer: dict[str, Any] = field(default_factory=dict)
 
 
+def same_input(a: tuple[int | str, ...], b: tuple[int | str, ...]) -> bool:
+    """Whether two input shapes take the same frames: same rank, and every dimension equal
+    where both are fixed (a symbolic batch 'N' and a fixed batch of 1 are the same input)."""
+    if len(a) != len(b):
+        return False
+    return all(
+        x == y or isinstance(x, str) or isinstance(y, str) for x, y in zip(a, b, strict=True)
+    )
+
+
 def previous_manifest_sha256(slots: Slots) -> str | None:
     """Manifest sha256 of the bundle a rollback would return to (None: there is none)."""
     previous = slots.previous()
@@ -429,7 +439,7 @@ class UpdateManager:
             )
         shape = tuple(m.input.shape)
         now = self.running()
-        if shape != now.input_shape and not cmd.allow_model_change:
+        if not same_input(shape, now.input_shape) and not cmd.allow_model_change:
             raise BundleError(
                 verified.path,
                 f"input shape {list(shape)} differs from the running model's "
