@@ -53,6 +53,10 @@ class ArchiveInfo:
     base_manifest_sha256: str | None = None  # delta only: the bundle it applies on
 
 
+# A delta larger than this share of the full archive is not worth a second copy on the broker.
+MAX_DELTA_SHARE = 0.8
+
+
 class ArchiveStore:
     """Verified bundle archives in one directory, looked up by archive or manifest sha256."""
 
@@ -167,6 +171,19 @@ class ArchiveStore:
             candidate = tmp / f"delta{_SUFFIX}"
             made = make_delta(new_dir, base_dir, candidate)
             sha, size = sha256_file(candidate)
+            if sha == new.sha256 or size > new.size * MAX_DELTA_SHARE:
+                # Nothing (or little) in common with the base: the delta would be the full
+                # archive again, byte for byte when every file differs (same sha256, same
+                # topics, another kind). Devices fetch the full archive instead.
+                log.info(
+                    "no delta of %s v%d on base %s: %d of %d bytes would be shipped",
+                    new.model_id,
+                    new.version,
+                    base_manifest_sha256[:12],
+                    size,
+                    new.size,
+                )
+                return None
             info = ArchiveInfo(
                 sha256=sha,
                 manifest_sha256=made.manifest_sha256,

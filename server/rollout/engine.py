@@ -138,7 +138,7 @@ class RolloutEngine:
         }
         for base in sorted(bases):
             delta = self.archives.delta(info, base)
-            if delta is not None:
+            if delta is not None and delta.sha256 != info.sha256:
                 deltas[base] = delta.sha256
                 self.store.add_bundle(_bundle_record(delta, now))
         spec = spec.model_copy(update={"deltas": deltas})
@@ -387,8 +387,12 @@ class RolloutEngine:
                 reason = facts.get("reason")
                 if state == "refused" and reason in _TRANSIENT_REFUSALS:
                     state = None
-                if state is not None and (state != d.state or facts.get("have") != d.have):
-                    have = facts.get("have")
+                have = facts.get("have")
+                # Only events that carry a count move it (verifying, active... carry none):
+                # a rewrite at every tick would keep updated_at fresh, and _resend reads a
+                # device whose updated_at never ages as one that is not silent.
+                moved = isinstance(have, int) and have != d.have
+                if state is not None and (state != d.state or moved):
                     total = facts.get("total")
                     self.store.update_rollout_device(
                         rid,

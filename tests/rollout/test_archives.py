@@ -140,3 +140,18 @@ def test_delta_ships_only_the_changed_files_and_fills_into_the_new_bundle(
     device_base = unpack(base.path, tmp_path / "device-base")
     assert fill_from(staged, None, [device_base]) == ["stage0.onnx", "stage1.onnx"]
     assert verify_bundle(staged, [key.public_key()]).manifest_sha256 == new.manifest_sha256
+
+
+def test_no_delta_when_nothing_is_shared_and_the_full_archive_stays_intact(
+    tmp_path: Path, key: Ed25519PrivateKey, store: ArchiveStore
+) -> None:
+    # Another model entirely: every file differs, so the "delta" would be the full archive
+    # byte for byte (same sha256). It must not be recorded as a delta over the full one.
+    base = store.add(make_bundle(tmp_path, key, 3))
+    files = {name: bytes(reversed(data)) + b"x" for name, data in two_stage_files().items()}
+    other = tmp_path / "other"
+    write_bundle(other, two_stage_body(version=5), files, key)
+    new = store.add(other)
+    assert store.delta(new, base.manifest_sha256) is None
+    assert store.get(new.sha256) == new and new.kind == "full"
+    assert sorted(i.kind for i in store.all()) == ["full", "full"]
