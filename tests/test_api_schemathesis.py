@@ -20,11 +20,15 @@ from schemathesis import BaseSchema, Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from edgefleet.server.fleet.api import create_app
+from edgefleet.server.fleet.api import RolloutParts, create_app
 from edgefleet.server.fleet.commander import Commander
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import IngestBatch, StatusIn, Store, TelemetryIn
+from edgefleet.server.keystore import init_key
 from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.rollout.archives import ArchiveStore
+from edgefleet.server.rollout.engine import RolloutEngine
+from edgefleet.server.rollout.mqtt import MqttPublisher, MqttSender
 from tests import protocol_samples as samples
 from tests.fleet_helpers import start_ingestor
 
@@ -53,12 +57,19 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 @pytest.fixture
 def api_schema(
-    store: Store, mqtt_broker: MosquittoBroker, topic_prefix: str
+    store: Store, mqtt_broker: MosquittoBroker, topic_prefix: str, tmp_path: Path
 ) -> Iterator[BaseSchema]:
     ingestor = start_ingestor(mqtt_broker, topic_prefix, store)
     try:
+        key, _ = init_key(tmp_path / "keys")
+        archives = ArchiveStore(tmp_path / "archives", [key.public])
+        engine = RolloutEngine(store, archives, MqttSender(ingestor), MqttPublisher(ingestor))
         app = create_app(
-            store, token=TOKEN, commander=Commander(ingestor), max_body_bytes=MAX_BODY
+            store,
+            token=TOKEN,
+            commander=Commander(ingestor),
+            max_body_bytes=MAX_BODY,
+            rollouts=RolloutParts(engine, archives, upload_max_bytes=MAX_BODY),
         )
         yield schemathesis.openapi.from_asgi("/openapi.json", app)
     finally:
@@ -70,7 +81,7 @@ def test_no_input_is_a_server_error(api_schema: BaseSchema, mode: GenerationMode
     # Schemathesis' lazy pytest fixture (schemathesis.pytest.from_fixture) does not run on
     # pytest 9 (it sets Function._nodeid), so each operation gets its own Hypothesis run here.
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) >= 10, [op.label for op in operations]
+    assert len(operations) >= 17, [op.label for op in operations]
     for operation in operations:
         raw = operation.definition.raw
         if mode.is_negative and not (raw.get("parameters") or raw.get("requestBody")):

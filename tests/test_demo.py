@@ -44,6 +44,13 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert device["telemetry_windows"] > 50 and device["missing"] == 0
     assert device["rejected"] == 0 and device["events"] >= 2
     assert device["agents_offline_after_stop"] == ["demo-pi-1", "demo-pi-2"]
+    # The INT8 bundle reached both agents through a canary; the bad one was halted and the
+    # canary rolled back, the other agent never downloaded it.
+    assert device["rollout"]["state"] == "completed"
+    assert device["rollout"]["counts"] == {"active": 2}
+    bad = device["bad_rollout"]
+    assert bad["state"] == "halted" and "exit_rate" in bad["reason"]
+    assert sorted(d["state"] for d in bad["devices"]) == ["pending", "rolled_back"]
     assert (out / "bundles" / "mnist-cnn-int8-exits" / "report.png").exists()
 
     # Every check passed, and the console says so last.
@@ -58,6 +65,8 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     for n in range(1, 7):
         assert any(line.startswith(f"{n}. ") for line in lines), n
     assert "$ edgefleet fleet ls" in res.stdout and "demo-pi-1" in res.stdout
+    assert "$ edgefleet deploy mnist-cnn-int8-exits --group demo --canary 1" in res.stdout
+    assert "(wave 0): rolled_back" in res.stdout
     assert "estimated from CPU load" in res.stdout
     ping = lines.index("   $ edgefleet fleet cmd demo-pi-1 ping")
     assert lines[ping + 1].strip().startswith("demo-pi-1: ok")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +151,29 @@ def _line(v: RolloutView) -> str:
     return f"{v.rollout_id}: {v.state}, {v.phase}: {counts}{why}"
 
 
-def watch(client: FleetClient, rollout_id: str, poll_s: float = 1.0) -> RolloutView:
-    """Print each change of the rollout and of its devices until it is finished."""
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def watch(
+    client: FleetClient,
+    rollout_id: str,
+    poll_s: float = 1.0,
+    say: Callable[[str], None] = _print,
+    timeout_s: float | None = None,
+) -> RolloutView:
+    """Say each change of the rollout and of its devices until it is finished.
+
+    timeout_s None waits as long as the rollout takes; else TimeoutError after it.
+    """
     seen: dict[str, str] = {}
     last = ""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         view = client.rollout(rollout_id)
         line = _line(view)
         if line != last:
-            print(line, flush=True)
+            say(line)
             last = line
         for d in view.devices or []:
             state = d.state
@@ -167,9 +182,11 @@ def watch(client: FleetClient, rollout_id: str, poll_s: float = 1.0) -> RolloutV
             if seen.get(d.device_id) != state:
                 seen[d.device_id] = state
                 why = f": {d.reason}" if d.reason and d.state != "active" else ""
-                print(f"  {d.device_id} (wave {d.wave}): {state}{why}", flush=True)
+                say(f"  {d.device_id} (wave {d.wave}): {state}{why}")
         if view.state in FINISHED and view.phase == "done":
             return view
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"rollout {rollout_id} not finished after {timeout_s:g} s: {line}")
         time.sleep(poll_s)
 
 

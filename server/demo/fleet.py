@@ -14,6 +14,7 @@ from typing import Any
 from edgefleet.server.cli.fleet import device_rows, legend, table
 from edgefleet.server.demo.checks import Checks
 from edgefleet.server.demo.console import Story
+from edgefleet.server.demo.rollout import GROUP, run_rollouts
 from edgefleet.server.fleet.client import FleetClient
 from edgefleet.server.fleet.ingest import IngestConfig
 from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
@@ -92,6 +93,7 @@ class _Agents:
                 interval_s=INTERVAL_S,
                 username=i,
                 tls_ca=self.ca,
+                group=GROUP,
             )
             env = {"CREDENTIALS_DIRECTORY": str(self.cred_dirs[i])}  # systemd's LoadCredential=
             self.procs[i] = AgentProcess(config, self.logs[i], env=env)
@@ -126,8 +128,12 @@ def run_fleet(
     story: Story,
     checks: Checks,
     plan: FleetPlan = FleetPlan(),
+    rollout: Path | None = None,
 ) -> dict[str, Any]:
     """Run the local fleet, show the operator's view and a command, stop it, check the outcome.
+
+    The agents start on `bundle`; with `rollout`, that bundle is then pushed to them through
+    a canary rollout, followed by a bad bundle that must be halted and rolled back.
 
     Raises StepFailed (after recording the check) when the fleet cannot go on.
     """
@@ -148,6 +154,8 @@ def run_fleet(
             ),
             http_port=0,
             token=token,
+            fleet_keys=[key.public_path],
+            rollout_tick_s=0.5,
         )
     )
     sim_cfg = SimConfig(
@@ -185,7 +193,8 @@ def run_fleet(
         agents.start(bundle, key, broker)
         sim.start()
         ids, sim_ids = agents.ids, sim_cfg.device_ids()
-        story.say(f"{' and '.join(ids)}: the real device agent, running the optimized bundle")
+        running = "the original bundle" if rollout is not None else "the optimized bundle"
+        story.say(f"{' and '.join(ids)}: the real device agent, running {running}")
         story.say("  with the reference video as their camera")
         story.say(f"{plan.simulated} simulated devices ({sim_ids[0]} ... {sim_ids[-1]}) send")
         story.say("  made-up telemetry, so the fleet view shows more than two devices")
@@ -206,6 +215,9 @@ def run_fleet(
             f"{online} of {len(fleet)} devices online, {expected} started",
         )
         ping_ok = _ping(client, ids[0], story, checks)
+        pushed: dict[str, Any] = {}
+        if rollout is not None:
+            pushed = run_rollouts(client, ids, rollout, key, out, story, checks)
 
         story.say("stopping: SIGTERM to each agent (as systemd stops a service); the simulated")
         story.say("  devices send what they still hold, then disconnect")
@@ -217,6 +229,7 @@ def run_fleet(
                 1 for d in fleet if d.device_id in ids and d.fps is not None and d.fps > 0
             ),
             "ping_ok": ping_ok,
+            **pushed,
             **result,
         }
     finally:

@@ -306,7 +306,9 @@ def _steps(
         f"A local fleet: an MQTT broker, the coordinator, {plan.agents} device agents "
         f"and {plan.simulated} simulated devices"
     )
-    report["device"] = run_fleet(out / "device", opt_dir / "bundle", key, story, checks, plan)
+    report["device"] = run_fleet(
+        out / "device", fp32_dir, key, story, checks, plan, rollout=opt_dir / "bundle"
+    )
 
 
 def _verified(checks: Checks, what: str, path: Path, key: FleetKey) -> VerifiedBundle:

@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -41,6 +41,7 @@ def write_config(
     warmup_runs: int | None = None,
     username: str | None = None,
     tls_ca: Path | None = None,
+    group: str | None = None,
     extra: str = "",
 ) -> Path:
     """Write root/agent.toml for a local agent and return its path.
@@ -66,8 +67,10 @@ def write_config(
         extra = f'{extra}\n[mqtt.tls]\nca = "{tls_ca}"\n'
     user = f'username = "{username}"\n' if username is not None else ""
     path = root / "agent.toml"
+    group_line = f'group = "{group}"\n' if group is not None else ""
     path.write_text(
         f'device_id = "{device_id}"\n'
+        f"{group_line}"
         f'state_dir = "{root / "state"}"\n'
         "[camera]\n"
         f'source = "{video}"\nloop = true\n{pacing}'
@@ -87,17 +90,24 @@ def write_config(
 class AgentProcess:
     """`python -m edgefleet.agent run --config CONFIG` as a child process, output in `log`.
 
-    env adds to (or overrides) this process's environment, e.g. NOTIFY_SOCKET. Leaving a
+    env adds to (or overrides) this process's environment, e.g. NOTIFY_SOCKET. prefix runs
+    the agent through a command that execs it, e.g. `ip netns exec NAME`. Leaving a
     `with` block kills an agent that still runs, so a failed test or benchmark leaves none.
     """
 
-    def __init__(self, config: Path, log: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.config = config
         self.log = log
         # The child keeps its own descriptor of the log; ours is not needed after the start.
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgefleet.agent", "run", "--config", str(config)],
+                [*prefix, sys.executable, "-m", "edgefleet.agent", "run", "--config", str(config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 # Unbuffered: a log line is in the file when the agent has written it.

@@ -18,18 +18,37 @@ from starlette.concurrency import run_in_threadpool
 
 from edgefleet.agent.bundle import BundleError
 from edgefleet.agent.protocol.ids import ID_PATTERN
+from edgefleet.server.fleet.http_json import ErrorDetail
 from edgefleet.server.fleet.store.base import Store
 from edgefleet.server.fleet.store.errors import RolloutConflict
 from edgefleet.server.rollout.archives import ArchiveInfo, ArchiveStore
 from edgefleet.server.rollout.engine import RolloutEngine, RolloutError
-from edgefleet.server.rollout.plan import PlanError
-from edgefleet.server.rollout.rules import RuleError
 from edgefleet.server.rollout.spec import RolloutSpec
 from edgefleet.server.rollout.views import BundleView, RolloutRequest, RolloutView, rollout_view
 
 RolloutIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="A rollout id.")]
 GroupQuery = Annotated[str | None, Query(pattern=ID_PATTERN, description="Only this group.")]
 DEFAULT_UPLOAD_MAX_BYTES = 1 << 30
+
+
+def _errors(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """Documented error answers ({"detail": "..."}), so clients and the schema agree."""
+    return {int(k[1:]): {"model": ErrorDetail, "description": v} for k, v in codes.items()}
+
+
+_AUTH = {"_401": "Missing or wrong bearer token.", "_403": "The coordinator has no API token."}
+_UPLOAD = _errors(
+    **_AUTH,
+    _400="The bundle does not verify (file hash, signature, key) or is not an archive.",
+    _413="The archive is larger than the upload limit.",
+)
+_CREATE = _errors(
+    **_AUTH,
+    _404="No such bundle on the coordinator, or the group has no devices.",
+    _409="The group has a rollout running or paused.",
+)
+_ACT = _errors(**_AUTH, _404="No such rollout.", _409="Not possible in the rollout's state.")
+_SHOW = _errors(_404="No such rollout.")
 
 
 def bundle_view(info: ArchiveInfo, store: Store) -> BundleView:
@@ -65,7 +84,9 @@ def make_router(
             raise HTTPException(404, f"unknown rollout {rollout_id!r}")
         return rollout_view(r, store.rollout_devices(rollout_id), devices)
 
-    @router.post("/bundles", tags=["rollouts"], dependencies=action, status_code=201)
+    @router.post(
+        "/bundles", tags=["rollouts"], dependencies=action, status_code=201, responses=_UPLOAD
+    )
     async def upload_bundle(request: Request) -> BundleView:
         archives.directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=archives.directory, prefix=".upload-", suffix=".tar.gz")
@@ -81,11 +102,11 @@ def make_router(
                         )
                     out.write(part)
             if size == 0:
-                raise HTTPException(422, "empty body: send the bundle archive's bytes")
+                raise HTTPException(400, "empty body: send the bundle archive's bytes")
             try:
                 info = await run_in_threadpool(archives.add, tmp)
             except BundleError as exc:
-                raise HTTPException(422, f"bundle refused: {exc}") from None
+                raise HTTPException(400, f"bundle refused: {exc}") from None
             return bundle_view(info, store)
         finally:
             tmp.unlink(missing_ok=True)
@@ -94,15 +115,17 @@ def make_router(
     def list_bundles() -> list[BundleView]:
         return [bundle_view(info, store) for info in archives.all()]
 
-    @router.post("/rollouts", tags=["rollouts"], dependencies=action, status_code=201)
+    @router.post(
+        "/rollouts", tags=["rollouts"], dependencies=action, status_code=201, responses=_CREATE
+    )
     def create_rollout(body: RolloutRequest) -> RolloutView:
         spec = RolloutSpec.model_validate(body.model_dump(exclude={"bundle_sha256", "group"}))
         try:
             rollout_id = engine.create(body.group, body.bundle_sha256, spec)
         except RolloutConflict as exc:
             raise HTTPException(409, str(exc)) from None
-        except (RolloutError, PlanError, RuleError) as exc:
-            raise HTTPException(422, str(exc)) from None
+        except RolloutError as exc:
+            raise HTTPException(404, str(exc)) from None
         return view(rollout_id)
 
     @router.get("/rollouts", tags=["rollouts"])
@@ -114,7 +137,7 @@ def make_router(
             for r in store.rollouts(group=group, limit=limit)
         ]
 
-    @router.get("/rollouts/{rollout_id}", tags=["rollouts"])
+    @router.get("/rollouts/{rollout_id}", tags=["rollouts"], responses=_SHOW)
     def show_rollout(rollout_id: RolloutIdPath) -> RolloutView:
         return view(rollout_id)
 
@@ -126,15 +149,21 @@ def make_router(
             raise HTTPException(status, str(exc)) from None
         return view(rollout_id)
 
-    @router.post("/rollouts/{rollout_id}/pause", tags=["rollouts"], dependencies=action)
+    @router.post(
+        "/rollouts/{rollout_id}/pause", tags=["rollouts"], dependencies=action, responses=_ACT
+    )
     def pause(rollout_id: RolloutIdPath) -> RolloutView:
         return act(rollout_id, engine.pause)
 
-    @router.post("/rollouts/{rollout_id}/resume", tags=["rollouts"], dependencies=action)
+    @router.post(
+        "/rollouts/{rollout_id}/resume", tags=["rollouts"], dependencies=action, responses=_ACT
+    )
     def resume(rollout_id: RolloutIdPath) -> RolloutView:
         return act(rollout_id, engine.resume)
 
-    @router.post("/rollouts/{rollout_id}/abort", tags=["rollouts"], dependencies=action)
+    @router.post(
+        "/rollouts/{rollout_id}/abort", tags=["rollouts"], dependencies=action, responses=_ACT
+    )
     def abort(rollout_id: RolloutIdPath) -> RolloutView:
         return act(rollout_id, engine.abort)
 

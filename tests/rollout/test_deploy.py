@@ -151,7 +151,7 @@ def test_a_tampered_or_foreign_bundle_is_refused_at_upload(fleet3, tmp_path: Pat
     data = bytearray(stage.read_bytes())
     data[len(data) // 2] ^= 0x01
     stage.write_bytes(bytes(data))
-    with pytest.raises(ApiError, match=r"HTTP 422.*(sha256|hash)"):
+    with pytest.raises(ApiError, match=r"HTTP 400.*(sha256|hash)"):
         _upload(client, v2, tmp_path)
 
 
