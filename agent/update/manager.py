@@ -178,6 +178,10 @@ class UpdateManager:
         self._trial: Swap | None = None
         self._trial_frames = 0
         self._trial_t0 = 0.0
+        # A trial that survived a restart (Slots.recover kept it) is confirmed after
+        # confirm_frames frames too: left on trial, the next crashes would roll back a
+        # version that had been running fine (MAX_TRIAL_STARTS).
+        self._resumed_trial = slots.trial() is not None
 
     # -- commands (called from the loop) --------------------------------------------------
 
@@ -227,6 +231,7 @@ class UpdateManager:
         previous = self.slots.previous()
         if previous is None:
             raise ValueError("no previous bundle is installed to roll back to")
+        self._resumed_trial = False  # the rollback ends that trial
         with self._lock:
             job = self._job
             if job is not None and job.thread is not None and job.thread.is_alive():
@@ -280,10 +285,30 @@ class UpdateManager:
     def frame_done(self) -> None:
         """One more frame ran on the model in trial; confirm it after enough of them."""
         if self._trial is None:
+            if self._resumed_trial:
+                self._confirm_resumed()
             return
         self._trial_frames += 1
         if self._trial_frames >= self.cfg.confirm_frames:
             self._confirm()
+
+    def _confirm_resumed(self) -> None:
+        self._trial_frames += 1
+        if self._trial_frames < self.cfg.confirm_frames:
+            return
+        self._resumed_trial = False
+        self.slots.confirm()
+        now = self.running()
+        self._report(
+            "active",
+            f"installed {now.model_id} v{now.version}: its trial, interrupted by a restart, "
+            f"is confirmed after {self._trial_frames} frames",
+            None,
+            now.manifest_sha256,
+            version=now.version,
+            frames=self._trial_frames,
+        )
+        self._trial_frames = 0
 
     def _confirm(self) -> None:
         swap = self._trial
