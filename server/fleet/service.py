@@ -21,7 +21,7 @@ from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import RetentionPolicy, Store
 from edgefleet.server.rollout.archives import ArchiveStore
-from edgefleet.server.rollout.engine import RolloutEngine
+from edgefleet.server.rollout.engine import EngineSettings, RolloutEngine
 from edgefleet.server.rollout.mqtt import MqttPublisher, MqttSender
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class CoordinatorConfig(BaseModel):
     )
     upload_max_bytes: int = Field(1 << 30, ge=1, description="Largest bundle archive accepted.")
     rollout_tick_s: float = Field(1.0, gt=0, description="How often rollouts take a step.")
+    rollout_resend_s: float = Field(
+        30.0, gt=0, description="An in-flight device silent this long is sent its install again."
+    )
     state_dir: Path | None = Field(
         None,
         description="Where the coordinator keeps its own state (its MQTT client id); default: "
@@ -97,7 +100,11 @@ class Coordinator:
             self.cfg.bundles_dir or self.cfg.own_state_dir() / "bundles", keys
         )
         self.engine = RolloutEngine(
-            self.store, self.archives, MqttSender(self.ingestor), MqttPublisher(self.ingestor)
+            self.store,
+            self.archives,
+            MqttSender(self.ingestor),
+            MqttPublisher(self.ingestor),
+            settings=EngineSettings(resend_s=self.cfg.rollout_resend_s),
         )
         app = create_app(
             self.store,
