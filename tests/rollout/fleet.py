@@ -10,14 +10,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.bundle import MANIFEST_NAME, ManifestBody, Metrics, verify_bundle
 from edgefleet.agent.bundle.writer import write_bundle
+from edgefleet.agent.protocol import TopicTree
+from edgefleet.agent.protocol.codec import encode
+from edgefleet.agent.protocol.commands import AnyCommand, Command
 from edgefleet.server.bundles.plain import plain_body, write_plain_bundle
 from edgefleet.server.fleet.client import FleetClient
 from edgefleet.server.fleet.ingest import IngestConfig
@@ -106,7 +113,10 @@ class LocalFleet:
 
     def start_agent(self, device_id: str, bundle: Path, group: str = "lab", **kw: object) -> None:
         extra = f'group = "{group}"\n'
-        update = "[update]\nconfirm_frames = 10\nrerequest_s = 2\ngive_up_s = 60\n"
+        update = "[update]\nconfirm_frames = 10\nrerequest_s = 2\n"
+        # kw "update": more [update] keys (TOML allows the table once); give_up_s may be one.
+        more = str(kw.get("update", ""))
+        update += more + ("" if "give_up_s" in more else "give_up_s = 60\n")
         cfg = write_config(
             self.root / device_id,
             device_id=device_id,
@@ -155,3 +165,43 @@ def installed_dirs(state_dir: Path) -> list[str]:
     if not bundles.is_dir():
         return []
     return sorted(p.name for p in bundles.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def start_coordinator_with(fleet: LocalFleet, **overrides: object) -> FleetClient:
+    """fleet.start_coordinator with some CoordinatorConfig fields changed (rollout_resend_s)."""
+    (fleet.root / "coordinator").mkdir(parents=True, exist_ok=True)
+    fleet.coordinator = Coordinator(fleet.coordinator_config().model_copy(update=overrides))
+    fleet.coordinator.start()
+    assert fleet.coordinator.ingestor.wait_connected(10)
+    return FleetClient(fleet.coordinator.url, TOKEN)
+
+
+def restart_agent(fleet: LocalFleet, device_id: str) -> AgentProcess:
+    """The agent started again on its config and state (after a kill), logging to the same file."""
+    config = fleet.root / device_id / "agent.toml"
+    fleet.agents[device_id] = AgentProcess(config, fleet.root / f"{device_id}.log")
+    return fleet.agents[device_id]
+
+
+def state_dir(fleet: LocalFleet, device_id: str) -> Path:
+    """The agent's state directory (write_config puts it under root/device_id)."""
+    return fleet.root / device_id / "state"
+
+
+def send_command(client: mqtt.Client, topic_root: str, device_id: str, body: AnyCommand) -> str:
+    """Publish one command to a device as the coordinator would (QoS 1); its correlation id."""
+    now = time.time()
+    cmd = Command(id=uuid.uuid4().hex[:16], ts=now, expires_at=now + 120, command=body)
+    topic = TopicTree(topic_root).device(device_id, "cmd")
+    client.publish(topic, encode(cmd), qos=1).wait_for_publish(5)
+    return cmd.id
+
+
+def resigned(src: Path, out: Path, private: Ed25519PrivateKey) -> Path:
+    """src's files and manifest body, signed by another key (a manifest re-signed elsewhere)."""
+    body = json.loads((src / MANIFEST_NAME).read_bytes())
+    files = {name: (src / name).read_bytes() for name in body["files"]}
+    for k in ("signer", "files"):
+        body.pop(k)
+    write_bundle(out, ManifestBody.model_validate(body), files, private)
+    return out
