@@ -111,6 +111,8 @@ class Link:
         self._bundle_prefix = f"{self.tree.root}/bundle/"
         # Called on paho's network thread for every message under bundle/: must only enqueue.
         self.on_transfer: Callable[[str, bytes], None] | None = None
+        # Called on paho's network thread with each retained keys/trust document (fleet keys).
+        self.on_keys: Callable[[bytes], None] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
@@ -304,6 +306,8 @@ class Link:
         subs = [(self.tree.device(self.device_id, "cmd"), opts)]
         if self.group:
             subs.append((self.tree.group_cmd(self.group), opts))
+        # The fleet's key trust statements: retained, so each connect brings the current list.
+        subs.append((self.tree.keys_trust(), SubscribeOptions(qos=1)))
         client.subscribe(subs)
         if transfers:
             # Resume: the broker sends each retained chunk again on the new subscription.
@@ -398,6 +402,13 @@ class Link:
                 handler(msg.topic, bytes(msg.payload))
             except Exception:  # a bug in a download must not kill paho's network thread
                 log.exception("transfer handler failed on %s", msg.topic)
+            return
+        if msg.topic == self.tree.keys_trust():
+            if self.on_keys is not None and msg.payload:  # empty: the document was cleared
+                try:
+                    self.on_keys(bytes(msg.payload))
+                except Exception:  # a bug there must not kill paho's network thread
+                    log.exception("key trust handler failed on %s", msg.topic)
             return
         try:
             self.commands.put_nowait((msg.topic, bytes(msg.payload), bool(msg.retain)))

@@ -21,7 +21,8 @@ import psutil
 from pydantic import JsonValue
 
 from edgefleet.agent import __version__
-from edgefleet.agent.bundle import BundleError, KeyFileError, load_public_key, verify_bundle
+from edgefleet.agent.bundle import BundleError, KeyFileError, verify_bundle
+from edgefleet.agent.bundle.trust import TrustStore
 from edgefleet.agent.camera import Camera, Frame
 from edgefleet.agent.commands import CommandHandler
 from edgefleet.agent.config import AgentConfig
@@ -34,10 +35,13 @@ from edgefleet.agent.power import PowerMeter, detect, detect_temperature
 from edgefleet.agent.protocol import (
     Event,
     InstallBundle,
+    KeyTrust,
+    ProtocolError,
     Result,
     RollbackBundle,
     Status,
     Telemetry,
+    decode,
     encode,
 )
 from edgefleet.agent.runtime.preprocess import FrameError, Preprocessor
@@ -98,12 +102,17 @@ def bundle_path(cfg: AgentConfig) -> Path:
     return cfg.model.bundle
 
 
+def trust_store(cfg: AgentConfig) -> TrustStore:
+    """The keys this device trusts: its config's, changed by accepted key statements."""
+    return TrustStore.open(cfg.model.trusted_keys, cfg.state_dir)
+
+
 def recover_bundles(cfg: AgentConfig) -> str | None:
     """Finish or undo what a killed install left under state_dir/bundles; a line if anything."""
     if not (cfg.state_dir / "bundles").is_dir():
         return None
     try:
-        keys = [load_public_key(p) for p in cfg.model.trusted_keys]
+        keys = trust_store(cfg).unrevoked_keys()
     except KeyFileError as exc:
         raise AgentError(f"refusing to run: {exc}") from exc
     report = Slots(cfg.state_dir / "bundles").recover(keys)
@@ -114,8 +123,8 @@ def load_model(cfg: AgentConfig) -> StagedModel:
     """Verify the configured bundle against the trusted keys, then build its sessions."""
     bundle = bundle_path(cfg)
     try:
-        keys = [load_public_key(p) for p in cfg.model.trusted_keys]
-        verified = verify_bundle(bundle, keys)
+        # Installed while its key was trusted: only a revocation makes it unfit to run.
+        verified = verify_bundle(bundle, trust_store(cfg).unrevoked_keys())
         model = StagedModel(verified, threads=cfg.model.threads, providers=cfg.model.providers)
     except (BundleError, KeyFileError, RuntimeLoadError, OSError, ValueError) as exc:
         raise AgentError(f"refusing to run: {exc}") from exc
@@ -169,6 +178,8 @@ class Agent:
         except TlsSetupError as exc:
             raise AgentError(f"refusing to run: {exc}") from None
         self.commands = CommandHandler(cfg.device_id, self)
+        self.trust = trust_store(cfg)
+        self.link.on_keys = self._on_keys
         self.updates = UpdateManager(
             device_id=cfg.device_id,
             slots=self.slots,
@@ -177,7 +188,8 @@ class Agent:
             model_cfg=cfg.model,
             link=self.link,
             tree=self.link.tree,
-            keys=[load_public_key(p) for p in cfg.model.trusted_keys],
+            keys=self.trust,
+            installed_keys=self.trust.unrevoked_keys,
             device_class=device_class(self.hardware),
             event=self.event,
             running=self._running,
@@ -230,7 +242,7 @@ class Agent:
             "error"
             if kind in ("error", "rollback")
             else "warning"
-            if kind.endswith("lost") or kind == "outbox_overflow"
+            if kind.endswith("lost") or kind in ("outbox_overflow", "keys_refused")
             else "info"
         )
         ev = Event(
@@ -298,6 +310,51 @@ class Agent:
         if not ok:
             raise RuntimeError("JPEG encoding failed")
         return bytes(buf)
+
+    def _on_keys(self, payload: bytes) -> None:
+        """A keys/trust document arrived (paho's thread): accept what verifies, report the rest."""
+        topic = self.link.tree.keys_trust()
+        doc = decode(KeyTrust, payload, topic=topic)
+        if isinstance(doc, ProtocolError):
+            log.error("device %s: key trust refused: %s", self.cfg.device_id, doc.message)
+            self.event("keys_refused", f"key trust document refused: {doc.message}", {})
+            return
+        try:
+            outcome = self.trust.apply(doc)
+        except OSError as exc:
+            log.error("device %s: cannot save the trust store: %s", self.cfg.device_id, exc)
+            self.event("error", f"key trust not saved: {exc}", {"reason": "keys_not_saved"})
+            return
+        for s, why in outcome.refused:
+            if self.trust.first_refusal(s):
+                log.warning("device %s: key statement refused: %s", self.cfg.device_id, why)
+                self.event(
+                    "keys_refused",
+                    why,
+                    {"action": s.action, "key_id": s.key_id, "signer": s.signer},
+                )
+        trusted = ",".join(self.trust.trusted_ids())
+        for s in outcome.accepted:
+            message = f"key {s.key_id} {'trusted' if s.action == 'trust' else 'revoked'}"
+            log.info(
+                "device %s: %s (signed by %s); trusted now: %s",
+                self.cfg.device_id,
+                message,
+                s.signer,
+                trusted,
+            )
+            self.event(
+                "keys_changed",
+                message,
+                {
+                    "action": s.action,
+                    "key_id": s.key_id,
+                    "signer": s.signer,
+                    "not_before": s.not_before,
+                    "old_key_expires_at": s.old_key_expires_at,
+                    "trusted": trusted,
+                },
+            )
 
     def _running(self) -> Running:
         m = self.model.manifest

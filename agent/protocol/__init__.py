@@ -36,6 +36,7 @@ from edgefleet.agent.protocol.errors import (
     TopicError,
 )
 from edgefleet.agent.protocol.ids import ID_PATTERN, check_id, is_valid_id
+from edgefleet.agent.protocol.keys import KeyTrust, TrustStatement, canonical_bytes
 from edgefleet.agent.protocol.messages import (
     Event,
     EventKind,
@@ -77,6 +78,7 @@ __all__ = [
     "EventLevel",
     "Hardware",
     "InstallBundle",
+    "KeyTrust",
     "Message",
     "ParsedTopic",
     "Payload",
@@ -101,7 +103,9 @@ __all__ = [
     "TopicError",
     "TopicKind",
     "TopicTree",
+    "TrustStatement",
     "UnpinOperatingPoint",
+    "canonical_bytes",
     "check_id",
     "decode",
     "decode_topic",

@@ -12,7 +12,9 @@ SCHEMA_VERSION: Final = 1
 # Versions this code can read; during a breaking change both old and new are listed.
 SUPPORTED_VERSIONS: frozenset[int] = frozenset({SCHEMA_VERSION})
 
-PayloadKind = Literal["status", "telemetry", "results", "events", "cmd", "reply", "bundle_meta"]
+PayloadKind = Literal[
+    "status", "telemetry", "results", "events", "cmd", "reply", "bundle_meta", "keys_trust"
+]
 
 ModelId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from edgefleet.agent.protocol.base import SCHEMA_VERSION, SUPPORTED_VERSIONS, Payload, PayloadKind
 from edgefleet.agent.protocol.commands import CORRELATION_ID_PATTERN, Command, Reply
 from edgefleet.agent.protocol.errors import PayloadTooLargeError, ProtocolError, TopicError
+from edgefleet.agent.protocol.keys import KeyTrust
 from edgefleet.agent.protocol.messages import Event, Result, Status, Telemetry
 from edgefleet.agent.protocol.topics import TopicKind, TopicTree
 from edgefleet.agent.protocol.transfer import BundleOffer
@@ -30,13 +31,17 @@ SIZE_LIMITS: Final[Mapping[PayloadKind, int]] = MappingProxyType(
         "cmd": 16 * KiB,
         "reply": 1 * MiB,  # a snapshot's JPEG travels base64 in the reply
         "bundle_meta": 64 * KiB,
+        "keys_trust": 64 * KiB,
     }
 )
 
-Message: TypeAlias = Status | Telemetry | Result | Event | Command | Reply | BundleOffer
+Message: TypeAlias = Status | Telemetry | Result | Event | Command | Reply | BundleOffer | KeyTrust
 
 MODELS: Final[Mapping[PayloadKind, type[Message]]] = MappingProxyType(
-    {model.KIND: model for model in (Status, Telemetry, Result, Event, Command, Reply, BundleOffer)}
+    {
+        model.KIND: model
+        for model in (Status, Telemetry, Result, Event, Command, Reply, BundleOffer, KeyTrust)
+    }
 )
 
 # Which payload a topic of the tree carries; chunks are raw bytes and fed/ has no models yet.
@@ -50,6 +55,7 @@ TOPIC_PAYLOADS: Final[Mapping[TopicKind, PayloadKind]] = MappingProxyType(
         "cmd": "cmd",
         "group_cmd": "cmd",
         "bundle_meta": "bundle_meta",
+        "keys_trust": "keys_trust",
     }
 )
 

@@ -200,6 +200,8 @@ EventKind = Literal[
     "operating_point_changed",
     "outbox_overflow",
     "config_rejected",
+    "keys_changed",
+    "keys_refused",
 ]
 EventLevel = Literal["debug", "info", "warning", "error"]
 

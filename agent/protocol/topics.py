@@ -24,6 +24,7 @@ TopicKind = Literal[
     "bundle_chunk",
     "fed_task",
     "fed_update",
+    "keys_trust",
 ]
 DEVICE_KINDS: tuple[DeviceKind, ...] = get_args(DeviceKind)
 
@@ -138,6 +139,12 @@ class TopicTree:
         """Filter for every device's update of one round."""
         return f"{self.root}/fed/{check_id(round_id, 'round id')}/update/+"
 
+    # -- fleet keys -------------------------------------------------------------------------
+
+    def keys_trust(self) -> str:
+        """Retained KeyTrust: every device reads it, only the coordinator writes it."""
+        return f"{self.root}/keys/trust"
+
     # -- parsing ----------------------------------------------------------------------------
 
     def parse(self, topic: str) -> ParsedTopic:
@@ -175,8 +182,10 @@ def _parse_levels(parts: list[str]) -> ParsedTopic:
                 round_id=check_id(round_id, "round id"),
                 device_id=check_id(device_id),
             )
+        case ["keys", "trust"]:
+            return ParsedTopic(kind="keys_trust")
     raise TopicError(
         "not a topic of the tree (expected dev/{device}/{status|telemetry|results|events|reply|cmd}"
         ", group/{group}/cmd, bundle/{sha256}/meta, bundle/{sha256}/chunk/{n}"
-        ", fed/{round}/task or fed/{round}/update/{device})"
+        ", fed/{round}/task, fed/{round}/update/{device} or keys/trust)"
     )

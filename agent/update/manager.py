@@ -155,17 +155,22 @@ class UpdateManager:
         model_cfg: ModelConfig,
         link: TransferLink,
         tree: TopicTree,
-        keys: list[Ed25519PublicKey],
+        keys: list[Ed25519PublicKey] | Callable[[], list[Ed25519PublicKey]],
         device_class: str,
         event: EventSink,
         running: Callable[[], Running],
+        installed_keys: Callable[[], list[Ed25519PublicKey]] | None = None,
     ) -> None:
         self.device_id = device_id
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.link = link
         self.tree = tree
-        self.keys = keys
+        # A callable (the agent's TrustStore) is asked at each verification: keys rotate.
+        self._keys = keys
+        # Bundles already on the device (the running one, a rollback's target) were checked
+        # when installed: they need a key not revoked, not one still inside its overlap.
+        self._installed_keys = installed_keys
         self.device_class = device_class
         self.event = event
         self.running = running
@@ -182,6 +187,16 @@ class UpdateManager:
         # confirm_frames frames too: left on trial, the next crashes would roll back a
         # version that had been running fine (MAX_TRIAL_STARTS).
         self._resumed_trial = slots.trial() is not None
+
+    @property
+    def keys(self) -> list[Ed25519PublicKey]:
+        """The keys a bundle may be signed with now."""
+        return list(self._keys()) if callable(self._keys) else list(self._keys)
+
+    @property
+    def installed_keys(self) -> list[Ed25519PublicKey]:
+        """The keys a bundle already installed here may be signed with."""
+        return self.keys if self._installed_keys is None else self._installed_keys()
 
     # -- commands (called from the loop) --------------------------------------------------
 
@@ -396,7 +411,7 @@ class UpdateManager:
         if cmd.manifest_sha256 in installed:
             # Already on disk (a rollback's target, an interrupted install): verify it again.
             self._set(job, "verifying", cmd, "already on disk; verifying")
-            return verify_bundle(installed[cmd.manifest_sha256], self.keys)
+            return verify_bundle(installed[cmd.manifest_sha256], self.installed_keys)
         use_delta = cmd.delta is not None and cmd.delta.base_manifest_sha256 in installed
         expect = Expect(
             sha256=cmd.delta.sha256 if use_delta and cmd.delta else cmd.sha256,
@@ -496,7 +511,7 @@ class UpdateManager:
         if self.slots.current() is not None:
             return
         src = self.running().path
-        kept = stage_dir(src, slots=self.slots, trusted_keys=self.keys)
+        kept = stage_dir(src, slots=self.slots, trusted_keys=self.installed_keys)
         self.slots.activate(kept.path, trial=False)
         log.info("device %s: running bundle %s kept as %s", self.device_id, src, kept.path)
 
@@ -513,7 +528,7 @@ class UpdateManager:
             previous = self.slots.previous()
             if previous is None:
                 raise BundleError(self.slots.root, "no previous bundle to roll back to")
-            verified = verify_bundle(previous, self.keys)
+            verified = verify_bundle(previous, self.installed_keys)
             model = StagedModel(
                 verified, threads=self.model_cfg.threads, providers=self.model_cfg.providers
             )

@@ -31,6 +31,7 @@ from edgefleet.server.fleet.http_json import (
     validation_error_handler,
 )
 from edgefleet.server.fleet.ingest import IngestStats
+from edgefleet.server.fleet.keys_api import make_keys_router
 from edgefleet.server.fleet.metrics import render
 from edgefleet.server.fleet.store.base import Store
 from edgefleet.server.fleet.views import (
@@ -196,6 +197,7 @@ def create_app(
     def metrics() -> Response:
         return PlainTextResponse(render(store, stats), media_type="text/plain; version=0.0.4")
 
+    app.include_router(make_keys_router(need_commander, require_token))
     if rollouts is not None:
         app.include_router(
             make_router(

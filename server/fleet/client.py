@@ -107,6 +107,10 @@ class FleetClient:
         body = {"command": command, "timeout_s": timeout_s}
         return CommandOutcome.model_validate(self._call("POST", path, body))
 
+    def publish_trust(self, document: dict[str, Any]) -> dict[str, Any]:
+        """Have the coordinator publish the fleet key trust chain retained (keys/trust)."""
+        return dict(self._call("POST", "/keys/trust", document))
+
     # -- bundles and rollouts ------------------------------------------------------------
 
     def upload_bundle(self, archive: bytes) -> BundleView:

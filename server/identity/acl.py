@@ -27,6 +27,7 @@ DEVICE_PATTERNS = (
     ("read", "bundle/#"),  # transfers: offers and chunks serve every device
     ("read", "fed/+/task"),  # federated rounds: tasks are for all ...
     ("write", "fed/+/update/%u"),  # ... updates only one's own (and no one else's readable)
+    ("read", "keys/trust"),  # the fleet key statements: signed, but only coordinators write
 )
 
 
