@@ -16,8 +16,18 @@ from pydantic import BaseModel
 
 from edgefleet.agent.protocol import KeyTrust, ProtocolError, decode, encode
 from edgefleet.server.fleet.commander import Commander
+from edgefleet.server.fleet.http_json import ErrorDetail
 
 PUBLISH_TIMEOUT_S = 10.0
+_PUBLISH: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorDetail, "description": text}
+    for code, text in (
+        (401, "Missing or wrong bearer token."),
+        (403, "The coordinator has no API token."),
+        (422, "Not a KeyTrust document (JSON, fields, size)."),
+        (503, "No broker connection, or the broker did not acknowledge the publish."),
+    )
+}
 
 
 class TrustPublished(BaseModel):
@@ -34,7 +44,12 @@ def make_keys_router(
     """The /keys/trust route over the coordinator's broker connection."""
     router = APIRouter()
 
-    @router.post("/keys/trust", tags=["actions"], dependencies=[Depends(require_token)])
+    @router.post(
+        "/keys/trust",
+        tags=["actions"],
+        dependencies=[Depends(require_token)],
+        responses=_PUBLISH,
+    )
     async def publish_trust(request: Request) -> TrustPublished:
         doc = decode(KeyTrust, await request.body())
         if isinstance(doc, ProtocolError):
