@@ -48,7 +48,11 @@ def find_mosquitto() -> str:
 
 
 class MosquittoBroker:
-    """One mosquitto process on 127.0.0.1 with persistence in its own directory."""
+    """One mosquitto process on 127.0.0.1 with persistence in its own directory.
+
+    host: the address it listens on (and clients connect to), e.g. the root side of a veth
+    pair so that agents in a network namespace reach it too.
+    """
 
     def __init__(
         self,
@@ -56,9 +60,10 @@ class MosquittoBroker:
         max_queued_messages: int = 100_000,
         tls: TlsListener | None = None,
         identity: IdentityDir | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.binary = find_mosquitto()
-        self.host = "127.0.0.1"
+        self.host = host
         self.port = free_port()
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
