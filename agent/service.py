@@ -48,7 +48,7 @@ from edgefleet.agent.runtime.preprocess import FrameError, Preprocessor
 from edgefleet.agent.runtime.staged import RuntimeLoadError, StagedModel
 from edgefleet.agent.systemd import Notifier, WatchdogFeeder
 from edgefleet.agent.update.manager import Running, UpdateManager, previous_manifest_sha256
-from edgefleet.agent.update.slots import Slots
+from edgefleet.agent.update.slots import RecoveryReport, Slots
 from edgefleet.agent.window import TelemetryWindow
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,8 @@ def trust_store(cfg: AgentConfig) -> TrustStore:
     return TrustStore.open(cfg.model.trusted_keys, cfg.state_dir)
 
 
-def recover_bundles(cfg: AgentConfig) -> str | None:
-    """Finish or undo what a killed install left under state_dir/bundles; a line if anything."""
+def recover_bundles(cfg: AgentConfig) -> RecoveryReport | None:
+    """Finish or undo what a killed install left under state_dir/bundles; None if nothing."""
     if not (cfg.state_dir / "bundles").is_dir():
         return None
     try:
@@ -116,7 +116,7 @@ def recover_bundles(cfg: AgentConfig) -> str | None:
     except KeyFileError as exc:
         raise AgentError(f"refusing to run: {exc}") from exc
     report = Slots(cfg.state_dir / "bundles").recover(keys)
-    return report.summary() if report.changed else None
+    return report if report.changed else None
 
 
 def load_model(cfg: AgentConfig) -> StagedModel:
@@ -152,7 +152,7 @@ class Agent:
         self.notifier.extend_timeout(LOAD_TIMEOUT_S)
         recovered = recover_bundles(cfg)
         if recovered:
-            log.warning("device %s: %s", cfg.device_id, recovered)
+            log.warning("device %s: %s", cfg.device_id, recovered.summary())
         self.notifier.status(f"verifying and loading {bundle_path(cfg)}")
         self.model = load_model(cfg)
         m = self.model.manifest
@@ -423,7 +423,15 @@ class Agent:
         self.link.start()
         self.event("started", f"agent {__version__} running {m.model_id} v{m.version}")
         if self._recovered:
-            self.event("rollback", self._recovered, {"reason": "recovered_at_start"})
+            r = self._recovered
+            # "rollback" only when the running version went back; a half download swept
+            # away or a trial kept is install news, not a rollback.
+            went_back = bool(r.fell_back or r.trial_rolled_back)
+            self.event(
+                "rollback" if went_back else "install_progress",
+                r.summary(),
+                {"reason": "recovered_at_start", "rolled_back": went_back},
+            )
         window = self._new_window()
         window_t0 = time.monotonic()
         next_power = next_overflow_check = 0.0

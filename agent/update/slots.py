@@ -452,7 +452,9 @@ class Slots:
                     recovered_trial = True
                     notes.append(f"{candidate} was on trial when the agent stopped; kept")
         cur = self.current()
-        why = self._unusable(cur, keys)
+        fresh = not (self.dir / CURRENT).is_symlink() and not (self.dir / PREVIOUS).is_symlink()
+        # Nothing installed yet (the agent runs its configured bundle): nothing to fall from.
+        why = None if fresh else self._unusable(cur, keys)
         if why is not None:
             prev = self.previous()
             if prev is not None and self._unusable(prev, keys) is None:

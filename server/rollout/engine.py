@@ -287,6 +287,17 @@ class RolloutEngine:
         self, r: RolloutRecord, spec: RolloutSpec, devices: list[RolloutDeviceRecord], now: float
     ) -> None:
         rid = r.rollout_id
+        # A canary that went back after activating (its trial crashed the agent, a local
+        # health failure) is as much a verdict as one that never activated.
+        lost = [
+            d for d in devices if d.wave == 0 and (d.state in FAILED or d.state == "rolled_back")
+        ]
+        if lost:
+            d = lost[0]
+            self._halt(
+                rid, "halted", f"canary {d.device_id} {d.state} in the soak: {d.reason or ''}"
+            )
+            return
         started = r.phase_started_at or now
         if now - started < spec.soak_s:
             return
@@ -392,6 +403,10 @@ class RolloutEngine:
                 # a rewrite at every tick would keep updated_at fresh, and _resend reads a
                 # device whose updated_at never ages as one that is not silent.
                 moved = isinstance(have, int) and have != d.have
+                if d.state == "active" and state in IN_FLIGHT:
+                    # The status already showed this manifest running; an install event
+                    # that arrives after it (events and status travel apart) is older news.
+                    state = None
                 if state is not None and (state != d.state or moved):
                     total = facts.get("total")
                     self.store.update_rollout_device(

@@ -179,7 +179,7 @@ def test_an_agent_killed_at_an_install_step_ends_on_a_valid_version_and_the_roll
     bad = [
         m
         for m in watcher.of(victim, Event)
-        if _install_state(m) in ("failed", "refused", "rolled_back")
+        if _install_state(m) in ("failed", "refused", "rolled_back") or m.kind == "rollback"
     ]
     assert bad == [], bad
 

@@ -230,3 +230,16 @@ def test_sigkill_at_any_step_leaves_a_verified_current(
         )
         assert rerun.returncode == 0, rerun.stderr
         assert verify_bundle(slots.dir / "current", [key.public_key()]).manifest_sha256 == new_sha
+
+
+def test_recover_on_a_device_that_never_installed_anything_changes_nothing(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The agent runs its configured bundle: no current link is not a broken current."""
+    slots = Slots(tmp_path / "bundles")
+    (slots.dir / ".incoming-0123").mkdir()  # a first download killed while staging
+    report = slots.recover([key.public_key()])
+    assert report.current is None and report.fell_back is None and not report.trial_rolled_back
+    assert report.removed_incoming == (".incoming-0123",)
+    assert "fell back" not in report.summary()
+    assert not Slots(tmp_path / "bundles").recover([key.public_key()]).changed
