@@ -1,0 +1,1 @@
+"""Tests of the device-side numerics of federated rounds (edgefleet.agent.federated)."""
