@@ -95,6 +95,17 @@ ensure_mosquitto() {
     fi
 }
 
+ensure_link_tools() {
+    # The slow-link tests (tests/harness/netns.py): namespaces and tc from iproute2, and
+    # iptables for packet loss where the kernel has no netem.
+    local missing=()
+    command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || missing+=(iproute2)
+    command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+}
+
 ensure_postgres() {
     # A running local server, or initdb/pg_ctl for a throwaway cluster, is enough.
     if "$VENV/bin/python" - <<'PY' >/dev/null 2>&1

@@ -13,6 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 ensure_venv
 ensure_mosquitto
 ensure_postgres
+ensure_link_tools
 cd "$EDGEFLEET_ROOT"
 
 say "ruff"

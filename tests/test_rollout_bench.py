@@ -11,7 +11,8 @@ from bench.rollout import main
 def test_rollout_bench_reports_every_figure(tmp_path: Path) -> None:
     lines: list[str] = []
     out = tmp_path / "rollout.json"
-    args = ["--devices", "4", "--agents", "1", "--size-mb", "1", "--out", str(out)]
+    args = ["--devices", "4", "--agents", "1", "--size-mb", "1"]
+    args += ["--solo-repeats", "1", "--out", str(out)]
     assert main(args, emit=lines.append) == 0
     report = json.loads(lines[-1])
     assert report == json.loads(out.read_text())
@@ -27,6 +28,11 @@ def test_rollout_bench_reports_every_figure(tmp_path: Path) -> None:
     )
     assert report["swap_gap_ms"] is not None and report["swap_gap_ms"] >= 0
     ratio = report["fps_during_transfer_ratio"]
-    assert ratio is not None and 0 < ratio < 3, report["per_agent"]
+    assert ratio is not None and 0 < ratio < 3, report["solo_transfers"]
+    fleet_ratio = report["fps_during_fleet_rollout_ratio"]
+    assert fleet_ratio is not None and 0 < fleet_ratio < 3, report["per_agent"]
+    # The solo transfer's pad shares nothing with the version running: it travels.
+    (solo,) = report["solo_transfers"]
+    assert solo["chunks_received"] > 0 and solo["download_s"] > 0, solo
     agent = report["per_agent"]["agent-0"]
     assert agent["transfer"] == "full" and agent["chunks_received"] > 0, agent

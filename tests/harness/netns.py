@@ -11,8 +11,9 @@ processes over loopback (a local address), unshaped.
 Needs root, iproute2 and network namespaces: missing any is an error with instructions
 (`NetnsUnavailable`), never a silent skip: tests turn it into a failure. A kernel without the
 netem qdisc (some VM kernels, e.g. Firecracker's, build only tbf/htb) gets the rate from tbf and
-NO delay or loss; `Netns.shaping` says which was applied, `Netns.netem` is False, and
-`require_netem=True` makes that an error instead.
+the loss from iptables' `statistic` match (random drops of packets each way, in the
+namespace's own tables), and NO delay; `Netns.shaping` says what was applied, `Netns.netem`
+is False, and `require_netem=True` makes that an error instead.
 """
 
 from __future__ import annotations
@@ -106,6 +107,49 @@ def _shape(link_name: str, host_veth: str, ns_veth: str, netem: list[str], tbf: 
     raise AssertionError("unreachable: tbf either applies or raises")
 
 
+def _percent(value: str) -> float:
+    """'5%' -> 0.05."""
+    return float(value.strip().rstrip("%")) / 100.0
+
+
+def _drop_rule(dev: str, p: float) -> list[str]:
+    """An iptables INPUT rule dropping share p of what arrives on dev (loss on the wire).
+
+    On arrival, not on OUTPUT: a packet dropped on its way out is an error (EPERM) for the
+    sender, which a lossy link never is.
+    """
+    match = ["-m", "statistic", "--mode", "random", "--probability", f"{p:.4f}"]
+    return ["INPUT", "-i", dev, *match, "-j", "DROP"]
+
+
+def _drop_randomly(link: Netns, loss: str) -> str:
+    """Drop `loss` of the packets each way: arriving in the namespace, and arriving from it."""
+    p = _percent(loss)
+    if p <= 0:
+        return ""
+    if shutil.which("iptables") is None:
+        raise NetnsUnavailable(
+            "this kernel has no netem and iptables is not installed for the loss "
+            f"(`apt-get install -y iptables`); {INSTRUCTIONS}"
+        )
+    for argv in (
+        ["ip", "netns", "exec", link.name, "iptables", "-A", *_drop_rule(link.ns_veth, p)],
+        # The root namespace's table: matched by this link's own device only, deleted with it.
+        ["iptables", "-A", *_drop_rule(link.host_veth, p)],
+    ):
+        done = _run(argv)
+        if done.returncode != 0:
+            raise NetnsUnavailable(f"`{' '.join(argv)}` failed: {done.stderr.strip()}")
+    return f" + iptables statistic drop {loss} each way (no delay: no netem)"
+
+
+def _undrop(link: Netns, loss: str) -> None:
+    with contextlib.suppress(ValueError):
+        p = _percent(loss)
+        if p > 0 and shutil.which("iptables") is not None:
+            _run(["iptables", "-D", *_drop_rule(link.host_veth, p)])
+
+
 def _used_subnets() -> set[ipaddress.IPv4Network]:
     """The /30s of SUBNET already on an interface (another test's namespace)."""
     out = _run(["ip", "-o", "-4", "addr", "show"]).stdout
@@ -184,6 +228,9 @@ def slow_link(
         _ip("link", "set", "dev", link.ns_veth, "up", netns=link.name)
         _ip("link", "set", "dev", "lo", "up", netns=link.name)
         shaping = _shape(name, host_veth, ns_veth, netem, [] if require_netem else tbf)
+        if "netem" not in shaping:
+            shaping += _drop_randomly(link, loss)
         yield Netns(name, host_veth, ns_veth, link.host_ip, link.ns_ip, "netem" in shaping, shaping)
     finally:
+        _undrop(link, loss)
         _teardown(link)
