@@ -60,7 +60,7 @@ from edgefleet.agent.bundle.delta import make_delta
 from edgefleet.agent.bundle.writer import write_bundle
 from edgefleet.agent.config import MqttConfig, UpdateConfig
 from edgefleet.agent.protocol import Result, Telemetry, TopicTree, decode_topic
-from edgefleet.server.fleet.client import FleetClient
+from edgefleet.server.fleet.client import ApiError, FleetClient
 from edgefleet.server.fleet.ingest import IngestConfig
 from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
 from edgefleet.server.keystore import FleetKey, init_key
@@ -264,6 +264,26 @@ def agent_figures(
 SOLO_GROUP = "bench-solo"
 
 
+def solo_rollout(client: FleetClient, device: str, sha: str) -> str:
+    """Roll sha out to device alone, in a group of its own.
+
+    A status the agent publishes (after an install, on a reconnect) names the group of its
+    config and moves it back (the device's word wins, docs/coordinator.md): assign, create
+    at once, and assign again if a status came in between.
+    """
+    for _ in range(10):
+        client.assign_group(device, SOLO_GROUP)
+        try:
+            return client.create_rollout(
+                {"bundle_sha256": sha, "group": SOLO_GROUP, "canary": "1", "soak_s": 0}
+            ).rollout_id
+        except ApiError as exc:
+            if "has no devices" not in str(exc):
+                raise
+            time.sleep(0.5)
+    raise RuntimeError(f"{device} kept leaving group {SOLO_GROUP}")
+
+
 def solo_transfers(
     args: argparse.Namespace,
     client: FleetClient,
@@ -282,16 +302,13 @@ def solo_transfers(
     archive) shares no byte with the one running, so it travels, as a delta of the pad and
     the manifest or whole; the agent sits in a group of its own for it.
     """
-    client.assign_group(device, SOLO_GROUP)
     out: list[dict[str, Any]] = []
     for k in range(args.solo_repeats):
         archive = sized_version(work / f"solo-{k}", v1, key, args.size_mb, version=3 + k)
         sha = client.upload_bundle(archive.read_bytes()).sha256
         time.sleep(BEFORE_S + 1.0)  # quiet windows before, for the baseline
         created = time.time()
-        rid = client.create_rollout(
-            {"bundle_sha256": sha, "group": SOLO_GROUP, "canary": "1", "soak_s": 0}
-        ).rollout_id
+        rid = solo_rollout(client, device, sha)
 
         def done(rid: str = rid) -> bool:
             return client.rollout(rid).phase == "done"

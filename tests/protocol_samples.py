@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+
+import numpy as np
+
 from edgefleet.agent.protocol import (
     AnyCommand,
     BundleOffer,
     Command,
     DeltaRef,
+    EncodedTensor,
     Event,
+    FedTask,
+    FedUpdate,
     Hardware,
     InstallBundle,
     Payload,
     Percentiles,
     Ping,
+    PrivacySpec,
     ReloadBundle,
     Reply,
     Result,
@@ -177,6 +185,71 @@ def offer() -> BundleOffer:
     )
 
 
+def fed_task() -> FedTask:
+    """Round r-12: train exit 0 of digits-ee v4 on pseudo labels, fp16 deltas, with DP."""
+    return FedTask(
+        round_id="r-12",
+        model_id="digits-ee",
+        base_manifest_sha256=MANIFEST_SHA,
+        base_version=4,
+        group="lab-a",
+        heads=[0],
+        labels="pseudo",
+        min_confidence=0.9,
+        min_samples=64,
+        local_epochs=3,
+        learning_rate=0.05,
+        batch_size=32,
+        cpu_budget_s=30.0,
+        privacy=PrivacySpec(clip=2.0, noise_multiplier=0.01),
+        compression="fp16",
+        deadline_ts=1_767_226_400.0,
+        created_ts=1_767_225_800.0,
+    )
+
+
+def fed_update() -> FedUpdate:
+    """pi-7's delta for exit 0 (3 classes on 2 features, to keep the example short)."""
+    weight = [0.01, -0.02, 0.0, 0.03, 0.005, -0.01]
+    bias = [0.001, 0.0, -0.001]
+    return FedUpdate(
+        round_id="r-12",
+        device_id="pi-7",
+        model_id="digits-ee",
+        base_manifest_sha256=MANIFEST_SHA,
+        base_version=4,
+        samples=412,
+        val_samples=103,
+        tensors=[
+            EncodedTensor(
+                name="exit0.weight",
+                shape=[3, 2],
+                scheme="fp16",
+                data=base64.b64encode(np.asarray(weight, "<f2").tobytes()).decode(),
+            ),
+            EncodedTensor(
+                name="exit0.bias",
+                shape=[3],
+                scheme="fp16",
+                data=base64.b64encode(np.asarray(bias, "<f2").tobytes()).decode(),
+            ),
+        ],
+        train_loss=0.41,
+        val_accuracy_before=0.83,
+        val_accuracy_after=0.9,
+        val_exit_rate_before=0.55,
+        val_exit_rate_after=0.68,
+        norm=0.041,
+        clipped=False,
+        noise_multiplier=0.01,
+        epochs_done=3,
+        cpu_s=4.2,
+        raw_bytes=36,
+        encoded_bytes=18,
+        ts=1_767_225_990.0,
+    )
+
+
 ALL_MESSAGES: list[Payload] = [
     status(),
     offline_will(status()),
@@ -186,5 +259,6 @@ ALL_MESSAGES: list[Payload] = [
     *(command(body) for body in COMMAND_BODIES),
     reply(ok=True),
     reply(ok=False),
-    offer(),
+    offer(),    fed_task(),
+    fed_update(),
 ]

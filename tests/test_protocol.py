@@ -45,6 +45,8 @@ from tests.protocol_samples import (
     SHA,
     command,
     event,
+    fed_task,
+    fed_update,
     offer,
     reply,
     result,
@@ -101,6 +103,8 @@ def test_decode_topic_picks_the_model_from_the_topic() -> None:
         (TREE.device("pi-7", "cmd"), command()),
         (TREE.group_cmd("lab-a"), command()),
         (TREE.bundle_meta(SHA), offer()),
+        (TREE.fed_task("r-12"), fed_task()),
+        (TREE.fed_update("r-12", "pi-7"), fed_update()),
     ]
     for topic, msg in cases:
         assert decode_topic(TREE, topic, encode(msg)) == msg
@@ -274,7 +278,8 @@ def test_errors_name_the_topic() -> None:
         ("edgefleet/v1/dev/pi-7/logs", b"{}", "unknown_topic", "not a topic of the tree"),
         ("edgefleet/v1/dev/pi-7/status", encode(status("pi-8")), "invalid", "'pi-8' does not"),
         (f"edgefleet/v1/bundle/{SHA}/chunk/0", b"\x00raw", "unknown_topic", "no JSON payload"),
-        ("edgefleet/v1/fed/r1/task", b"{}", "unknown_topic", "(fed_task) carries no JSON"),
+        ("edgefleet/v1/fed/r1/task", encode(fed_task()), "invalid", "field 'round_id'"),
+        ("edgefleet/v1/fed/r-12/update/pi-8", encode(fed_update()), "invalid", "'pi-7' does not"),
         (f"edgefleet/v1/bundle/{'0' * 64}/meta", encode(offer()), "invalid", "field 'sha256'"),
     ],
 )

@@ -35,6 +35,7 @@ from edgefleet.agent.protocol.errors import (
     Reason,
     TopicError,
 )
+from edgefleet.agent.protocol.fed import EncodedTensor, FedTask, FedUpdate, PrivacySpec, sampled
 from edgefleet.agent.protocol.ids import ID_PATTERN, check_id, is_valid_id
 from edgefleet.agent.protocol.keys import KeyTrust, TrustStatement, canonical_bytes
 from edgefleet.agent.protocol.messages import (
@@ -73,9 +74,12 @@ __all__ = [
     "Decoded",
     "DeltaRef",
     "DeviceKind",
+    "EncodedTensor",
     "Event",
     "EventKind",
     "EventLevel",
+    "FedTask",
+    "FedUpdate",
     "Hardware",
     "InstallBundle",
     "KeyTrust",
@@ -87,6 +91,7 @@ __all__ = [
     "Percentiles",
     "Ping",
     "PowerSource",
+    "PrivacySpec",
     "ProtocolError",
     "ProtocolException",
     "Reason",
@@ -113,4 +118,5 @@ __all__ = [
     "is_valid_id",
     "offline_will",
     "peek_command_id",
+    "sampled",
 ]

@@ -13,7 +13,16 @@ SCHEMA_VERSION: Final = 1
 SUPPORTED_VERSIONS: frozenset[int] = frozenset({SCHEMA_VERSION})
 
 PayloadKind = Literal[
-    "status", "telemetry", "results", "events", "cmd", "reply", "bundle_meta", "keys_trust"
+    "status",
+    "telemetry",
+    "results",
+    "events",
+    "cmd",
+    "reply",
+    "bundle_meta",
+    "keys_trust",
+    "fed_task",
+    "fed_update",
 ]
 
 ModelId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]

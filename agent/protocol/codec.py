@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from edgefleet.agent.protocol.base import SCHEMA_VERSION, SUPPORTED_VERSIONS, Payload, PayloadKind
 from edgefleet.agent.protocol.commands import CORRELATION_ID_PATTERN, Command, Reply
 from edgefleet.agent.protocol.errors import PayloadTooLargeError, ProtocolError, TopicError
+from edgefleet.agent.protocol.fed import FedTask, FedUpdate
 from edgefleet.agent.protocol.keys import KeyTrust
 from edgefleet.agent.protocol.messages import Event, Result, Status, Telemetry
 from edgefleet.agent.protocol.topics import TopicKind, TopicTree
@@ -32,19 +33,45 @@ SIZE_LIMITS: Final[Mapping[PayloadKind, int]] = MappingProxyType(
         "reply": 1 * MiB,  # a snapshot's JPEG travels base64 in the reply
         "bundle_meta": 64 * KiB,
         "keys_trust": 64 * KiB,
+        "fed_task": 16 * KiB,
+        # Two 10-class heads on 4096-wide features in fp32, base64: ~440 KB; under the
+        # broker's 1 MiB message limit (docs/security.md).
+        "fed_update": 1 * MiB,
     }
 )
 
-Message: TypeAlias = Status | Telemetry | Result | Event | Command | Reply | BundleOffer | KeyTrust
+Message: TypeAlias = (
+    Status
+    | Telemetry
+    | Result
+    | Event
+    | Command
+    | Reply
+    | BundleOffer
+    | KeyTrust
+    | FedTask
+    | FedUpdate
+)
 
 MODELS: Final[Mapping[PayloadKind, type[Message]]] = MappingProxyType(
     {
         model.KIND: model
-        for model in (Status, Telemetry, Result, Event, Command, Reply, BundleOffer, KeyTrust)
+        for model in (
+            Status,
+            Telemetry,
+            Result,
+            Event,
+            Command,
+            Reply,
+            BundleOffer,
+            KeyTrust,
+            FedTask,
+            FedUpdate,
+        )
     }
 )
 
-# Which payload a topic of the tree carries; chunks are raw bytes and fed/ has no models yet.
+# Which payload a topic of the tree carries; chunks are raw bytes.
 TOPIC_PAYLOADS: Final[Mapping[TopicKind, PayloadKind]] = MappingProxyType(
     {
         "status": "status",
@@ -56,6 +83,8 @@ TOPIC_PAYLOADS: Final[Mapping[TopicKind, PayloadKind]] = MappingProxyType(
         "group_cmd": "cmd",
         "bundle_meta": "bundle_meta",
         "keys_trust": "keys_trust",
+        "fed_task": "fed_task",
+        "fed_update": "fed_update",
     }
 )
 
@@ -65,7 +94,7 @@ _M = TypeVar("_M", bound=Payload)
 # Either the validated message or why it was rejected: check with isinstance(x, ProtocolError).
 Decoded: TypeAlias = _T | ProtocolError
 
-_FROM_DEVICE = (Status, Telemetry, Result, Event, Reply)
+_FROM_DEVICE = (Status, Telemetry, Result, Event, Reply, FedUpdate)
 _MAX_REPORTED_ERRORS = 5
 _FAST_PREFIX = f'{{"v":{SCHEMA_VERSION},'
 _CORRELATION_ID = re.compile(CORRELATION_ID_PATTERN[1:-1])
@@ -200,6 +229,14 @@ def decode_topic(tree: TopicTree, topic: str, payload: bytes | bytearray) -> Dec
         return ProtocolError(
             "invalid",
             f"{kind} on {topic}: field 'sha256': {msg.sha256!r} does not match the topic's",
+            kind,
+            topic,
+        )
+    if isinstance(msg, (FedTask, FedUpdate)) and msg.round_id != parsed.round_id:
+        return ProtocolError(
+            "invalid",
+            f"{kind} on {topic}: field 'round_id': {msg.round_id!r} does not match the "
+            f"topic's round {parsed.round_id!r}",
             kind,
             topic,
         )
