@@ -36,12 +36,19 @@ from __future__ import annotations
 import re
 
 from edgefleet.server.fleet.store.base import (
+    ACTIVE_FED_ROUND_STATES,
     ACTIVE_ROLLOUT_STATES,
     BundleRecord,
     CommandRecord,
     DeviceRecord,
     EventIn,
     EventRecord,
+    FedIgnored,
+    FedRoundRecord,
+    FedRoundState,
+    FedUpdateIn,
+    FedUpdateRecord,
+    FedUpdateStatus,
     IngestBatch,
     IngestOutcome,
     Reject,
@@ -60,17 +67,25 @@ from edgefleet.server.fleet.store.base import (
     TelemetryIn,
     TelemetryRecord,
 )
-from edgefleet.server.fleet.store.errors import RolloutConflict
+from edgefleet.server.fleet.store.errors import FedRoundConflict, RolloutConflict
 from edgefleet.server.fleet.store.postgres import PostgresStore
 from edgefleet.server.fleet.store.sqlite import SqliteStore
 
 __all__ = [
+    "ACTIVE_FED_ROUND_STATES",
     "ACTIVE_ROLLOUT_STATES",
     "BundleRecord",
     "CommandRecord",
     "DeviceRecord",
     "EventIn",
     "EventRecord",
+    "FedIgnored",
+    "FedRoundConflict",
+    "FedRoundRecord",
+    "FedRoundState",
+    "FedUpdateIn",
+    "FedUpdateRecord",
+    "FedUpdateStatus",
     "IngestBatch",
     "IngestOutcome",
     "PostgresStore",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edgefleet.agent.protocol import Event, Reply, Status, Telemetry
+from edgefleet.agent.protocol import Event, FedUpdate, Reply, Status, Telemetry
 
 # Why a message was not stored; counted per reason and kept in the rejects log.
 RejectReason = Literal[
@@ -57,6 +57,15 @@ class ReplyIn(Received):
 
 
 @dataclass(frozen=True)
+class FedUpdateIn(Received):
+    """A device's weight update for a federated round (fed/{round}/update/{device})."""
+
+    update: FedUpdate
+    # The payload's JSON as received: stored as is for the round's aggregation.
+    raw: str | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Reject(Received):
     """A message that failed validation; device_id is None when the topic named none."""
 
@@ -75,6 +84,7 @@ class IngestBatch:
     events: list[EventIn] = field(default_factory=list)
     replies: list[ReplyIn] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    fed_updates: list[FedUpdateIn] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
@@ -83,7 +93,23 @@ class IngestBatch:
             + len(self.events)
             + len(self.replies)
             + len(self.rejects)
+            + len(self.fed_updates)
         )
+
+
+# Why a federated update was not kept for its round's aggregate (counted and logged; stale and
+# late ones are also recorded with the round, see FedUpdateStatus).
+FedIgnoreReason = Literal["unknown_round", "stale", "late", "duplicate"]
+
+
+@dataclass(frozen=True)
+class FedIgnored:
+    """One update the ingest did not take into its round, and why."""
+
+    round_id: str
+    device_id: str
+    reason: FedIgnoreReason
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -101,6 +127,9 @@ class IngestOutcome:
     id_conflicts: tuple[str, ...] = ()
     # Telemetry whose window_end is more than the clock tolerance away from received_at.
     clock_skewed: int = 0
+    # Federated updates stored for their round's aggregate, and those ignored (with why).
+    fed_received: int = 0
+    fed_ignored: tuple[FedIgnored, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,6 +300,65 @@ class RolloutDeviceRecord:
     updated_at: float
 
 
+FedRoundState = Literal["running", "aggregated", "done", "failed", "aborted"]
+# A running round holds its group (the unique index of schema v5).
+ACTIVE_FED_ROUND_STATES: tuple[FedRoundState, ...] = ("running",)
+FedUpdateStatus = Literal[
+    "received",  # stored, in time, on the round's base; not yet judged
+    "accepted",  # decoded and checked: it joins the aggregate
+    "rejected",  # NaN, wrong shape, norm beyond the bound, not a participant (reason says)
+    "stale",  # made on another base bundle than the round's
+    "late",  # arrived after the deadline or after the round closed
+]
+
+
+@dataclass(frozen=True)
+class FedRoundRecord:
+    """One federated round of a group: its spec, base, progress and outcome."""
+
+    round_id: str
+    group: str
+    state: FedRoundState
+    phase: str  # announce, collect, aggregate, publish, done
+    phase_started_at: float
+    spec_json: str  # the operator's RoundSpec
+    task_json: str  # the FedTask as published on fed/{round}/task
+    model_id: str
+    base_manifest_sha256: str
+    base_bundle_sha256: str  # the archive the coordinator holds of the base
+    base_version: int
+    expected: tuple[str, ...]  # devices expected to report (online, on the base, sampled)
+    received: int  # updates in time on the base (received, accepted or rejected)
+    rejected: int
+    deadline_at: float
+    figures_json: str | None  # aggregation and evaluation figures, once aggregated
+    result_version: int | None
+    result_path: str | None  # the candidate bundle directory on the coordinator
+    result_bundle_sha256: str | None  # its archive, once added to the archive store
+    result_manifest_sha256: str | None
+    rollout_id: str | None
+    reason: str | None
+    created_at: float
+    updated_at: float
+    closed_at: float | None  # when collection ended (deadline, all reported, abort)
+
+
+@dataclass(frozen=True)
+class FedUpdateRecord:
+    """One device's update for a round, keyed by (round, device, base manifest)."""
+
+    round_id: str
+    device_id: str
+    base_manifest_sha256: str
+    status: FedUpdateStatus
+    reason: str | None
+    samples: int
+    norm: float | None  # global L2 norm of the decoded delta, once judged
+    received_at: float
+    updated_at: float
+    payload: str | None  # the FedUpdate JSON (received/accepted/rejected), when asked for
+
+
 class Store(ABC):
     """The coordinator's persistent state; every method is one transaction."""
 
@@ -433,3 +521,76 @@ class Store(ABC):
         previous_manifest_sha256: str | None = None,
     ) -> RolloutDeviceRecord:
         """Change the given fields (None: keep), set updated_at; KeyError when not in it."""
+
+    # -- federated rounds (the SQL is in fed.py) --------------------------------------------
+
+    @abstractmethod
+    def create_fed_round(self, record: FedRoundRecord) -> None:
+        """Store a round; FedRoundConflict when its group already has a round running."""
+
+    @abstractmethod
+    def fed_round(self, round_id: str) -> FedRoundRecord | None: ...
+
+    @abstractmethod
+    def fed_rounds(
+        self,
+        group: str | None = None,
+        states: Sequence[FedRoundState] | None = None,
+        limit: int = 100,
+    ) -> list[FedRoundRecord]:
+        """Newest created first, of one group and/or in some states."""
+
+    @abstractmethod
+    def update_fed_round(
+        self,
+        round_id: str,
+        *,
+        only_if: FedRoundState | None = None,
+        state: FedRoundState | None = None,
+        phase: str | None = None,
+        phase_started_at: float | None = None,
+        reason: str | None = None,
+        figures_json: str | None = None,
+        result_version: int | None = None,
+        result_path: str | None = None,
+        result_bundle_sha256: str | None = None,
+        result_manifest_sha256: str | None = None,
+        rollout_id: str | None = None,
+        closed_at: float | None = None,
+    ) -> FedRoundRecord | None:
+        """Change the given fields (None: keep), set updated_at; KeyError for an unknown id.
+
+        With only_if, nothing changes unless the round is in that state, and None comes back:
+        an operator's abort and the engine's next step cannot both win.
+        """
+
+    @abstractmethod
+    def fed_updates(
+        self,
+        round_id: str,
+        statuses: Sequence[FedUpdateStatus] | None = None,
+        *,
+        with_payload: bool = False,
+    ) -> list[FedUpdateRecord]:
+        """A round's updates by device id (payload None unless with_payload)."""
+
+    @abstractmethod
+    def judge_fed_update(
+        self,
+        round_id: str,
+        device_id: str,
+        base_manifest_sha256: str,
+        *,
+        status: FedUpdateStatus,
+        reason: str | None = None,
+        norm: float | None = None,
+    ) -> FedUpdateRecord:
+        """Record the verdict on an update (and the round's counts); KeyError if unknown."""
+
+    @abstractmethod
+    def fed_round_counts(self) -> dict[str, int]:
+        """Rounds by state, every state listed (zero included)."""
+
+    @abstractmethod
+    def fed_update_counts(self) -> dict[str, int]:
+        """Updates of every round by status, every status listed (zero included)."""

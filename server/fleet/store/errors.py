@@ -54,3 +54,15 @@ class RolloutConflict(StoreError):
         )
         self.group = group
         self.holder = holder
+
+
+class FedRoundConflict(StoreError):
+    """A group already has a federated round running; one round per group at a time."""
+
+    def __init__(self, group: str, holder: str) -> None:
+        super().__init__(
+            f"group {group!r} already has federated round {holder} running; "
+            "abort it or wait for it to close"
+        )
+        self.group = group
+        self.holder = holder

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from edgefleet.server.fleet.store import logic, losses
+from edgefleet.server.fleet.store import fed, logic, losses
 from edgefleet.server.fleet.store.base import IngestBatch, IngestOutcome, Reject
 from edgefleet.server.fleet.store.delta import TelemetryJson, device_deltas
 from edgefleet.server.fleet.store.sql import (
@@ -60,6 +60,8 @@ def write(
         json_of = TelemetryJson(accepted.telemetry)
         sql.update_devices([d.params(json_of) for d in deltas])
     _write_rejects(sql, accepted.rejects)
+    # Updates neither register nor touch a device: their round decides (fed.py).
+    fed_kept, fed_ignored = fed.ingest_updates(sql, batch.fed_updates)
 
     return IngestOutcome(
         telemetry_inserted=sum(t.inserted for t in tallies.values()),
@@ -70,6 +72,8 @@ def write(
         unregistered=turned_away,
         id_conflicts=tuple(sorted(d for d, f in folds.items() if f.conflicts)),
         clock_skewed=sum(t.skewed for t in tallies.values()),
+        fed_received=fed_kept,
+        fed_ignored=tuple(fed_ignored),
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from edgefleet.server.fleet.store.base import (
     EventIn,
+    FedUpdateIn,
     IngestBatch,
     IngestOutcome,
     Reject,
@@ -33,7 +34,7 @@ from edgefleet.server.fleet.store.errors import StoreRefused
 log = logging.getLogger(__name__)
 
 # One received message as the store takes it: decoded, or already a reject.
-Item = StatusIn | TelemetryIn | EventIn | ReplyIn | Reject
+Item = StatusIn | TelemetryIn | EventIn | ReplyIn | FedUpdateIn | Reject
 
 _KIND = {StatusIn: "status", TelemetryIn: "telemetry", EventIn: "events", ReplyIn: "reply"}
 
@@ -50,6 +51,8 @@ def batch_of(items: Sequence[Item]) -> IngestBatch:
             batch.events.append(item)
         elif isinstance(item, ReplyIn):
             batch.replies.append(item)
+        elif isinstance(item, FedUpdateIn):
+            batch.fed_updates.append(item)
         else:
             batch.rejects.append(item)
     return batch
@@ -80,6 +83,8 @@ class Isolated:
             unregistered=sum(x.unregistered for x in o),
             id_conflicts=tuple(sorted({d for x in o for d in x.id_conflicts})),
             clock_skewed=sum(x.clock_skewed for x in o),
+            fed_received=sum(x.fed_received for x in o),
+            fed_ignored=tuple(i for x in o for i in x.fed_ignored),
         )
 
 
@@ -136,6 +141,9 @@ def unstorable(item: Item, why: str) -> Reject:
     """The 'unstorable' reject of an item, with text any store can hold."""
     if isinstance(item, Reject):
         topic, device, what = item.topic, item.device_id, f"reject ({item.reason})"
+    elif isinstance(item, FedUpdateIn):
+        device, what = item.update.device_id, "fed_update"
+        topic = f"fed/{item.update.round_id}/update/{device}"
     else:
         device = _device_of(item)
         kind = _KIND[type(item)]

@@ -338,11 +338,69 @@ CREATE INDEX rollout_devices_device ON rollout_devices (device_id);
 _V4_SQLITE = _V4_COMMON.format(int="INTEGER", real="REAL")
 _V4_POSTGRES = _V4_COMMON.format(int="BIGINT", real="DOUBLE PRECISION")
 
+# v5: federated rounds. fed_rounds: one row per round, its spec and the task it published as
+# JSON, the base it started from, the devices expected, its figures and outcome; the partial
+# unique index lets a group have at most one round running, across coordinators. fed_updates:
+# every update that named a known round, keyed by (round, device, base manifest) so a QoS 1
+# redelivery or a second training of the same device is a duplicate, never a second vote;
+# payload keeps the update as received (its deltas), so a restarted coordinator aggregates
+# from the store alone.
+_V5_COMMON = """
+CREATE TABLE fed_rounds (
+    round_id TEXT PRIMARY KEY,
+    device_group TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('running', 'aggregated', 'done', 'failed', 'aborted')),
+    phase TEXT NOT NULL,
+    phase_started_at {real} NOT NULL,
+    spec_json TEXT NOT NULL,
+    task_json TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    base_manifest_sha256 TEXT NOT NULL,
+    base_bundle_sha256 TEXT NOT NULL,
+    base_version {int} NOT NULL,
+    expected_json TEXT NOT NULL,
+    received {int} NOT NULL DEFAULT 0,
+    rejected {int} NOT NULL DEFAULT 0,
+    deadline_at {real} NOT NULL,
+    figures_json TEXT,
+    result_version {int},
+    result_path TEXT,
+    result_bundle_sha256 TEXT,
+    result_manifest_sha256 TEXT,
+    rollout_id TEXT,
+    reason TEXT,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    closed_at {real}
+);
+CREATE INDEX fed_rounds_created_at ON fed_rounds (created_at);
+CREATE UNIQUE INDEX fed_rounds_one_running ON fed_rounds (device_group)
+    WHERE state = 'running';
+
+CREATE TABLE fed_updates (
+    round_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    base_manifest_sha256 TEXT NOT NULL,
+    status TEXT NOT NULL
+        CHECK (status IN ('received', 'accepted', 'rejected', 'stale', 'late')),
+    reason TEXT,
+    samples {int} NOT NULL,
+    norm {real},
+    received_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    payload TEXT,
+    PRIMARY KEY (round_id, device_id, base_manifest_sha256)
+);
+"""
+_V5_SQLITE = _V5_COMMON.format(int="INTEGER", real="REAL")
+_V5_POSTGRES = _V5_COMMON.format(int="BIGINT", real="DOUBLE PRECISION")
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _V1_SQLITE, _V1_POSTGRES),
     Migration(2, "reported drops apart from losses", _V2_SQLITE, _V2_POSTGRES),
     Migration(3, "statuses ordered by receive time", _V3_SQLITE, _V3_POSTGRES),
     Migration(4, "bundles and rollouts", _V4_SQLITE, _V4_POSTGRES),
+    Migration(5, "federated rounds and their updates", _V5_SQLITE, _V5_POSTGRES),
 ]
 
 # Created outside the versions: it is how a database says which versions it has.

@@ -12,12 +12,16 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar, get_args
 
 from edgefleet.agent.protocol import Event, Reply, Telemetry
-from edgefleet.server.fleet.store import ingest, logic, losses, rollouts, rows
+from edgefleet.server.fleet.store import fed, ingest, logic, losses, rollouts, rows
 from edgefleet.server.fleet.store.base import (
     BundleRecord,
     CommandRecord,
     DeviceRecord,
     EventRecord,
+    FedRoundRecord,
+    FedRoundState,
+    FedUpdateRecord,
+    FedUpdateStatus,
     IngestBatch,
     IngestOutcome,
     RejectReason,
@@ -362,6 +366,102 @@ class SqlStore(Store):
         if row is None:
             raise KeyError(f"{device_id} in rollout {rollout_id}")
         return rollouts.device_record(row)
+
+    # -- federated rounds (the SQL is in fed.py) --------------------------------------------
+
+    def create_fed_round(self, record: FedRoundRecord) -> None:
+        self._run(lambda sql: fed.create_round(sql, record), write=True)
+
+    def fed_round(self, round_id: str) -> FedRoundRecord | None:
+        found = self._read(
+            f"SELECT {fed.ROUND_COLUMNS} FROM fed_rounds WHERE round_id = ?", (round_id,)
+        )
+        return fed.round_record(found[0]) if found else None
+
+    def fed_rounds(
+        self,
+        group: str | None = None,
+        states: Sequence[FedRoundState] | None = None,
+        limit: int = 100,
+    ) -> list[FedRoundRecord]:
+        found = self._run(lambda sql: fed.rounds_query(sql, group, states, limit), write=False)
+        return [fed.round_record(r) for r in found]
+
+    def update_fed_round(
+        self,
+        round_id: str,
+        *,
+        only_if: FedRoundState | None = None,
+        state: FedRoundState | None = None,
+        phase: str | None = None,
+        phase_started_at: float | None = None,
+        reason: str | None = None,
+        figures_json: str | None = None,
+        result_version: int | None = None,
+        result_path: str | None = None,
+        result_bundle_sha256: str | None = None,
+        result_manifest_sha256: str | None = None,
+        rollout_id: str | None = None,
+        closed_at: float | None = None,
+    ) -> FedRoundRecord | None:
+        for checked in (state, only_if):
+            if checked is not None:
+                fed.check_state(checked)
+        changes = {
+            "state": state,
+            "phase": phase,
+            "phase_started_at": phase_started_at,
+            "reason": reason,
+            "figures_json": figures_json,
+            "result_version": result_version,
+            "result_path": result_path,
+            "result_bundle_sha256": result_bundle_sha256,
+            "result_manifest_sha256": result_manifest_sha256,
+            "rollout_id": rollout_id,
+            "closed_at": closed_at,
+        }
+        row = self._run(lambda sql: fed.update_round(sql, round_id, only_if, changes), write=True)
+        return None if row is None else fed.round_record(row)
+
+    def fed_updates(
+        self,
+        round_id: str,
+        statuses: Sequence[FedUpdateStatus] | None = None,
+        *,
+        with_payload: bool = False,
+    ) -> list[FedUpdateRecord]:
+        found = self._run(
+            lambda sql: fed.updates_query(sql, round_id, statuses, with_payload), write=False
+        )
+        return [fed.update_record(r) for r in found]
+
+    def judge_fed_update(
+        self,
+        round_id: str,
+        device_id: str,
+        base_manifest_sha256: str,
+        *,
+        status: FedUpdateStatus,
+        reason: str | None = None,
+        norm: float | None = None,
+    ) -> FedUpdateRecord:
+        fed.check_status(status)
+        key = (round_id, device_id, base_manifest_sha256)
+        row = self._run(lambda sql: fed.judge(sql, key, status, reason, norm), write=True)
+        if row is None:
+            raise KeyError(f"{device_id}'s update in round {round_id}")
+        return fed.update_record(row)
+
+    def fed_round_counts(self) -> dict[str, int]:
+        return self._run(
+            lambda sql: fed.counts(sql, "fed_rounds", "state", fed.round_states()), write=False
+        )
+
+    def fed_update_counts(self) -> dict[str, int]:
+        return self._run(
+            lambda sql: fed.counts(sql, "fed_updates", "status", fed.update_statuses()),
+            write=False,
+        )
 
     def _read(self, query: str, params: tuple[object, ...] = ()) -> list[Row]:
         return self._run(lambda sql: sql.rows(query, params), write=False)
