@@ -23,6 +23,11 @@ coordinators with a share group split the load and carry that window (it shows a
 Device statuses are subscribed without $share by every coordinator: status is state, not a
 log, so each coordinator applying it is idempotent, and mosquitto (2.0) hands retained
 messages to shared subscribers unevenly.
+
+Federated updates (fed/+/update/+) take the same path as telemetry, shared like it: decoded by
+the writer, stored in the batch's transaction against their round (store/fed.py), acked after
+the commit. The round engine reads them from the store; an update for no known round, a stale,
+late or duplicate one is counted here and logged in one line naming the device and topic.
 """
 
 from __future__ import annotations
@@ -114,6 +119,9 @@ class IngestStats:
     id_conflicts: int = 0
     clock_skewed: int = 0
     store_errors: int = 0
+    fed_received: int = 0
+    # Federated updates not taken into their round, by reason (unknown_round, stale, ...).
+    fed_ignored: Counter[str] = field(default_factory=Counter)
     # (window end on the device, seconds from then to its commit here), newest last.
     lags: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200_000))
 
@@ -190,16 +198,15 @@ class Ingestor:
     def _subscriptions(self) -> list[tuple[str, int]]:
         subs = [(self.tree.all_devices(kind), 1) for kind in _EVERY_COORDINATOR]
         group = self.cfg.share_group
-        subs += [
-            (
-                TopicTree.shared(group, self.tree.all_devices(kind))
-                if group
-                else self.tree.all_devices(kind),
-                1,
-            )
-            for kind in _SHARED_KINDS
-        ]
+        shared = [self.tree.all_devices(kind) for kind in _SHARED_KINDS]
+        shared.append(self.fed_updates_filter)
+        subs += [(TopicTree.shared(group, f) if group else f, 1) for f in shared]
         return subs
+
+    @property
+    def fed_updates_filter(self) -> str:
+        """Every device's update of every federated round: {root}/fed/+/update/+."""
+        return f"{self.tree.root}/fed/+/update/+"
 
     def _on_connect(
         self,
@@ -344,6 +351,7 @@ class Ingestor:
         s.unregistered += outcome.unregistered
         s.clock_skewed += outcome.clock_skewed
         s.id_conflicts += len(outcome.id_conflicts)
+        s.fed_received += outcome.fed_received
         s.rejects.update(w.rejects)
         s.lags.extend(w.lags)
         new = outcome.devices_registered
@@ -355,6 +363,10 @@ class Ingestor:
         for device in outcome.id_conflicts:
             log.warning("device %s: two agents claim this id (a replaced boot_id came back)",
                         device)
+        for ig in outcome.fed_ignored:
+            s.fed_ignored[ig.reason] += 1
+            log.info("ignored %s federated update from %s on %s: %s", ig.reason, ig.device_id,
+                     self.tree.fed_update(ig.round_id, ig.device_id), ig.detail)
 
     # -- replies --------------------------------------------------------------------------
 

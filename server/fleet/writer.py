@@ -20,6 +20,7 @@ from typing import Protocol
 
 from edgefleet.agent.protocol import (
     Event,
+    FedUpdate,
     ProtocolError,
     Reply,
     Status,
@@ -33,6 +34,7 @@ from edgefleet.server.fleet.gc_tuning import tune_gc
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import (
     EventIn,
+    FedUpdateIn,
     IngestOutcome,
     Reject,
     RejectReason,
@@ -106,7 +108,7 @@ class Decoder:
         except TopicError as exc:
             return self._reject(topic, received_at, None, "invalid_topic", str(exc))
         kind = TOPIC_PAYLOADS.get(parsed.kind)
-        if kind not in ("status", "telemetry", "events", "reply"):
+        if kind not in ("status", "telemetry", "events", "reply", "fed_update"):
             return self._reject(
                 topic,
                 received_at,
@@ -118,7 +120,7 @@ class Decoder:
         if isinstance(msg, ProtocolError):
             reason = _REASONS.get(msg.reason, "invalid_payload")
             return self._reject(topic, received_at, parsed.device_id, reason, msg.message)
-        if not isinstance(msg, Telemetry | Status | Event | Reply):
+        if not isinstance(msg, Telemetry | Status | Event | Reply | FedUpdate):
             return self._reject(
                 topic,
                 received_at,
@@ -135,6 +137,17 @@ class Decoder:
                 f"payload device_id {msg.device_id!r} differs from the topic's "
                 f"{parsed.device_id!r}",
             )
+        if isinstance(msg, FedUpdate):
+            if msg.round_id != parsed.round_id:
+                return self._reject(
+                    topic,
+                    received_at,
+                    parsed.device_id,
+                    "invalid_payload",
+                    f"payload round_id {msg.round_id!r} differs from the topic's "
+                    f"{parsed.round_id!r}",
+                )
+            return FedUpdateIn(received_at, msg, payload.decode())
         if isinstance(msg, Telemetry):
             return TelemetryIn(received_at, msg, payload.decode())
         if isinstance(msg, Status):
