@@ -186,6 +186,61 @@ class UpdateConfig(_Section):
         return int(self.disk_budget_mb * 2**20)
 
 
+class FederatedConfig(_Section):
+    """Federated rounds: features collected on the device, local training of exit heads.
+
+    Off by default: collecting costs a full-depth run every probe_every-th frame, and the
+    device subscribes to rounds only when this is on (docs/agent.md, "Federated rounds").
+    """
+
+    enabled: bool = Field(
+        False, description="collect exit features and take part in the coordinator's rounds"
+    )
+    probe_every: int = Field(
+        10,
+        ge=1,
+        le=100_000,
+        description="every n-th frame runs at full depth (no early exit) to give a pseudo "
+        "label and every exit's features; 1 probes every frame",
+    )
+    buffer_size: int = Field(
+        2000,
+        ge=16,
+        le=1_000_000,
+        description="probed frames kept (features only, oldest dropped first); memory is "
+        "buffer_size x the early exits' feature widths x 4 bytes",
+    )
+    supplied_buffer_size: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="examples with supplied labels kept, apart from the probed frames",
+    )
+    labels_dir: Path | None = Field(
+        None,
+        description="watched folder of LABEL/IMAGE.png|jpg files with supplied labels; each is "
+        "read once and moved to .done/ (or .rejected/); None: no folder",
+    )
+    labels_scan_s: float = Field(
+        5.0, ge=0.1, le=3600, description="how often labels_dir is scanned for new images"
+    )
+    min_confidence: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="pseudo labels only from final predictions this sure; None: the round's",
+    )
+    max_cpu_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="cap on a round's CPU seconds on this device; None: the round's budget",
+    )
+    nice: int = Field(
+        10, ge=0, le=19, description="nice value of the training thread (Linux, per thread)"
+    )
+
+
 class AgentConfig(_Section):
     """The whole agent configuration."""
 
@@ -200,6 +255,7 @@ class AgentConfig(_Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
+    federated: FederatedConfig = Field(default_factory=FederatedConfig)
 
 
 def _set_path(data: dict[str, Any], keys: list[str], value: str) -> None:

@@ -202,6 +202,8 @@ EventKind = Literal[
     "config_rejected",
     "keys_changed",
     "keys_refused",
+    "fed_update_sent",
+    "fed_skipped",
 ]
 EventLevel = Literal["debug", "info", "warning", "error"]
 

@@ -55,6 +55,19 @@ class Prediction:
         return self.top1
 
 
+@dataclass(frozen=True, eq=False)
+class Probe:
+    """A frame run at full depth: the final head's prediction, and what each early exit saw.
+
+    features[k] is early exit k's input as its head reads it (flattened float32, a copy);
+    logits are the final head's. The prediction's exit_index is the final head's.
+    """
+
+    prediction: Prediction
+    features: list[npt.NDArray[np.float32]]
+    logits: npt.NDArray[np.float32]
+
+
 @dataclass(frozen=True)
 class _Head:
     spec: ExitHead
@@ -247,6 +260,51 @@ class StagedModel:
             if score >= threshold:
                 return Prediction(cls, exit_pos, stage_ms, top1)
         raise AssertionError("unreachable: the last stage always has an exit")
+
+    def probe(self, x: npt.NDArray[np.generic]) -> Probe:
+        """Run one preprocessed input (batch of one) at full depth; see probe_frame."""
+        self._chain.load(x)
+        return self._probe_loaded()
+
+    def probe_frame(self, frame: Frame, pre: Preprocessor) -> Probe:
+        """Like predict_frame, but every stage runs and every early exit's features come back.
+
+        What a federated round trains on (agent/federated/): a frame that exits early never
+        reaches the final head, so it has no pseudo label; a probed frame has both. The
+        prediction is the final head's, whatever the thresholds say.
+        """
+        buffer = self._chain.input_buffer
+        if buffer is None or buffer.shape != pre.shape:
+            return self.probe(pre(frame))
+        pre.into(frame, buffer)
+        return self._probe_loaded()
+
+    def _probe_loaded(self) -> Probe:
+        stage_ms: list[float] = []
+        features: list[npt.NDArray[np.float32]] = []
+        final: npt.NDArray[np.generic] | None = None
+        clock = time.perf_counter
+        last = len(self.heads) - 1
+        for k, head in enumerate(self.heads):
+            t0 = clock()
+            outs = self._chain.stage(k, head is not None)
+            if head is None:
+                stage_ms.append((clock() - t0) * 1000.0)
+                continue
+            value = self._chain.exit_value(k, outs)
+            if k == last:
+                final = head.logits(value)
+                stage_ms.append((clock() - t0) * 1000.0)
+                break
+            # A copy, in exactly the form the head reads (_Head.logits): the chain's buffers
+            # are overwritten by the next frame.
+            features.append(np.array(value, dtype=np.float32).reshape(-1))
+            stage_ms.append((clock() - t0) * 1000.0)
+        if final is None:
+            raise AssertionError("unreachable: the last stage always has an exit")
+        logits = np.array(final, dtype=np.float32).reshape(-1)
+        pred = _final_prediction(logits, len(features), stage_ms)
+        return Probe(pred, features, logits)
 
     def _plan(self) -> list[_Step]:
         """Per stage: its runner, and the head, exit number and threshold to test after it.
