@@ -109,6 +109,8 @@ def _run(args: argparse.Namespace) -> int:
             fleet_keys=args.fleet_key,
             bundles_dir=args.bundles_dir,
             upload_max_bytes=args.upload_max,
+            signing_key=args.signing_key,
+            fed_holdout=args.fed_holdout,
         )
     except (ValueError, OSError) as exc:
         print(f"edgefleet-server run: error: {exc}", file=sys.stderr)
@@ -194,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where uploaded bundle archives are kept (default: STATE_DIR/bundles)")
     p.add_argument("--upload-max", type=int, default=1 << 30, metavar="BYTES",
                    help="largest bundle archive accepted by POST /bundles")
+    p.add_argument("--signing-key", type=Path, default=None, metavar="KEYDIR/fleet.key",
+                   help="the fleet's private key: federated rounds sign their new bundle and "
+                   "roll it out (its public half must be a --fleet-key); without it a round "
+                   "stops at 'aggregated' with an unsigned candidate (docs/coordinator.md)")
+    p.add_argument("--fed-holdout", type=Path, default=None, metavar="FILE.npz",
+                   help="held-out labelled images (images, labels) that judge a federated "
+                   "round's new heads; without it the devices' reported validation does")
     p.set_defaults(func=_run)
     return parser
 

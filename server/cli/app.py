@@ -1,8 +1,8 @@
 """The `edgefleet` command tree: wires the subcommand modules into one parser and runs it.
 
 Imports run one way: this module imports every subcommand module (keys, bundle, optimize, demo,
-fleet, identity, simulate, rollout); they import only errors.py (and fleet.py's shared helpers)
-from this package, never this module or the package itself.
+fleet, identity, simulate, rollout, fl); they import only errors.py (and fleet.py's shared
+helpers) from this package, never this module or the package itself.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from edgefleet.agent.bundle import BundleError, KeyFileError
 from edgefleet.agent.helpformat import CliParser
 from edgefleet.server.fleet.client import ApiError
 
-from . import bundle, demo, fleet, identity, keys, optimize, rollout, simulate
+from . import bundle, demo, fl, fleet, identity, keys, optimize, rollout, simulate
 from .errors import CliError
 
 DESCRIPTION = "edgefleet: the operator's command line (keys, bundles, optimizer, fleet)."
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     identity.register(fleet.register(sub))  # provision/revoke act on the broker, not the API
     simulate.register(sub)
     rollout.register(sub)
+    fl.register(sub)
     return parser
 
 

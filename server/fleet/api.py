@@ -19,6 +19,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edgefleet.agent import __version__
 from edgefleet.agent.protocol.ids import ID_PATTERN
+from edgefleet.server.federated.api import make_router as make_rounds_router
+from edgefleet.server.federated.rounds import RoundEngine
 from edgefleet.server.fleet.commander import Commander, UnknownTarget
 from edgefleet.server.fleet.http_guard import (
     DEFAULT_MAX_BODY_BYTES,
@@ -80,10 +82,12 @@ def create_app(
     stats: IngestStats | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     rollouts: RolloutParts | None = None,
+    rounds: RoundEngine | None = None,
 ) -> FastAPI:
     """The API over one store; commander is None when no broker connection is available.
 
-    rollouts adds /bundles and /rollouts (the coordinator's rollout engine and archives).
+    rollouts adds /bundles and /rollouts (the coordinator's rollout engine and archives);
+    rounds adds /fed/rounds (federated rounds, server/federated/api.py).
     """
     app = FastAPI(
         title="edgefleet coordinator",
@@ -208,6 +212,8 @@ def create_app(
                 upload_max_bytes=rollouts.upload_max_bytes,
             )
         )
+    if rounds is not None:
+        app.include_router(make_rounds_router(store, rounds, require_token))
     return app
 
 

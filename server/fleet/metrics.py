@@ -86,6 +86,7 @@ class FleetCollector(Collector):
             value=sum(r.received for r in reports),
         )
         yield from self._rollouts()
+        yield from self._fed()
         rejects = CounterMetricFamily(
             "edgefleet_rejected_messages", "Messages rejected, by reason.", labels=["reason"]
         )
@@ -127,6 +128,33 @@ class FleetCollector(Collector):
                 devices.add_metric([r.group, r.rollout_id, state], n)
         yield rollouts
         yield devices
+
+
+    def _fed(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Federated rounds by state, their updates by status, and what ingest ignored."""
+        rounds = GaugeMetricFamily(
+            "edgefleet_fed_rounds", "Federated rounds in the store, by state.", labels=["state"]
+        )
+        for state, n in self.store.fed_round_counts().items():
+            rounds.add_metric([state], n)
+        yield rounds
+        updates = CounterMetricFamily(
+            "edgefleet_fed_updates",
+            "Federated updates stored with their round, by status (accepted, rejected, ...).",
+            labels=["status"],
+        )
+        for status, n in self.store.fed_update_counts().items():
+            updates.add_metric([status], n)
+        yield updates
+        if self.stats is not None:
+            ignored = CounterMetricFamily(
+                "edgefleet_fed_updates_ignored",
+                "Federated updates this coordinator did not take into a round, by reason.",
+                labels=["reason"],
+            )
+            for reason in ("unknown_round", "stale", "late", "duplicate"):
+                ignored.add_metric([reason], self.stats.fed_ignored.get(reason, 0))
+            yield ignored
 
 
 def render(store: Store, stats: IngestStats | None = None) -> bytes:

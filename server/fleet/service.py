@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgefleet.agent.bundle import load_public_key
+from edgefleet.agent.bundle import key_id, load_private_key, load_public_key
+from edgefleet.server.federated.evaluate import Holdout, load_holdout
+from edgefleet.server.federated.mqtt import MqttTaskPublisher
+from edgefleet.server.federated.rounds import RoundEngine
 from edgefleet.server.fleet.api import RolloutParts, create_app
 from edgefleet.server.fleet.client_id import coordinator_client_id, state_dir_for
 from edgefleet.server.fleet.commander import Commander
@@ -64,6 +71,16 @@ class CoordinatorConfig(BaseModel):
         description="Where the coordinator keeps its own state (its MQTT client id); default: "
         "the SQLite store's directory, else $STATE_DIRECTORY (systemd), else /var/lib/edgefleet.",
     )
+    signing_key: Path | None = Field(
+        None,
+        description="The fleet's private key (KEYDIR/fleet.key): federated rounds sign and roll "
+        "out their result; None: a round stops at 'aggregated' with an unsigned candidate.",
+    )
+    fed_holdout: Path | None = Field(
+        None,
+        description="Held-out labelled images (.npz: images, labels) that judge a round's new "
+        "heads; None: the devices' reported validation accuracy judges them.",
+    )
 
     def own_state_dir(self) -> Path:
         """state_dir, else where the store's location says."""
@@ -88,14 +105,17 @@ class Coordinator:
     ingestor: Ingestor = field(init=False)
     archives: ArchiveStore = field(init=False)
     engine: RolloutEngine = field(init=False)
+    rounds: RoundEngine = field(init=False)
     http: uvicorn.Server = field(init=False)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
+        keys = [load_public_key(p) for p in self.cfg.fleet_keys]
+        # Checked before anything starts: a bad key or holdout stops the coordinator at once.
+        signing, holdout = self._fed_inputs(keys)
         self.store = open_store(self.cfg.store)
         self.ingestor = Ingestor(self.cfg.ingest_config(), self.store, writer_url=self.cfg.store)
-        keys = [load_public_key(p) for p in self.cfg.fleet_keys]
         self.archives = ArchiveStore(
             self.cfg.bundles_dir or self.cfg.own_state_dir() / "bundles", keys
         )
@@ -106,6 +126,15 @@ class Coordinator:
             MqttPublisher(self.ingestor),
             settings=EngineSettings(resend_s=self.cfg.rollout_resend_s),
         )
+        self.rounds = RoundEngine(
+            self.store,
+            self.archives,
+            self.engine,
+            MqttTaskPublisher(self.ingestor),
+            work_dir=self.cfg.own_state_dir() / "fed",
+            signing_key=signing,
+            holdout=holdout,
+        )
         app = create_app(
             self.store,
             token=self.cfg.token,
@@ -113,6 +142,7 @@ class Coordinator:
             stats=self.ingestor.stats,
             max_body_bytes=self.cfg.http_max_body_bytes,
             rollouts=RolloutParts(self.engine, self.archives, self.cfg.upload_max_bytes),
+            rounds=self.rounds,
         )
         self.http = uvicorn.Server(
             uvicorn.Config(
@@ -135,6 +165,21 @@ class Coordinator:
             time.sleep(0.05)
         log.info("coordinator %s: HTTP on %s, store %s", self.ingestor.cfg.client_id, self.url,
                  self.cfg.store.split("@")[-1])
+
+    def _fed_inputs(
+        self, keys: list[Ed25519PublicKey]
+    ) -> tuple[Ed25519PrivateKey | None, Holdout | None]:
+        """The signing key (one the archive store trusts) and the held-out set, if given."""
+        signing = None
+        if self.cfg.signing_key is not None:
+            signing = load_private_key(self.cfg.signing_key)
+            if key_id(signing.public_key()) not in {key_id(k) for k in keys}:
+                raise ValueError(
+                    f"signing key {self.cfg.signing_key} ({key_id(signing.public_key())}) is "
+                    "not among the --fleet-key keys: its bundles would not verify"
+                )
+        holdout = load_holdout(self.cfg.fed_holdout) if self.cfg.fed_holdout else None
+        return signing, holdout
 
     @property
     def url(self) -> str:
@@ -165,14 +210,18 @@ class Coordinator:
                 log.error("store maintenance failed: %s", exc)
 
     def _roll(self) -> None:
-        """Rollouts take a step every tick; a store outage only delays them."""
+        """Rollouts and rounds take a step every tick; a store outage only delays them."""
         while not self._stop.wait(self.cfg.rollout_tick_s):
             if not self.ingestor.connected.is_set():
-                continue  # commands and chunks need the broker; the store keeps the state
+                continue  # commands, chunks and tasks need the broker; the store keeps state
             try:
                 self.engine.tick()
             except Exception as exc:
                 log.error("rollout step failed: %s", exc)
+            try:
+                self.rounds.tick()
+            except Exception as exc:
+                log.error("federated round step failed: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()
