@@ -105,6 +105,23 @@ class Aggregated:
     figures: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Built:
+    """An accepted candidate on disk, its figures and the evaluation's words."""
+
+    path: Path
+    figures: dict[str, Any]
+    why: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Why a round cannot produce a result, with the figures gathered so far."""
+
+    reason: str
+    figures: dict[str, Any] | None = None
+
+
 class RoundEngine:
     """Drives every running round of the store one step per tick."""
 
@@ -322,7 +339,11 @@ class RoundEngine:
         if r.phase == "announce":
             self._announce(r)
             self.store.update_fed_round(
-                r.round_id, only_if="running", phase="collect", phase_started_at=now
+                r.round_id,
+                only_if="running",
+                only_phase="announce",
+                phase="collect",
+                phase_started_at=now,
             )
         elif r.phase == "collect":
             self._announce(r)
@@ -349,10 +370,16 @@ class RoundEngine:
         # Off the broker first: a crash in between closes again and clears again.
         self.publisher.clear_task(r.round_id)
         self._announced.pop(r.round_id, None)
-        self.store.update_fed_round(
-            r.round_id, only_if="running", phase="aggregate", phase_started_at=now, closed_at=now
+        closed = self.store.update_fed_round(
+            r.round_id,
+            only_if="running",
+            only_phase="collect",
+            phase="aggregate",
+            phase_started_at=now,
+            closed_at=now,
         )
-        log.info("round %s closed: %s", r.round_id, why)
+        if closed is not None:  # else another coordinator closed it first
+            log.info("round %s closed: %s", r.round_id, why)
 
     def _reported(self, round_id: str) -> set[str]:
         return {u.device_id for u in self.store.fed_updates(round_id, ["accepted", "rejected"])}
@@ -401,11 +428,54 @@ class RoundEngine:
 
     def _aggregate(self, r: FedRoundRecord, spec: RoundSpec, now: float) -> None:
         self._judge_pending(r, spec)  # what was stored just before the round closed
+        built = self._build(r, spec, now)
+        if isinstance(built, Failed):
+            self._fail(r, built.reason, now, built.figures)
+            return
+        figures_json = json.dumps(built.figures, sort_keys=True)
+        version = r.base_version + 1
+        if self.signing_key is None:
+            self.store.update_fed_round(
+                r.round_id,
+                only_if="running",
+                only_phase="aggregate",
+                state="aggregated",
+                phase="done",
+                phase_started_at=now,
+                figures_json=figures_json,
+                result_version=version,
+                result_path=str(built.path),
+                reason=f"accepted ({built.why}); this coordinator has no signing key: sign the "
+                f"candidate where the fleet key is (edgefleet fl sign {built.path} --out DIR) "
+                f"and roll it out with `edgefleet deploy DIR --group {r.group}`",
+            )
+            log.warning("round %s aggregated; candidate v%d at %s waits to be signed",
+                        r.round_id, version, built.path)
+            return
+        self.store.update_fed_round(
+            r.round_id,
+            only_if="running",
+            only_phase="aggregate",
+            phase="publish",
+            phase_started_at=now,
+            figures_json=figures_json,
+            result_version=version,
+            result_path=str(built.path),
+            reason=f"accepted: {built.why}",
+        )
+
+    def _build(self, r: FedRoundRecord, spec: RoundSpec, now: float) -> Built | Failed:
+        """Aggregate, evaluate and write the candidate (or reuse the one written before).
+
+        A pure function of the store: the same accepted updates, the norm bound fixed once
+        (stored with the round before anything is rejected by it), the close time as the
+        bundle's creation time and Ed25519's deterministic signatures give the same bytes on
+        any coordinator and after any restart.
+        """
         base = self._base_of(r)
         done = self._combine(r, spec)
-        if isinstance(done, str):
-            self._fail(r, done, now)
-            return
+        if isinstance(done, Failed):
+            return done
         heads = new_heads(base, done.delta)
         figures = done.figures
         held = self._holdout_figures(r, base, heads)
@@ -418,11 +488,8 @@ class RoundEngine:
             verdict=why,
         )
         if not ok:
-            self._fail(r, f"evaluation: {why}: worse than the tolerance allows", now, figures)
-            return
-        version = r.base_version + 1
-        kind = "bundle" if self.signing_key is not None else "candidate"
-        out = self.work_dir / r.round_id / f"{kind}-v{version}"
+            return Failed(f"evaluation: {why}: worse than the tolerance allows", figures)
+        out = self._candidate_dir(r)
         if not out.exists():  # written atomically: an existing one is complete
             body = candidate_body(
                 base,
@@ -440,36 +507,13 @@ class RoundEngine:
                 write_signed(out, body, files, self.signing_key)
             else:
                 write_unsigned(out, body, files)
-        figures_json = json.dumps(figures, sort_keys=True)
-        if self.signing_key is None:
-            self.store.update_fed_round(
-                r.round_id,
-                only_if="running",
-                state="aggregated",
-                phase="done",
-                phase_started_at=now,
-                figures_json=figures_json,
-                result_version=version,
-                result_path=str(out),
-                reason=f"accepted ({why}); this coordinator has no signing key: sign the "
-                f"candidate where the fleet key is (edgefleet fl sign {out} --out DIR) and roll "
-                f"it out with `edgefleet deploy DIR --group {r.group}`",
-            )
-            log.warning("round %s aggregated; candidate v%d at %s waits to be signed",
-                        r.round_id, version, out)
-            return
-        self.store.update_fed_round(
-            r.round_id,
-            only_if="running",
-            phase="publish",
-            phase_started_at=now,
-            figures_json=figures_json,
-            result_version=version,
-            result_path=str(out),
-            reason=f"accepted: {why}",
-        )
+        return Built(out, figures, why)
 
-    def _combine(self, r: FedRoundRecord, spec: RoundSpec) -> Aggregated | str:
+    def _candidate_dir(self, r: FedRoundRecord) -> Path:
+        kind = "bundle" if self.signing_key is not None else "candidate"
+        return self.work_dir / r.round_id / f"{kind}-v{r.base_version + 1}"
+
+    def _combine(self, r: FedRoundRecord, spec: RoundSpec) -> Aggregated | Failed:
         """Aggregate the accepted updates, or say why the round fails."""
         accepted = self.store.fed_updates(r.round_id, ["accepted"], with_payload=True)
         kept: list[tuple[FedUpdateRecord, FedUpdate, dict[str, F32]]] = []
@@ -480,22 +524,21 @@ class RoundEngine:
                 self._reject(r, rec, str(delta))
                 continue
             kept.append((rec, update, delta))
-        bound = spec.max_norm
-        if bound is None and kept:
-            bound = robust_norm_bound([update_norm(d) for _, _, d in kept])
-            for rec, _, d in list(kept):
-                norm = update_norm(d)
+        bound = self._norm_bound(r, spec, [update_norm(d) for _, _, d in kept])
+        if bound is not None and spec.max_norm is None:
+            for item in list(kept):
+                norm = update_norm(item[2])
                 if norm > bound:
                     self._reject(
-                        r, rec, f"norm {norm:.6g} above the round's bound {bound:.6g} "
+                        r, item[0], f"norm {norm:.6g} above the round's bound {bound:.6g} "
                         "(5x the median norm of its updates)"
                     )
-                    kept.remove((rec, _, d))
+                    kept.remove(item)
         needed = spec.needed(len(r.expected))
         if len(kept) < needed:
             rejected = len(self.store.fed_updates(r.round_id, ["rejected"]))
             silent = len(set(r.expected) - self._reported(r.round_id))
-            return (
+            return Failed(
                 f"below quorum: {len(kept)} accepted update(s), {needed} needed "
                 f"({len(r.expected)} expected, {silent} did not report, {rejected} rejected)"
             )
@@ -507,7 +550,7 @@ class RoundEngine:
         try:
             delta = aggregate(spec.aggregator, deltas, weights, **params)
         except AggregatorError as exc:
-            return f"aggregation failed: {exc}"
+            return Failed(f"aggregation failed: {exc}")
         total = sum(weights)
         figures: dict[str, Any] = {
             "aggregator": spec.aggregator,
@@ -524,6 +567,30 @@ class RoundEngine:
             "delta_norm": update_norm(delta),
         }
         return Aggregated(delta, [u for _, u, _ in kept], figures)
+
+    def _norm_bound(
+        self, r: FedRoundRecord, spec: RoundSpec, norms: list[float]
+    ) -> float | None:
+        """The fixed bound, else 5x the median norm, stored before anything is cut by it.
+
+        Worked out again after a restart it would come from the survivors of the first cut
+        and could cut again; stored, the round judges every update by the same bound.
+        """
+        if spec.max_norm is not None:
+            return spec.max_norm
+        fresh = self.store.fed_round(r.round_id)
+        stored = json.loads(fresh.figures_json or "{}") if fresh is not None else {}
+        if stored.get("norm_bound") is not None:
+            return float(stored["norm_bound"])
+        if not norms:
+            return None
+        bound = robust_norm_bound(norms)
+        self.store.update_fed_round(
+            r.round_id,
+            only_phase="aggregate",
+            figures_json=json.dumps({"norm_bound": bound}),
+        )
+        return bound
 
     def _holdout_figures(
         self, r: FedRoundRecord, base: BaseBundle, heads: dict[int, Any]
@@ -560,11 +627,16 @@ class RoundEngine:
     # -- publishing ---------------------------------------------------------------------------
 
     def _publish(self, r: FedRoundRecord, spec: RoundSpec, now: float) -> None:
-        if r.result_path is None:
-            self._fail(r, "no candidate bundle was recorded", now)
-            return
+        # The candidate this coordinator wrote, or the same bytes built again (another
+        # coordinator aggregated, or the files were lost): _build is deterministic.
+        out = self._candidate_dir(r)
+        if not out.exists():
+            built = self._build(r, spec, now)
+            if isinstance(built, Failed):
+                self._fail(r, f"the candidate could not be built again: {built.reason}", now)
+                return
         try:
-            info = self.archives.add(Path(r.result_path))
+            info = self.archives.add(out)
         except BundleError as exc:
             self._fail(
                 r, f"the signed candidate does not verify with the coordinator's fleet keys "
@@ -584,6 +656,7 @@ class RoundEngine:
         self.store.update_fed_round(
             r.round_id,
             only_if="running",
+            only_phase="publish",
             state="done",
             phase="done",
             phase_started_at=now,

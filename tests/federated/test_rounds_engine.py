@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +244,9 @@ def test_poisoned_updates_are_outvoted_by_the_median(rig: Rig, fleet: Fleet) -> 
     assert r.reason.startswith("evaluation: held-out accuracy"), r.reason
 
 
-def test_a_restarted_coordinator_goes_on_from_the_store(rig: Rig, fleet: Fleet) -> None:
+def test_a_restarted_coordinator_goes_on_from_the_store(
+    rig: Rig, fleet: Fleet, key: Ed25519PrivateKey
+) -> None:
     rig.devices("pi-1", "pi-2", "pi-3")
     rid = rig.start()
     ups = updates_for(rig, fleet, rid, ["pi-1", "pi-2", "pi-3"])
@@ -259,11 +262,20 @@ def test_a_restarted_coordinator_goes_on_from_the_store(rig: Rig, fleet: Fleet) 
     assert rig.state(rid) == ("running", "aggregate")
     rig.tick()
     assert rig.state(rid) == ("running", "publish")
-    # Killed again between aggregation and publishing: the candidate on disk is reused.
+    r = rig.store.fed_round(rid)
+    assert r is not None and r.result_path is not None
+    written = verify_bundle(Path(r.result_path), [key.public_key()]).manifest_sha256
+    # Killed again between aggregation and publishing, and the candidate is gone (another
+    # coordinator aggregated, a lost disk): it is built again, byte for byte.
+    shutil.rmtree(r.result_path)
     rig.engine = rig.new_engine()
     rig.tick()
     r = rig.store.fed_round(rid)
     assert r is not None and r.state == "done" and r.rollout_id is not None
+    assert r.result_manifest_sha256 == written
+    assert [x.rollout_id for x in rig.store.rollouts()] == [r.rollout_id]
+    # A second coordinator stepping the same round finds nothing left to do.
+    rig.new_engine().tick()
     assert [x.rollout_id for x in rig.store.rollouts()] == [r.rollout_id]
 
 
@@ -336,3 +348,26 @@ def test_an_update_from_outside_the_group_is_rejected(rig: Rig, fleet: Fleet) ->
     rig.send(u1, u2)
     rig.tick()
     assert rig.statuses(rid)["cam-9"] == ("rejected", "not a device of group 'lab'")
+
+
+def test_without_a_fixed_bound_a_huge_update_is_cut_by_the_rounds_median(
+    rig: Rig, fleet: Fleet
+) -> None:
+    rig.devices("pi-1", "pi-2", "pi-3", "pi-4")
+    rid = rig.start()
+    honest = updates_for(rig, fleet, rid, ["pi-1", "pi-2", "pi-3"])
+    delta, figures = fleet.delta(partitions(3)[1])
+    scaled = fed_update(rig.task(rid), "pi-4", {k: 100 * v for k, v in delta.items()}, figures,
+                        scheme="fp32")
+    rig.send(*honest, scaled)
+    rig.tick()
+    assert rig.statuses(rid)["pi-4"] == ("accepted", None)  # no fixed bound to judge it by
+    rig.until_done(rid)
+    r = rig.store.fed_round(rid)
+    assert r is not None and r.state == "done", r.reason
+    figures_out = json.loads(r.figures_json or "{}")
+    status, reason = rig.statuses(rid)["pi-4"]
+    assert status == "rejected" and reason is not None
+    assert f"above the round's bound {figures_out['norm_bound']:.6g}" in reason
+    assert figures_out["devices"] == ["pi-1", "pi-2", "pi-3"]
+    assert (r.received, r.rejected) == (4, 1)

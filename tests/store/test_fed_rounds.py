@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
@@ -105,7 +107,9 @@ def test_a_round_is_stored_listed_and_updated(store: Store) -> None:
     )
     assert done.figures_json == '{"accepted": true}'
     assert store.update_fed_round("r-12", only_if="running", state="aborted") is None
-    assert store.fed_round("r-12") == done
+    assert store.update_fed_round("r-12", only_phase="collect", reason="x") is None
+    assert store.update_fed_round("r-12", only_phase="done", reason="y") is not None
+    assert store.fed_round("r-12") == replace(done, reason="y", updated_at=ANY)
     with pytest.raises(KeyError):
         store.update_fed_round("nope", state="failed")
     with pytest.raises(ValueError, match="unknown round state"):

@@ -546,6 +546,7 @@ class Store(ABC):
         round_id: str,
         *,
         only_if: FedRoundState | None = None,
+        only_phase: str | None = None,
         state: FedRoundState | None = None,
         phase: str | None = None,
         phase_started_at: float | None = None,
@@ -560,8 +561,9 @@ class Store(ABC):
     ) -> FedRoundRecord | None:
         """Change the given fields (None: keep), set updated_at; KeyError for an unknown id.
 
-        With only_if, nothing changes unless the round is in that state, and None comes back:
-        an operator's abort and the engine's next step cannot both win.
+        With only_if (only_phase), nothing changes unless the round is in that state (phase),
+        and None comes back: an operator's abort and the engine's next step, or two
+        coordinators stepping one round, cannot both win.
         """
 
     @abstractmethod

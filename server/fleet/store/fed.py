@@ -246,9 +246,13 @@ def rounds_query(
 
 
 def update_round(
-    sql: Sql, round_id: str, only_if: FedRoundState | None, changes: Mapping[str, object]
+    sql: Sql,
+    round_id: str,
+    only_if: FedRoundState | None,
+    only_phase: str | None,
+    changes: Mapping[str, object],
 ) -> Row | None:
-    """Set the non-None changes and updated_at; the row after, None when only_if did not hold.
+    """Set the non-None changes and updated_at; the row after, None when a condition failed.
 
     KeyError when there is no such round.
     """
@@ -260,6 +264,9 @@ def update_round(
         check_state(only_if)
         where += " AND state = ?"
         params.append(only_if)
+    if only_phase is not None:
+        where += " AND phase = ?"
+        params.append(only_phase)
     if sql.run(f"UPDATE fed_rounds SET {sets} WHERE {where}", (*values.values(), *params)) == 0:
         if not sql.rows("SELECT 1 FROM fed_rounds WHERE round_id = ?", (round_id,)):
             raise KeyError(round_id)

@@ -392,6 +392,7 @@ class SqlStore(Store):
         round_id: str,
         *,
         only_if: FedRoundState | None = None,
+        only_phase: str | None = None,
         state: FedRoundState | None = None,
         phase: str | None = None,
         phase_started_at: float | None = None,
@@ -420,7 +421,9 @@ class SqlStore(Store):
             "rollout_id": rollout_id,
             "closed_at": closed_at,
         }
-        row = self._run(lambda sql: fed.update_round(sql, round_id, only_if, changes), write=True)
+        row = self._run(
+            lambda sql: fed.update_round(sql, round_id, only_if, only_phase, changes), write=True
+        )
         return None if row is None else fed.round_record(row)
 
     def fed_updates(
