@@ -9,6 +9,10 @@ Bundle transfers (agent/update/fetch.py) subscribe to individual `bundle/` topic
 `transfer_subscribe`; the link keeps that set and subscribes it again after every reconnect
 (the broker forgets a session's subscriptions), and hands each message under `bundle/` to
 `on_transfer` instead of the command queue.
+
+With `on_fed_task` set before start, the link also subscribes to every round's retained task
+(`fed/+/task`) and hands each one, and each clearing, to it; `publish_fed_update` sends a
+round's update (QoS 1). Keeping and resending updates is agent/federated/worker.py's job.
 """
 
 from __future__ import annotations
@@ -113,6 +117,11 @@ class Link:
         self.on_transfer: Callable[[str, bytes], None] | None = None
         # Called on paho's network thread with each retained keys/trust document (fleet keys).
         self.on_keys: Callable[[bytes], None] | None = None
+        # Set before start() to take part in federated rounds: called on paho's network
+        # thread with (topic, payload) of every retained fed/{round}/task message, the empty
+        # payload of a closed round included; must only enqueue.
+        self.on_fed_task: Callable[[str, bytes], None] | None = None
+        self._fed_prefix = f"{self.tree.root}/fed/"
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
@@ -195,6 +204,19 @@ class Link:
         """QoS 0, only while connected: results are ephemeral."""
         if self.connected.is_set():
             self.client.publish(self.tree.device(self.device_id, "results"), payload, qos=0)
+
+    def publish_fed_update(self, round_id: str, payload: bytes) -> bool:
+        """Publish a round's update (QoS 1) now; False when not connected.
+
+        Not through the outbox: the federated worker keeps the update on disk itself and
+        publishes it again each time the round's retained task arrives (every reconnect)
+        until the round ends, which also covers a broker that lost it after its PUBACK.
+        """
+        if not self.connected.is_set():
+            return False
+        topic = self.tree.fed_update(round_id, self.device_id)
+        info = self.client.publish(topic, payload, qos=1)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     # -- bundle transfers ---------------------------------------------------------------
 
@@ -308,6 +330,9 @@ class Link:
             subs.append((self.tree.group_cmd(self.group), opts))
         # The fleet's key trust statements: retained, so each connect brings the current list.
         subs.append((self.tree.keys_trust(), SubscribeOptions(qos=1)))
+        if self.on_fed_task is not None:
+            # Retained: each connect brings every open round's task (docs/protocol.md).
+            subs.append((self.tree.all_fed_tasks(), SubscribeOptions(qos=1)))
         client.subscribe(subs)
         if transfers:
             # Resume: the broker sends each retained chunk again on the new subscription.
@@ -409,6 +434,14 @@ class Link:
                     self.on_keys(bytes(msg.payload))
                 except Exception:  # a bug there must not kill paho's network thread
                     log.exception("key trust handler failed on %s", msg.topic)
+            return
+        if msg.topic.startswith(self._fed_prefix):
+            fed = self.on_fed_task
+            if fed is not None and msg.topic.endswith("/task"):
+                try:
+                    fed(msg.topic, bytes(msg.payload))
+                except Exception:  # a bug there must not kill paho's network thread
+                    log.exception("federated task handler failed on %s", msg.topic)
             return
         try:
             self.commands.put_nowait((msg.topic, bytes(msg.payload), bool(msg.retain)))

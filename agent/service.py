@@ -26,6 +26,10 @@ from edgefleet.agent.bundle.trust import TrustStore
 from edgefleet.agent.camera import Camera, Frame
 from edgefleet.agent.commands import CommandHandler
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.federated.collect import FeatureCollector
+from edgefleet.agent.federated.labels import LabelFolder
+from edgefleet.agent.federated.local import RunningBundle
+from edgefleet.agent.federated.worker import FedWorker
 from edgefleet.agent.governor import Governor
 from edgefleet.agent.hardware import describe, device_class
 from edgefleet.agent.link import Link, TlsSetupError
@@ -196,6 +200,7 @@ class Agent:
         )
         self.link.on_transfer = self.updates.on_transfer
         self._recovered = recovered
+        self._setup_federated()
         self.power_reader = (
             detect(profile=cfg.power.profile, source=cfg.power.source)
             if cfg.power.source != "none"
@@ -215,6 +220,59 @@ class Agent:
                 self.set_operating_point(cfg.model.operating_point, pin=True, by="the config")
             except ValueError as exc:
                 raise AgentError(f"refusing to run: model.operating_point: {exc}") from None
+
+    def _setup_federated(self) -> None:
+        """Probe schedule, supplied-labels folder and round worker, when federated is on."""
+        fed = self.cfg.federated
+        self.collector: FeatureCollector | None = None
+        self.labels: LabelFolder | None = None
+        self.fed_worker: FedWorker | None = None
+        if not fed.enabled:
+            return
+        sha = self.model.verified.manifest_sha256
+        self.collector = FeatureCollector(
+            fed.probe_every, fed.buffer_size, fed.supplied_buffer_size, sha
+        )
+        if fed.labels_dir is not None:
+            m = self.model.manifest
+            self.labels = LabelFolder(
+                fed.labels_dir,
+                labels=m.labels,
+                preprocessing=m.preprocessing,
+                dtype=m.input.dtype,
+                bundle_sha256=sha,
+                scan_s=fed.labels_scan_s,
+                on_reject=self._label_rejected,
+            )
+        self.fed_worker = FedWorker(
+            device_id=self.cfg.device_id,
+            group=self.cfg.group,
+            cfg=fed,
+            tree=self.link.tree,
+            state_dir=self.cfg.state_dir,
+            collector=self.collector,
+            running=self._running_bundle,
+            publish=self.link.publish_fed_update,
+            event=self.event,
+        )
+        self.link.on_fed_task = self.fed_worker.on_task
+
+    def _running_bundle(self) -> RunningBundle:
+        """What runs now, for the round worker's thread (one read of self.model)."""
+        model = self.model
+        m, v = model.manifest, model.verified
+        return RunningBundle(
+            m.model_id, m.version, v.manifest_sha256, m, v.read, tuple(model.thresholds)
+        )
+
+    def _label_rejected(self, path: Path, why: str) -> None:
+        """A supplied-label file that cannot be used (the scanner's thread): say which."""
+        shown = str(path)
+        self.event(
+            "error",
+            f"supplied label {shown} refused: {why}",
+            {"reason": "label_rejected", "file": shown[-1000:], "why": why[:1000]},
+        )
 
     # -- messages -----------------------------------------------------------------------
 
@@ -401,6 +459,11 @@ class Agent:
             model.set_thresholds(m.operating_points[index].thresholds)
         self.model, self.governor, self.operating_point = model, governor, index
         self.pre = Preprocessor(m.preprocessing, dtype=m.input.dtype)
+        sha = model.verified.manifest_sha256
+        if self.collector is not None:
+            self.collector.reset(sha)
+        if self.labels is not None:
+            self.labels.set_model(m.labels, m.preprocessing, m.input.dtype, sha)
 
     def _maybe_swap(self) -> bool:
         """Take over a model the update manager has checked; True when one was swapped in."""
@@ -420,6 +483,10 @@ class Agent:
         """Infer until stopped; returns the process exit status."""
         m = self.model.manifest
         self.camera.start()
+        if self.fed_worker is not None:
+            self.fed_worker.start()
+        if self.labels is not None:
+            self.labels.start()
         self.link.start()
         self.event("started", f"agent {__version__} running {m.model_id} v{m.version}")
         if self._recovered:
@@ -460,6 +527,7 @@ class Agent:
                     self.notifier.ready(f"running {m.model_id} v{m.version}")
                     ready = True
             self._handle_commands()
+            self._take_label()
             if now >= next_power and self.power_reader is not None:
                 self.power.add(self.power_reader.sample())
                 next_power = now + 1.0
@@ -488,8 +556,16 @@ class Agent:
 
     def _infer(self, frame: Frame, window: TelemetryWindow) -> None:
         t0 = time.perf_counter()
+        collector = self.collector
         try:
-            pred = self.model.predict_frame(frame.image, self.pre)
+            if collector is not None and self.model.early_exits and collector.due():
+                # Full depth for a federated round: counted, published and timed as what
+                # it is, an answer of the final head.
+                probe = self.model.probe_frame(frame.image, self.pre)
+                pred = probe.prediction
+                collector.add_probe(probe)
+            else:
+                pred = self.model.predict_frame(frame.image, self.pre)
         except FrameError as exc:
             self._reject_frame(exc)
             return
@@ -499,6 +575,24 @@ class Agent:
         self.updates.frame_done()
         self.last_frame = frame
         self._maybe_result(frame, pred.class_index, pred.confidence, pred.exit_index, latency)
+
+    def _take_label(self) -> None:
+        """Probe one supplied-label image the scanner has ready (the model is the loop's)."""
+        if self.labels is None or self.collector is None:
+            return
+        item = self.labels.take()
+        if item is None:
+            return
+        if item.bundle_sha256 != self.model.verified.manifest_sha256:
+            self.labels.finish(item, retry=True)  # made for the previous model: read again
+            return
+        try:
+            probe = self.model.probe(item.tensor)
+        except Exception as exc:  # onnxruntime's untyped errors: this image, not the loop
+            self.labels.finish(item, error=f"the model could not run it: {exc}")
+            return
+        self.collector.add_supplied(probe, item.class_index)
+        self.labels.finish(item)
 
     def _reject_frame(self, exc: FrameError) -> None:
         """A frame the model cannot take (a camera switched mode, a broken decoder): skip it.
@@ -633,6 +727,10 @@ class Agent:
             return max(0.1, deadline - time.monotonic())
 
         self.updates.stop(timeout=min(0.5, left()))
+        if self.fed_worker is not None:
+            self.fed_worker.stop(timeout=min(0.5, left()))
+        if self.labels is not None:
+            self.labels.stop(timeout=min(0.5, left()))
         self.camera.stop(timeout=min(1.0, left()))
         self.link.stop(timeout=left() / 2)  # it may wait twice: the offline status, the drain
         self.outbox.close()

@@ -166,7 +166,7 @@ class FedListener:
         self.events: list[Event] = []
         self.telemetry: list[Telemetry] = []
         self.rejected: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a pred given to wait() may call events_of()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
