@@ -46,6 +46,7 @@ from .local import Budget, RunningBundle, SitOut, check_eligible, local_update, 
 log = logging.getLogger(__name__)
 
 RECHECK_S = 2.0  # how often a round waiting for examples looks again
+EXPIRE_EVERY_S = 60.0  # how often kept updates are checked against their deadlines
 EventFn = Callable[[str, str, dict[str, Any]], None]
 
 
@@ -234,8 +235,7 @@ class FedWorker:
 
     def _run(self) -> None:
         lower_thread_priority(self.cfg.nice)
-        for gone in self.pending.expire(self.now()):
-            log.info("federated: round %s is past its deadline; its kept update removed", gone)
+        next_expiry = 0.0
         while not self._stop.is_set():
             try:
                 round_id, task = self._inbox.get(timeout=RECHECK_S)
@@ -244,6 +244,13 @@ class FedWorker:
             if self._stop.is_set():
                 return
             try:
+                if time.monotonic() >= next_expiry:
+                    # A round cleared while the device was offline never says so: its kept
+                    # update goes when the deadline has passed.
+                    for gone in self.pending.expire(self.now()):
+                        log.info("federated: round %s is past its deadline; kept update "
+                                 "removed", gone)  # fmt: skip
+                    next_expiry = time.monotonic() + EXPIRE_EVERY_S
                 if round_id and task is None:
                     self._closed(round_id)
                 elif task is not None:
@@ -263,13 +270,16 @@ class FedWorker:
         now = self.now()
         if kept is not None:
             update, deadline = kept
-            if update.base_manifest_sha256 == task.base_manifest_sha256 and now < deadline:
+            if update.base_manifest_sha256 == task.base_manifest_sha256:
+                if now >= deadline:  # sent in time; nothing more to do for this round
+                    self.pending.remove(task.round_id)
+                    return
                 # Already trained for this round and base: send the same update again.
                 ok = self.publish(task.round_id, encode(update))
                 log.info("federated: round %s: kept update %s", task.round_id,
                          "published again" if ok else "waits for the broker")
                 return
-            self.pending.remove(task.round_id)
+            self.pending.remove(task.round_id)  # a new task for another base: train again
         try:
             check_eligible(task, self.running(), self.device_id, self.group, now)
         except SitOut as out:
