@@ -412,7 +412,12 @@ class UpdateManager:
             # Already on disk (a rollback's target, an interrupted install): verify it again.
             self._set(job, "verifying", cmd, "already on disk; verifying")
             return verify_bundle(installed[cmd.manifest_sha256], self.installed_keys)
-        use_delta = cmd.delta is not None and cmd.delta.base_manifest_sha256 in installed
+        # The running bundle is a delta base too, also when it is still the configured one
+        # (model.bundle, not yet under bundles/): a device's first install can be a delta.
+        bases = dict(installed)
+        running = self.running()
+        bases.setdefault(running.manifest_sha256, running.path)
+        use_delta = cmd.delta is not None and cmd.delta.base_manifest_sha256 in bases
         expect = Expect(
             sha256=cmd.delta.sha256 if use_delta and cmd.delta else cmd.sha256,
             model_id=cmd.model_id,
@@ -462,7 +467,7 @@ class UpdateManager:
                 "rerequests": st.rerequests,
             }
         self._set(job, "verifying", cmd, "checking hashes and signature")
-        sources = list(installed.values()) if use_delta else []
+        sources = list(bases.values()) if use_delta else []
         verified = stage_archive(
             archive,
             self.slots,

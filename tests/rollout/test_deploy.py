@@ -96,6 +96,19 @@ def test_a_rollout_reaches_every_device_through_canary_soak_and_waves(
     # v1 devices had the base: they fetched a delta (manifest and signature only: same ONNX).
     deltas = [b for b in client.bundles() if b.kind == "delta"]
     assert deltas and deltas[0].size < bundle.size / 10, deltas
+    # ... even though v1 was still their configured bundle, not yet one under bundles/.
+    for device in ("cam-0", "cam-1", "cam-2"):
+
+        def installed(device: str = device) -> list[object]:
+            events = client.device(device, windows=0, events=100).events
+            return [
+                e.event.details.get("transfer")
+                for e in events
+                if e.event.details.get("install_state") == "active"
+            ]
+
+        wait_until(lambda: bool(installed()), 30, f"{device}'s installed event")
+        assert installed() == ["delta"], (device, installed())
 
 
 def test_a_broken_halt_rule_rolls_the_canary_back_and_no_one_else_downloads(
