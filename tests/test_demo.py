@@ -14,7 +14,10 @@ from pathlib import Path
 
 import psutil
 
+from edgefleet.agent.protocol import Telemetry
+from edgefleet.server.demo.federated import EXIT_RATE_TOLERANCE, split_windows
 from edgefleet.server.local.waiting import wait_until
+from tests.protocol_samples import telemetry
 
 DEMO = [sys.executable, "-m", "edgefleet.server.cli", "demo", "--frames", "60"]
 # A log record as logging's default CLI format prints it: none may reach the console.
@@ -51,6 +54,20 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     bad = device["bad_rollout"]
     assert bad["state"] == "halted" and "exit_rate" in bad["reason"]
     assert sorted(d["state"] for d in bad["devices"]) == ["pending", "rolled_back"]
+    # Then one federated round on the agents' own frames: both sent an update, the new heads
+    # went out as v3 through a canary, as a delta, and exit no fewer frames early.
+    fed = device["federated"]
+    assert fed["round"]["state"] == "done" and fed["round"]["result_version"] == 3
+    assert sorted(fed["updates"]) == ["demo-pi-1", "demo-pi-2"]
+    for u in fed["updates"].values():
+        assert 0 < u["encoded_bytes"] < u["raw_bytes"] / 3  # q8: a byte per float32
+    assert fed["round"]["figures"]["holdout"]["samples"] == 600
+    assert fed["fed_rollout"]["state"] == "completed"
+    assert fed["fed_rollout"]["counts"] == {"active": 2}
+    assert fed["transfers"] == {"demo-pi-1": "delta", "demo-pi-2": "delta"}
+    assert fed["delta_bytes"] < fed["full_bytes"] / 5
+    assert fed["windows_before"] >= 2 and fed["windows_after"] >= 6
+    assert fed["exit_rate_after"] >= fed["exit_rate_before"] - EXIT_RATE_TOLERANCE
     assert (out / "bundles" / "mnist-cnn-int8-exits" / "report.png").exists()
 
     # Every check passed, and the console says so last.
@@ -67,6 +84,8 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert "$ edgefleet fleet ls" in res.stdout and "demo-pi-1" in res.stdout
     assert "$ edgefleet deploy mnist-cnn-int8-exits --group demo --canary 1" in res.stdout
     assert "(wave 0): rolled_back" in res.stdout
+    assert "$ edgefleet fl start --group demo" in res.stdout
+    assert "v3 after the round:" in res.stdout
     assert "estimated from CPU load" in res.stdout
     ping = lines.index("   $ edgefleet fleet cmd demo-pi-1 ping")
     assert lines[ping + 1].strip().startswith("demo-pi-1: ok")
@@ -74,6 +93,37 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert not LOG_RECORD.search(res.stdout) and not LOG_RECORD.search(res.stderr), res.stderr
     log = (out / "demo.log").read_text()
     assert "edgefleet.server.fleet" in log and "optimizer:" in log
+
+
+def test_round_windows_split_by_version_and_install() -> None:
+    """Before: base-version windows from the round's start to the install; after: the new
+    version's windows once installed. A window across the install, an earlier bad bundle
+    with the same version number and windows before the round count for neither."""
+    t0, installed = 1_000.0, 1_020.0
+
+    def window(start: float, version: int, model: str = "mnist-cnn") -> Telemetry:
+        return telemetry(seq=int(start)).model_copy(
+            update={
+                "window_start": start,
+                "window_end": start + 2,
+                "model_version": version,
+                "model_id": model,
+            }
+        )
+
+    windows = [
+        window(990, 2),  # before the round
+        window(994, 3),  # the halted bad bundle, also v3
+        window(1000, 2),
+        window(1010, 2),
+        window(1019, 2),  # the install happened during it
+        window(1020, 3),
+        window(1024, 3, model="other"),
+        window(1030, 3),
+    ]
+    before, after = split_windows(windows, "mnist-cnn", 2, 3, t0, installed)
+    assert [w.window_start for w in before] == [1000, 1010]
+    assert [w.window_start for w in after] == [1020, 1030]
 
 
 def _agent_process(demo: psutil.Process, config: Path) -> psutil.Process | None:

@@ -1,6 +1,7 @@
 """The demo's local fleet: a broker, a coordinator, real agents on the reference video and a
 crowd of simulated devices; the operator's view as `edgefleet fleet ls` prints it, a command
-through the coordinator's API, then a clean stop whose outcome is checked."""
+through the coordinator's API, rollouts and a federated round, then a clean stop whose
+outcome is checked."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Any
 from edgefleet.server.cli.fleet import device_rows, legend, table
 from edgefleet.server.demo.checks import Checks
 from edgefleet.server.demo.console import Story
+from edgefleet.server.demo.federated import AGENT_CONFIG, run_round
 from edgefleet.server.demo.rollout import GROUP, run_rollouts
+from edgefleet.server.federated.client import RoundClient
 from edgefleet.server.fleet.client import FleetClient
 from edgefleet.server.fleet.ingest import IngestConfig
 from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
@@ -22,7 +25,7 @@ from edgefleet.server.fleet.simulate import SimConfig, Simulator
 from edgefleet.server.fleet.store.base import Store
 from edgefleet.server.fleet.views import DeviceView
 from edgefleet.server.identity import IdentityDir
-from edgefleet.server.keystore import FleetKey
+from edgefleet.server.keystore import PRIVATE_NAME, FleetKey
 from edgefleet.server.local.agents import AgentProcess, write_config
 from edgefleet.server.local.broker import MosquittoBroker
 from edgefleet.server.local.identities import LocalIdentities, anonymous_answer
@@ -80,8 +83,9 @@ class _Agents:
         self.cred_dirs = {i: creds.agent(i, self.out / i / "credentials") for i in self.ids}
         self.ca = creds.ids.ca
 
-    def start(self, bundle: Path, key: FleetKey, broker: MosquittoBroker) -> None:
-        """Start one agent per id, the shipped video its camera, its own credential over TLS."""
+    def start(self, bundle: Path, key: FleetKey, broker: MosquittoBroker, extra: str = "") -> None:
+        """Start one agent per id, the shipped video its camera, its own credential over TLS;
+        extra: further config sections (the [federated] one)."""
         for i in self.ids:
             config = write_config(
                 self.out / i,
@@ -94,6 +98,7 @@ class _Agents:
                 username=i,
                 tls_ca=self.ca,
                 group=GROUP,
+                extra=extra,
             )
             env = {"CREDENTIALS_DIRECTORY": str(self.cred_dirs[i])}  # systemd's LoadCredential=
             self.procs[i] = AgentProcess(config, self.logs[i], env=env)
@@ -129,11 +134,14 @@ def run_fleet(
     checks: Checks,
     plan: FleetPlan = FleetPlan(),
     rollout: Path | None = None,
+    fed_holdout: Path | None = None,
 ) -> dict[str, Any]:
     """Run the local fleet, show the operator's view and a command, stop it, check the outcome.
 
     The agents start on `bundle`; with `rollout`, that bundle is then pushed to them through
-    a canary rollout, followed by a bad bundle that must be halted and rolled back.
+    a canary rollout, followed by a bad bundle that must be halted and rolled back. With
+    `fed_holdout` too, the agents collect pseudo-labelled features from the start and a
+    federated round of `rollout`'s exit heads follows, judged on that held-out set.
 
     Raises StepFailed (after recording the check) when the fleet cannot go on.
     """
@@ -156,6 +164,9 @@ def run_fleet(
             token=token,
             fleet_keys=[key.public_path],
             rollout_tick_s=0.5,
+            # A round signs its result to roll it out unattended (docs/coordinator.md).
+            signing_key=key.directory / PRIVATE_NAME if fed_holdout is not None else None,
+            fed_holdout=fed_holdout,
         )
     )
     sim_cfg = SimConfig(
@@ -190,7 +201,8 @@ def run_fleet(
         checks.check(
             "broker refuses an anonymous client", answer == "Not authorized", f"CONNACK: {answer}"
         )
-        agents.start(bundle, key, broker)
+        federated = rollout is not None and fed_holdout is not None
+        agents.start(bundle, key, broker, extra=AGENT_CONFIG if federated else "")
         sim.start()
         ids, sim_ids = agents.ids, sim_cfg.device_ids()
         running = "the original bundle" if rollout is not None else "the optimized bundle"
@@ -204,7 +216,7 @@ def run_fleet(
         )
         _agents_reporting(coordinator.store, agents, checks)
 
-        client = FleetClient(coordinator.url, token)
+        client = RoundClient(coordinator.url, token)
         fleet = client.devices()
         _show_fleet(fleet, ids, story)
         online = sum(d.online for d in fleet)
@@ -218,6 +230,8 @@ def run_fleet(
         pushed: dict[str, Any] = {}
         if rollout is not None:
             pushed = run_rollouts(client, ids, rollout, key, out, story, checks)
+        if federated:
+            pushed.update(run_round(client, coordinator.store, ids, story, checks))
 
         story.say("stopping: SIGTERM to each agent (as systemd stops a service); the simulated")
         story.say("  devices send what they still hold, then disconnect")

@@ -1,5 +1,5 @@
 """The main job end to end: data -> signed bundle -> optimized bundle -> device runtime ->
-a local fleet over MQTT, told in six numbered steps and checked.
+a local fleet over MQTT (rollouts, a federated round), told in six numbered steps and checked.
 
 Every number it prints is measured in this run on this machine, and every claim it makes is
 a check (`checks.py`) that decides the exit code.
@@ -27,6 +27,7 @@ from edgefleet.server.bundles.plain import plain_body, write_plain_bundle
 from edgefleet.server.datasets import SplitMismatchError
 from edgefleet.server.demo.checks import Checks, StepFailed
 from edgefleet.server.demo.console import LOG_NAME, Story
+from edgefleet.server.demo.federated import write_holdout
 from edgefleet.server.demo.fleet import FleetPlan, run_fleet
 from edgefleet.server.keystore import FleetKey, init_key
 from edgefleet.server.optimize.data import write_splits_npz
@@ -306,8 +307,17 @@ def _steps(
         f"A local fleet: an MQTT broker, the coordinator, {plan.agents} device agents "
         f"and {plan.simulated} simulated devices"
     )
+    # The coordinator judges a federated round's heads on test images the video does not show.
+    holdout = write_holdout(test_images, test_labels, total, bundles / "fed-holdout.npz")
     report["device"] = run_fleet(
-        out / "device", fp32_dir, key, story, checks, plan, rollout=opt_dir / "bundle"
+        out / "device",
+        fp32_dir,
+        key,
+        story,
+        checks,
+        plan,
+        rollout=opt_dir / "bundle",
+        fed_holdout=holdout,
     )
 
 
