@@ -39,14 +39,11 @@ from .federated_local import (
 )
 
 INSTALL_HINT = (
-    "flwr is not importable here: install the optional peer (the `fl-peer` extra, once it "
-    "exists) to get flower_acc and flower_s_per_round. No flwr release installs beside "
-    "deploy/lock/all.txt without changing a locked package (every one tried, 1.5 to 1.42 "
-    "and the nightly, downgrades protobuf below the lock's 7.36 and others with it: rich, "
-    "cryptography, packaging, fastapi, ...). flwr 1.42.0 runs this bench on the lock's "
-    "protobuf when installed without its pins: `pip install --no-deps flwr==1.42.0 grpcio "
-    "httpx typer shellingham pycryptodome iterators` (tried in a scratch environment "
-    "layered over the project's)"
+    "flwr is not importable here, so flower_acc and flower_s_per_round are None: run "
+    "`bash deploy/flower-peer.sh` once, then `.venv-flower/bin/python -m bench.federated`. "
+    "That virtualenv sees .venv's locked packages and adds flwr 1.42.0 at the versions of "
+    "deploy/lock/flower-peer.txt without its pins: no flwr release installs beside "
+    "deploy/lock/all.txt without downgrading protobuf below the lock's 7.36 (and others)"
 )
 
 
