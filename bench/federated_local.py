@@ -103,30 +103,13 @@ def poison(update: FedUpdate, attack: Attack, scheme: str) -> FedUpdate:
 
 def task_for(spec: RoundSpec, verified: VerifiedBundle, round_id: str, heads: list[int]) -> FedTask:
     """The FedTask the round engine would announce for this spec (for runs without it)."""
-    now = time.time()
-    return FedTask(
-        round_id=round_id,
+    return spec.task(
+        round_id,
         model_id=verified.manifest.model_id,
         base_manifest_sha256=verified.manifest_sha256,
         base_version=verified.manifest.version,
-        group=spec.group,
         heads=heads,
-        labels=spec.labels,
-        min_confidence=spec.min_confidence,
-        min_samples=spec.min_samples,
-        val_fraction=spec.val_fraction,
-        local_epochs=spec.local_epochs,
-        learning_rate=spec.learning_rate,
-        batch_size=spec.batch_size,
-        weight_decay=spec.weight_decay,
-        prox_mu=spec.prox_mu,
-        cpu_budget_s=spec.cpu_budget_s,
-        sampling=spec.sampling,
-        privacy=spec.privacy,
-        clip=spec.clip,
-        compression=spec.compression,
-        deadline_ts=now + spec.deadline_s,
-        created_ts=now,
+        now=time.time(),
     )
 
 

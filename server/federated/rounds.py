@@ -207,29 +207,13 @@ class RoundEngine:
                 f"of group {group!r}; sample a larger share"
             )
         self._check_numbers(spec, len(expected))
-        task = FedTask(
-            round_id=round_id,
+        task = spec.task(
+            round_id,
             model_id=info.model_id,
             base_manifest_sha256=manifest,
             base_version=info.version,
-            group=group,
-            heads=sorted(heads),
-            labels=spec.labels,
-            min_confidence=spec.min_confidence,
-            min_samples=spec.min_samples,
-            val_fraction=spec.val_fraction,
-            local_epochs=spec.local_epochs,
-            learning_rate=spec.learning_rate,
-            batch_size=spec.batch_size,
-            weight_decay=spec.weight_decay,
-            prox_mu=spec.prox_mu,
-            cpu_budget_s=spec.cpu_budget_s,
-            sampling=spec.sampling,
-            privacy=spec.privacy,
-            clip=spec.clip,
-            compression=spec.compression,
-            deadline_ts=now + spec.deadline_s,
-            created_ts=now,
+            heads=heads,
+            now=now,
         )
         self.store.create_fed_round(
             FedRoundRecord(

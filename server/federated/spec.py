@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgefleet.agent.protocol.fed import MAX_HEADS, Compression, PrivacySpec
+from edgefleet.agent.protocol.fed import MAX_HEADS, Compression, FedTask, PrivacySpec
 from edgefleet.agent.protocol.ids import GroupName
 from edgefleet.server.federated.aggregate import AGGREGATORS
 from edgefleet.server.rollout.spec import RolloutSpec
@@ -153,3 +153,39 @@ class RoundSpec(BaseModel):
     def needed(self, expected: int) -> int:
         """Accepted updates the round needs with `expected` devices expected."""
         return parse_quorum(self.quorum).needed(expected)
+
+    def task(
+        self,
+        round_id: str,
+        *,
+        model_id: str,
+        base_manifest_sha256: str,
+        base_version: int,
+        heads: list[int],
+        now: float,
+    ) -> FedTask:
+        """The FedTask devices are sent for this spec: the training half of it, with a base."""
+        return FedTask(
+            round_id=round_id,
+            model_id=model_id,
+            base_manifest_sha256=base_manifest_sha256,
+            base_version=base_version,
+            group=self.group,
+            heads=sorted(heads),
+            labels=self.labels,
+            min_confidence=self.min_confidence,
+            min_samples=self.min_samples,
+            val_fraction=self.val_fraction,
+            local_epochs=self.local_epochs,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            prox_mu=self.prox_mu,
+            cpu_budget_s=self.cpu_budget_s,
+            sampling=self.sampling,
+            privacy=self.privacy,
+            clip=self.clip,
+            compression=self.compression,
+            deadline_ts=now + self.deadline_s,
+            created_ts=now,
+        )

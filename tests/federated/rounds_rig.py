@@ -43,7 +43,6 @@ from edgefleet.agent.federated import (
 )
 from edgefleet.agent.federated.wire import flatten_heads, to_tensors
 from edgefleet.agent.protocol import FedTask, FedUpdate, Hardware, Status
-from edgefleet.agent.protocol.commands import AnyCommand
 from edgefleet.server.federated.evaluate import Holdout, exit_values, preprocess
 from edgefleet.server.federated.rounds import RoundEngine
 from edgefleet.server.federated.spec import RoundSpec
@@ -54,8 +53,9 @@ from edgefleet.server.fleet.store import (
     Store,
     open_store,
 )
-from edgefleet.server.rollout.archives import ArchiveInfo, ArchiveStore
+from edgefleet.server.rollout.archives import ArchiveStore
 from edgefleet.server.rollout.engine import EngineSettings, RolloutEngine
+from tests.rollout.fakes import Clock, Publisher, Sender
 
 T0 = 1_767_225_600.0
 LABELS = [str(i) for i in range(10)]
@@ -308,45 +308,6 @@ def fed_update(
 
 
 # -- the engine on a real store -------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Sender:
-    """Commands the rollout engine would send (recorded, never delivered)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str]] = []
-
-    def command(self, device_id: str, body: AnyCommand, expires_s: float) -> str:
-        self.sent.append((device_id, body.name))
-        return f"c{len(self.sent)}"
-
-
-class Publisher:
-    """The broker's retained bundle offers, as a set."""
-
-    def __init__(self) -> None:
-        self.on_broker: set[str] = set()
-
-    def publish(self, info: ArchiveInfo) -> int:
-        self.on_broker.add(info.sha256)
-        return info.size
-
-    def clear(self, info: ArchiveInfo) -> None:
-        self.on_broker.discard(info.sha256)
-
-    def generation(self) -> int:
-        return 1
-
-    def present(self, info: ArchiveInfo) -> bool:
-        return info.sha256 in self.on_broker
 
 
 class Tasks:

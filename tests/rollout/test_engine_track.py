@@ -13,49 +13,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.bundle import generate_private_key
 from edgefleet.agent.protocol import Event, Hardware, Status
-from edgefleet.agent.protocol.commands import AnyCommand
 from edgefleet.server.fleet.store import EventIn, IngestBatch, StatusIn, Store, open_store
-from edgefleet.server.rollout.archives import ArchiveInfo, ArchiveStore
+from edgefleet.server.rollout.archives import ArchiveStore
 from edgefleet.server.rollout.engine import EngineSettings, RolloutEngine
 from edgefleet.server.rollout.spec import RolloutSpec
+from tests.rollout.fakes import Clock, Publisher, Sender
 from tests.rollout.test_archives import make_bundle
-
-T0 = 1_767_225_600.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Sender:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str]] = []
-
-    def command(self, device_id: str, body: AnyCommand, expires_s: float) -> str:
-        self.sent.append((device_id, body.name))
-        return f"c{len(self.sent)}"
-
-
-class Publisher:
-    def __init__(self) -> None:
-        self.on_broker: set[str] = set()
-
-    def publish(self, info: ArchiveInfo) -> int:
-        self.on_broker.add(info.sha256)
-        return info.size
-
-    def clear(self, info: ArchiveInfo) -> None:
-        self.on_broker.discard(info.sha256)
-
-    def generation(self) -> int:
-        return 1
-
-    def present(self, info: ArchiveInfo) -> bool:
-        return info.sha256 in self.on_broker
 
 
 class Rig:
