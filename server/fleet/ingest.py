@@ -154,7 +154,8 @@ class Ingestor:
             else ProcessWriter(writer_url, cfg.root, cfg.registration_open)
         )
         self.stats = IngestStats()
-        self.connected = threading.Event()
+        self.connected = threading.Event()  # connected and subscribed (SUBACK received)
+        self._subscribe_mid: int | None = None
         self._queue: deque[_Raw] = deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -184,6 +185,7 @@ class Ingestor:
             client.tls_set(ca_certs=self.cfg.tls_ca)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -221,7 +223,7 @@ class Ingestor:
                       self.cfg.client_id, reason)
             return
         # Subscribing again on a resumed session is harmless and covers an expired one.
-        client.subscribe(self._subscriptions())
+        _rc, self._subscribe_mid = client.subscribe(self._subscriptions())
         self.connects += 1
         log.info(
             "coordinator %s connected to %s:%s (session %s), ingesting %s/dev/+",
@@ -231,7 +233,14 @@ class Ingestor:
             "resumed" if flags.session_present else "new",
             self.cfg.root,
         )
-        self.connected.set()
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: object, mid: int, _codes: object, _p: object
+    ) -> None:
+        # Connected means subscribed: before the SUBACK, a message another client publishes
+        # may reach the broker ahead of the SUBSCRIBE and never be routed to a new session.
+        if mid == self._subscribe_mid:
+            self.connected.set()
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: object, _f: object, reason: object, _p: object
