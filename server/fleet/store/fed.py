@@ -27,6 +27,7 @@ from edgefleet.server.fleet.store.base import (
     FedUpdateStatus,
 )
 from edgefleet.server.fleet.store.errors import FedRoundConflict
+from edgefleet.server.fleet.store.rollouts import listed
 from edgefleet.server.fleet.store.sql import Row, Sql, Table
 
 ROUND_COLUMNS = (
@@ -226,23 +227,7 @@ def round_record(row: Row) -> FedRoundRecord:
 def rounds_query(
     sql: Sql, group: str | None, states: Sequence[FedRoundState] | None, limit: int
 ) -> list[Row]:
-    # A parameter that may be NULL gets a query of its own: PostgreSQL cannot type "? IS NULL".
-    where: list[str] = []
-    params: list[object] = []
-    if group is not None:
-        where.append("device_group = ?")
-        params.append(group)
-    if states is not None:
-        for s in states:
-            check_state(s)
-        where.append(f"state {sql.IN_LIST}")
-        params.append(sql.as_list(list(states)))
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    return sql.rows(
-        f"SELECT {ROUND_COLUMNS} FROM fed_rounds{clause} "
-        "ORDER BY created_at DESC, round_id LIMIT ?",
-        (*params, limit),
-    )
+    return listed(sql, "fed_rounds", ROUND_COLUMNS, "round_id", group, states, check_state, limit)
 
 
 def update_round(

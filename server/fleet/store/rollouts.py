@@ -10,7 +10,7 @@ the winner's commit first) and reads the holder in a new statement, which sees t
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import get_args
 
 from edgefleet.server.fleet.store.base import (
@@ -153,6 +153,20 @@ def device_record(row: Row) -> RolloutDeviceRecord:
 def rollouts_query(
     sql: Sql, group: str | None, states: Sequence[RolloutState] | None, limit: int
 ) -> list[Row]:
+    return listed(sql, "rollouts", ROLLOUT_COLUMNS, "rollout_id", group, states, check_state, limit)
+
+
+def listed(
+    sql: Sql,
+    table: str,
+    columns: str,
+    id_column: str,
+    group: str | None,
+    states: Sequence[str] | None,
+    check: Callable[[str], None],
+    limit: int,
+) -> list[Row]:
+    """Rows of a table with device_group and state columns, newest first (rollouts, rounds)."""
     # A parameter that may be NULL gets a query of its own: PostgreSQL cannot type "? IS NULL".
     where: list[str] = []
     params: list[object] = []
@@ -161,13 +175,12 @@ def rollouts_query(
         params.append(group)
     if states is not None:
         for s in states:
-            check_state(s)
+            check(s)
         where.append(f"state {sql.IN_LIST}")
         params.append(sql.as_list(list(states)))
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     return sql.rows(
-        f"SELECT {ROLLOUT_COLUMNS} FROM rollouts{clause} "
-        "ORDER BY created_at DESC, rollout_id LIMIT ?",
+        f"SELECT {columns} FROM {table}{clause} ORDER BY created_at DESC, {id_column} LIMIT ?",
         (*params, limit),
     )
 
