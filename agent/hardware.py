@@ -31,14 +31,24 @@ def board_model(files: tuple[Path, ...] = _MODEL_FILES) -> str | None:
 def describe() -> Hardware:
     """Hardware description for the birth message."""
     providers = [p for p in ort.get_available_providers() if p in _ACCELERATED]
+    machine = platform.machine() or "unknown"
+    board = board_model()
     return Hardware(
-        machine=platform.machine() or "unknown",
+        machine=machine,
         system=platform.system() or "unknown",
         cpu_count=os.cpu_count() or 1,
         ram_mb=round(psutil.virtual_memory().total / 2**20, 1),
         accelerators=providers,
-        device_model=board_model(),
+        device_model=board,
+        device_class=classify_device(machine, board, _cpuinfo(_CPUINFO))[:64],
     )
+
+
+def _cpuinfo(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 _CPUINFO = Path("/proc/cpuinfo")
@@ -91,8 +101,4 @@ def classify_device(machine: str, board: str | None, cpuinfo: str = "") -> str:
 def device_class(hw: Hardware | None = None, cpuinfo_path: Path = _CPUINFO) -> str:
     """This device's class (see classify_device), from its Hardware description."""
     hw = hw if hw is not None else describe()
-    try:
-        cpuinfo = cpuinfo_path.read_text(errors="replace")
-    except OSError:
-        cpuinfo = ""
-    return classify_device(hw.machine, hw.device_model, cpuinfo)
+    return classify_device(hw.machine, hw.device_model, _cpuinfo(cpuinfo_path))

@@ -41,6 +41,13 @@ class Hardware(Strict):
     device_model: str | None = Field(
         None, max_length=128, description="Board name, e.g. 'Raspberry Pi 5 Model B Rev 1.0'."
     )
+    # Optional so that statuses of agents that predate it still validate; the coordinator
+    # then derives the class from machine and device_model (without the CPU flags).
+    device_class: ShortText | None = Field(
+        None,
+        description="Class whose devices run a model at about the same speed: 'rpi5', "
+        "'jetson-orin-nano', 'x86-avx512' (agent/hardware.py classify_device).",
+    )
 
 
 class Status(Payload):
