@@ -118,12 +118,28 @@ class RolloutEngine:
 
     # -- creating -----------------------------------------------------------------------------
 
-    def create(self, group: str, bundle_sha256: str, spec: RolloutSpec) -> str:
-        """Plan and store a rollout of an uploaded bundle to a group; returns its id."""
+    def create(
+        self,
+        group: str,
+        bundle_sha256: str,
+        spec: RolloutSpec,
+        devices: Iterable[str] | None = None,
+    ) -> str:
+        """Plan and store a rollout of an uploaded bundle to a group; returns its id.
+
+        devices: only these members of the group (the closed loop moves the devices that
+        missed their target, not the whole group); the rollout still holds the group.
+        """
         info = self.archives.get(bundle_sha256)
         if info is None:
             raise RolloutError(f"no bundle {bundle_sha256} on this coordinator (upload it first)")
         members = self.store.devices(group)
+        if devices is not None:
+            wanted = set(devices)
+            members = [d for d in members if d.device_id in wanted]
+            if len(members) != len(wanted):
+                missing = sorted(wanted - {d.device_id for d in members})
+                raise RolloutError(f"not in group {group!r}: {', '.join(missing[:5])}")
         if not members:
             raise RolloutError(f"group {group!r} has no devices")
         now = self.clock()
