@@ -67,15 +67,33 @@ from edgefleet.server.fleet.store.base import (
     TelemetryIn,
     TelemetryRecord,
 )
-from edgefleet.server.fleet.store.errors import FedRoundConflict, RolloutConflict
+from edgefleet.server.fleet.store.catalogue_base import (
+    OPEN_JOB_STATES,
+    BuildJobRecord,
+    CatalogueStore,
+    DecisionAction,
+    DecisionRecord,
+    GroupTarget,
+    JobOrigin,
+    JobState,
+    LatencyRecord,
+    ModelRecord,
+    VariantRecord,
+)
+from edgefleet.server.fleet.store.errors import FedRoundConflict, JobConflict, RolloutConflict
 from edgefleet.server.fleet.store.postgres import PostgresStore
 from edgefleet.server.fleet.store.sqlite import SqliteStore
 
 __all__ = [
     "ACTIVE_FED_ROUND_STATES",
     "ACTIVE_ROLLOUT_STATES",
+    "OPEN_JOB_STATES",
+    "BuildJobRecord",
     "BundleRecord",
+    "CatalogueStore",
     "CommandRecord",
+    "DecisionAction",
+    "DecisionRecord",
     "DeviceRecord",
     "EventIn",
     "EventRecord",
@@ -86,8 +104,14 @@ __all__ = [
     "FedUpdateIn",
     "FedUpdateRecord",
     "FedUpdateStatus",
+    "GroupTarget",
     "IngestBatch",
     "IngestOutcome",
+    "JobConflict",
+    "JobOrigin",
+    "JobState",
+    "LatencyRecord",
+    "ModelRecord",
     "PostgresStore",
     "Reject",
     "RejectReason",
@@ -106,6 +130,7 @@ __all__ = [
     "Store",
     "TelemetryIn",
     "TelemetryRecord",
+    "VariantRecord",
     "open_store",
     "sqlite_path",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edgefleet.agent.protocol import Event, FedUpdate, Reply, Status, Telemetry
+from edgefleet.server.fleet.store.catalogue_base import CatalogueStore
 
 # Why a message was not stored; counted per reason and kept in the rejects log.
 RejectReason = Literal[
@@ -359,8 +360,12 @@ class FedUpdateRecord:
     payload: str | None  # the FedUpdate JSON (received/accepted/rejected), when asked for
 
 
-class Store(ABC):
-    """The coordinator's persistent state; every method is one transaction."""
+class Store(CatalogueStore, ABC):
+    """The coordinator's persistent state; every method is one transaction.
+
+    The catalogue's methods (models, build jobs, variants, targets, latency per device class,
+    the loop's decisions) are declared in catalogue_base.py.
+    """
 
     # Telemetry whose device clock is further than this from ours is flagged (kept, counted).
     CLOCK_TOLERANCE_S = 300.0

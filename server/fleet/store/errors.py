@@ -66,3 +66,15 @@ class FedRoundConflict(StoreError):
         )
         self.group = group
         self.holder = holder
+
+
+class JobConflict(StoreError):
+    """A catalogue model already has a build job queued or running; one job per model."""
+
+    def __init__(self, model: str, holder: str) -> None:
+        super().__init__(
+            f"model {model!r} already has build job {holder} queued or running; "
+            "cancel it or wait for it to finish"
+        )
+        self.model = model
+        self.holder = holder

@@ -395,12 +395,122 @@ CREATE TABLE fed_updates (
 _V5_SQLITE = _V5_COMMON.format(int="INTEGER", real="REAL")
 _V5_POSTGRES = _V5_COMMON.format(int="BIGINT", real="DOUBLE PRECISION")
 
+# v6: the model catalogue and the closed loop. catalogue_models: source models and their data
+# (the files live beside the store). build_jobs: the coordinator's optimize runs; the partial
+# unique index lets a model have at most one job queued or running, across coordinators.
+# variants: the bundles built from a model, keyed by id and by manifest (what devices report).
+# group_targets: the operator's target per group. class_latency: how fast a variant runs at one
+# operating point on one device class, as measured by the fleet. loop_decisions: the loop's
+# decisions in order (devices as a JSON list). Actions are checked in code, not by a CHECK:
+# a new action must not need a table rebuild in SQLite.
+_V6_COMMON = """
+CREATE TABLE catalogue_models (
+    name TEXT PRIMARY KEY,
+    source_sha256 TEXT NOT NULL,
+    source_path TEXT NOT NULL,
+    source_bytes {int} NOT NULL,
+    data_sha256 TEXT NOT NULL,
+    data_path TEXT NOT NULL,
+    data_bytes {int} NOT NULL,
+    options_json TEXT NOT NULL,
+    added_at {real} NOT NULL
+);
+
+CREATE TABLE build_jobs (
+    job_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    options_json TEXT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    step {int} NOT NULL,
+    steps {int} NOT NULL,
+    progress TEXT NOT NULL,
+    log_path TEXT NOT NULL,
+    variant_id TEXT,
+    reason TEXT,
+    created_at {real} NOT NULL,
+    started_at {real},
+    finished_at {real},
+    updated_at {real} NOT NULL
+);
+CREATE INDEX build_jobs_created_at ON build_jobs (created_at);
+CREATE UNIQUE INDEX build_jobs_one_open ON build_jobs (model)
+    WHERE state IN ('queued', 'running');
+
+CREATE TABLE variants (
+    variant_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    version {int} NOT NULL,
+    model_id TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL UNIQUE,
+    job_id TEXT,
+    options_json TEXT NOT NULL,
+    size_bytes {int} NOT NULL,
+    macs {int} NOT NULL,
+    points_json TEXT NOT NULL,
+    default_point {int} NOT NULL,
+    estimate_json TEXT NOT NULL,
+    created_at {real} NOT NULL,
+    retired_at {real}
+);
+CREATE INDEX variants_model ON variants (model, created_at);
+
+CREATE TABLE group_targets (
+    device_group TEXT PRIMARY KEY,
+    p95_ms {real} NOT NULL,
+    min_accuracy {real},
+    max_power_w {real},
+    loop {bool} NOT NULL,
+    pinned_variant TEXT,
+    updated_at {real} NOT NULL
+);
+
+CREATE TABLE class_latency (
+    manifest_sha256 TEXT NOT NULL,
+    device_class TEXT NOT NULL,
+    operating_point {int} NOT NULL,
+    windows {int} NOT NULL,
+    devices {int} NOT NULL,
+    p95_ms {real} NOT NULL,
+    p50_ms {real} NOT NULL,
+    power_w {real},
+    predicted_p95_ms {real},
+    updated_at {real} NOT NULL,
+    PRIMARY KEY (manifest_sha256, device_class, operating_point)
+);
+
+CREATE TABLE loop_decisions (
+    decision_id {serial},
+    device_group TEXT NOT NULL,
+    ts {real} NOT NULL,
+    action TEXT NOT NULL,
+    devices_json TEXT NOT NULL,
+    message TEXT NOT NULL,
+    details_json TEXT NOT NULL,
+    rollout_id TEXT,
+    job_id TEXT
+);
+CREATE INDEX loop_decisions_group ON loop_decisions (device_group, decision_id);
+"""
+_V6_SQLITE = _V6_COMMON.format(
+    int="INTEGER", real="REAL", bool="INTEGER", serial="INTEGER PRIMARY KEY AUTOINCREMENT"
+)
+_V6_POSTGRES = _V6_COMMON.format(
+    int="BIGINT",
+    real="DOUBLE PRECISION",
+    bool="BOOLEAN",
+    serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+)
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _V1_SQLITE, _V1_POSTGRES),
     Migration(2, "reported drops apart from losses", _V2_SQLITE, _V2_POSTGRES),
     Migration(3, "statuses ordered by receive time", _V3_SQLITE, _V3_POSTGRES),
     Migration(4, "bundles and rollouts", _V4_SQLITE, _V4_POSTGRES),
     Migration(5, "federated rounds and their updates", _V5_SQLITE, _V5_POSTGRES),
+    Migration(6, "model catalogue, targets and the closed loop", _V6_SQLITE, _V6_POSTGRES),
 ]
 
 # Created outside the versions: it is how a database says which versions it has.

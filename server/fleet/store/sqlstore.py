@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar, get_args
 
 from edgefleet.agent.protocol import Event, Reply, Telemetry
-from edgefleet.server.fleet.store import fed, ingest, logic, losses, rollouts, rows
+from edgefleet.server.fleet.store import catalogue, fed, ingest, logic, losses, rollouts, rows
 from edgefleet.server.fleet.store.base import (
     BundleRecord,
     CommandRecord,
@@ -35,6 +35,16 @@ from edgefleet.server.fleet.store.base import (
     SequenceReport,
     Store,
     TelemetryRecord,
+)
+from edgefleet.server.fleet.store.catalogue_base import (
+    BuildJobRecord,
+    DecisionAction,
+    DecisionRecord,
+    GroupTarget,
+    JobState,
+    LatencyRecord,
+    ModelRecord,
+    VariantRecord,
 )
 from edgefleet.server.fleet.store.schema import pending
 from edgefleet.server.fleet.store.sql import Lock, Row, Sql
@@ -463,6 +473,167 @@ class SqlStore(Store):
     def fed_update_counts(self) -> dict[str, int]:
         return self._run(
             lambda sql: fed.counts(sql, "fed_updates", "status", fed.update_statuses()),
+            write=False,
+        )
+
+    # -- the model catalogue and the closed loop (the SQL is in catalogue.py) ----------------
+    # Checks run before the transaction: a ValueError inside one would come out as StoreRefused.
+
+    def add_model(self, record: ModelRecord) -> None:
+        catalogue.check_model_name(record.name)
+        if not self._run(lambda sql: catalogue.add_model(sql, record), write=True):
+            raise ValueError(f"model {record.name!r} is already in the catalogue")
+
+    def model(self, name: str) -> ModelRecord | None:
+        found = self._read(
+            f"SELECT {catalogue.MODEL_COLUMNS} FROM catalogue_models WHERE name = ?", (name,)
+        )
+        return catalogue.model_record(found[0]) if found else None
+
+    def models(self) -> list[ModelRecord]:
+        found = self._read(f"SELECT {catalogue.MODEL_COLUMNS} FROM catalogue_models ORDER BY name")
+        return [catalogue.model_record(r) for r in found]
+
+    def add_variant(self, record: VariantRecord) -> None:
+        refused = self._run(lambda sql: catalogue.add_variant(sql, record), write=True)
+        if refused is not None:
+            raise ValueError(refused)
+
+    def variant(self, variant_id: str) -> VariantRecord | None:
+        found = self._read(
+            f"SELECT {catalogue.VARIANT_COLUMNS} FROM variants WHERE variant_id = ?",
+            (variant_id,),
+        )
+        return catalogue.variant_record(found[0]) if found else None
+
+    def variants(self, model: str | None = None) -> list[VariantRecord]:
+        found = self._run(lambda sql: catalogue.variants_query(sql, model), write=False)
+        return [catalogue.variant_record(r) for r in found]
+
+    def variant_by_manifest(self, manifest_sha256: str) -> VariantRecord | None:
+        found = self._read(
+            f"SELECT {catalogue.VARIANT_COLUMNS} FROM variants WHERE manifest_sha256 = ?",
+            (manifest_sha256,),
+        )
+        return catalogue.variant_record(found[0]) if found else None
+
+    def retire_variant(self, variant_id: str, at: float | None) -> None:
+        changed = self._run(
+            lambda sql: sql.run(
+                "UPDATE variants SET retired_at = ? WHERE variant_id = ?", (at, variant_id)
+            ),
+            write=True,
+        )
+        if changed == 0:
+            raise KeyError(variant_id)
+
+    def create_job(self, record: BuildJobRecord) -> None:
+        catalogue.check_job_state(record.state)
+        catalogue.check_origin(record.origin)
+        self._run(lambda sql: catalogue.create_job(sql, record), write=True)
+
+    def job(self, job_id: str) -> BuildJobRecord | None:
+        found = self._read(
+            f"SELECT {catalogue.JOB_COLUMNS} FROM build_jobs WHERE job_id = ?", (job_id,)
+        )
+        return catalogue.job_record(found[0]) if found else None
+
+    def jobs(
+        self,
+        model: str | None = None,
+        states: Sequence[JobState] | None = None,
+        limit: int = 100,
+    ) -> list[BuildJobRecord]:
+        for s in states or ():
+            catalogue.check_job_state(s)
+        found = self._run(lambda sql: catalogue.jobs_query(sql, model, states, limit), write=False)
+        return [catalogue.job_record(r) for r in found]
+
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        only_if: Sequence[JobState] | None = None,
+        state: JobState | None = None,
+        step: int | None = None,
+        steps: int | None = None,
+        progress: str | None = None,
+        variant_id: str | None = None,
+        reason: str | None = None,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+    ) -> BuildJobRecord | None:
+        for checked in (state, *(only_if or ())):
+            if checked is not None:
+                catalogue.check_job_state(checked)
+        changes = {
+            "state": state,
+            "step": step,
+            "steps": steps,
+            "progress": progress,
+            "variant_id": variant_id,
+            "reason": reason,
+            "started_at": started_at,
+            "finished_at": finished_at,
+        }
+        row = self._run(lambda sql: catalogue.update_job(sql, job_id, only_if, changes), write=True)
+        return None if row is None else catalogue.job_record(row)
+
+    def set_target(self, target: GroupTarget) -> None:
+        self._run(lambda sql: catalogue.set_target(sql, target), write=True)
+
+    def target(self, group: str) -> GroupTarget | None:
+        found = self._read(
+            f"SELECT {catalogue.TARGET_COLUMNS} FROM group_targets WHERE device_group = ?",
+            (group,),
+        )
+        return catalogue.target_record(found[0]) if found else None
+
+    def targets(self) -> list[GroupTarget]:
+        found = self._read(
+            f"SELECT {catalogue.TARGET_COLUMNS} FROM group_targets ORDER BY device_group"
+        )
+        return [catalogue.target_record(r) for r in found]
+
+    def put_latency(self, record: LatencyRecord) -> None:
+        self._run(lambda sql: catalogue.put_latency(sql, record), write=True)
+
+    def latencies(self, manifest_sha256: str | None = None) -> list[LatencyRecord]:
+        found = self._run(lambda sql: catalogue.latencies_query(sql, manifest_sha256), write=False)
+        return [catalogue.latency_record(r) for r in found]
+
+    def add_decision(
+        self,
+        group: str,
+        ts: float,
+        action: DecisionAction,
+        devices: Sequence[str],
+        message: str,
+        details_json: str,
+        rollout_id: str | None = None,
+        job_id: str | None = None,
+    ) -> DecisionRecord:
+        catalogue.check_action(action)
+        values = catalogue.decision_values(
+            group, ts, action, devices, message, details_json, rollout_id, job_id
+        )
+        decision_id = self._run(lambda sql: catalogue.add_decision(sql, values), write=True)
+        return catalogue.decision_record((decision_id, *values))
+
+    def decisions(
+        self,
+        group: str | None = None,
+        since_id: int = 0,
+        limit: int = 100,
+    ) -> list[DecisionRecord]:
+        found = self._run(
+            lambda sql: catalogue.decisions_query(sql, group, since_id, limit), write=False
+        )
+        return [catalogue.decision_record(r) for r in found]
+
+    def decision_counts(self) -> dict[str, int]:
+        return self._run(
+            lambda sql: fed.counts(sql, "loop_decisions", "action", catalogue.decision_actions()),
             write=False,
         )
 
