@@ -17,7 +17,7 @@ from edgefleet.agent.bundle import BundleError, KeyFileError
 from edgefleet.agent.helpformat import CliParser
 from edgefleet.server.fleet.client import ApiError
 
-from . import bundle, demo, fl, fleet, identity, keys, optimize, rollout, simulate
+from . import bundle, demo, fl, fleet, group, identity, keys, optimize, rollout, simulate
 from .errors import CliError
 
 DESCRIPTION = "edgefleet: the operator's command line (keys, bundles, optimizer, fleet)."
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.register(sub)
     rollout.register(sub)
     fl.register(sub)
+    group.register(sub)
     return parser
 
 

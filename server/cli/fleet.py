@@ -233,11 +233,18 @@ def _show_text(d: DeviceDetail) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from edgefleet.server.retune.client import LoopClient
+    from edgefleet.server.retune.views import decision_lines
+
     detail = _client(args).device(args.device, args.windows, args.events)
     if args.json:
         _dump(detail)
-    else:
-        print(_show_text(detail))
+        return 0
+    print(_show_text(detail))
+    decisions = LoopClient(args.url, args.token).decisions(device=args.device, limit=args.events)
+    if decisions:
+        print("\nclosed loop:")
+        print("\n".join(decision_lines(decisions)))
     return 0
 
 

@@ -48,6 +48,8 @@ from edgefleet.server.fleet.views import (
     SequenceView,
     WindowView,
 )
+from edgefleet.server.retune.api import make_router as make_loop_router
+from edgefleet.server.retune.engine import RetuneEngine
 from edgefleet.server.rollout.api import DEFAULT_UPLOAD_MAX_BYTES, make_router
 from edgefleet.server.rollout.archives import ArchiveStore
 from edgefleet.server.rollout.engine import RolloutEngine
@@ -83,11 +85,14 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     rollouts: RolloutParts | None = None,
     rounds: RoundEngine | None = None,
+    retune: RetuneEngine | None = None,
 ) -> FastAPI:
     """The API over one store; commander is None when no broker connection is available.
 
     rollouts adds /bundles and /rollouts (the coordinator's rollout engine and archives);
-    rounds adds /fed/rounds (federated rounds, server/federated/api.py).
+    rounds adds /fed/rounds (federated rounds, server/federated/api.py). Group targets and the
+    closed loop's decisions are always served (server/retune/api.py); retune adds the loop's
+    live view of each group.
     """
     app = FastAPI(
         title="edgefleet coordinator",
@@ -214,6 +219,7 @@ def create_app(
         )
     if rounds is not None:
         app.include_router(make_rounds_router(store, rounds, require_token))
+    app.include_router(make_loop_router(store, retune, require_token))
     return app
 
 

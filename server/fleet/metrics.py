@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edgefleet.server.fleet.ingest import IngestStats
-from edgefleet.server.fleet.store.base import Store
+from edgefleet.server.fleet.store.base import DeviceRecord, Store
 
 NO_GROUP = "none"  # label value for devices outside any group
 
@@ -87,6 +87,7 @@ class FleetCollector(Collector):
         )
         yield from self._rollouts()
         yield from self._fed()
+        yield from self._loop(devices)
         rejects = CounterMetricFamily(
             "edgefleet_rejected_messages", "Messages rejected, by reason.", labels=["reason"]
         )
@@ -155,6 +156,46 @@ class FleetCollector(Collector):
             for reason in ("unknown_round", "stale", "late", "duplicate"):
                 ignored.add_metric([reason], self.stats.fed_ignored.get(reason, 0))
             yield ignored
+
+
+    def _loop(
+        self, devices: list[DeviceRecord]
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Group targets, devices over them (newest window), and the loop's decisions."""
+        targets = GaugeMetricFamily(
+            "edgefleet_group_target_p95_ms", "A group's p95 latency target.", labels=["group"]
+        )
+        enabled = GaugeMetricFamily(
+            "edgefleet_group_loop_enabled", "1 when the closed loop acts on a group.",
+            labels=["group"],
+        )
+        over = GaugeMetricFamily(
+            "edgefleet_group_out_of_target",
+            "Online devices whose newest window's p95 is over their group's target.",
+            labels=["group"],
+        )
+        for t in self.store.targets():
+            targets.add_metric([t.group], t.p95_ms)
+            enabled.add_metric([t.group], 1.0 if t.loop else 0.0)
+            n = sum(
+                1
+                for d in devices
+                if d.group == t.group
+                and d.online
+                and d.last_telemetry is not None
+                and d.last_telemetry.latency_ms.p95 > t.p95_ms
+            )
+            over.add_metric([t.group], n)
+        yield targets
+        yield enabled
+        yield over
+        decisions = CounterMetricFamily(
+            "edgefleet_loop_decisions", "Decisions of the closed loop, by action.",
+            labels=["action"],
+        )
+        for action, n in self.store.decision_counts().items():
+            decisions.add_metric([action], n)
+        yield decisions
 
 
 def render(store: Store, stats: IngestStats | None = None) -> bytes:

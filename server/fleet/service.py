@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -27,6 +28,8 @@ from edgefleet.server.fleet.http_guard import DEFAULT_MAX_BODY_BYTES
 from edgefleet.server.fleet.ingest import IngestConfig, Ingestor
 from edgefleet.server.fleet.store import open_store
 from edgefleet.server.fleet.store.base import RetentionPolicy, Store
+from edgefleet.server.retune.config import LoopConfig
+from edgefleet.server.retune.engine import RetuneEngine
 from edgefleet.server.rollout.archives import ArchiveStore
 from edgefleet.server.rollout.engine import EngineSettings, RolloutEngine
 from edgefleet.server.rollout.mqtt import MqttPublisher, MqttSender
@@ -76,6 +79,10 @@ class CoordinatorConfig(BaseModel):
         description="The fleet's private key (KEYDIR/fleet.key): federated rounds sign and roll "
         "out their result; None: a round stops at 'aggregated' with an unsigned candidate.",
     )
+    loop: LoopConfig = Field(
+        default_factory=LoopConfig,
+        description="The closed loop that keeps groups on their latency targets.",
+    )
     fed_holdout: Path | None = Field(
         None,
         description="Held-out labelled images (.npz: images, labels) that judge a round's new "
@@ -106,6 +113,7 @@ class Coordinator:
     archives: ArchiveStore = field(init=False)
     engine: RolloutEngine = field(init=False)
     rounds: RoundEngine = field(init=False)
+    retune: RetuneEngine = field(init=False)
     http: uvicorn.Server = field(init=False)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -135,6 +143,13 @@ class Coordinator:
             signing_key=signing,
             holdout=holdout,
         )
+        self.retune = RetuneEngine(
+            self.store,
+            self.engine,
+            MqttSender(self.ingestor),
+            settings=self.cfg.loop.settings(),
+            build=self._loop_build if self.cfg.loop.build else None,
+        )
         app = create_app(
             self.store,
             token=self.cfg.token,
@@ -143,6 +158,7 @@ class Coordinator:
             max_body_bytes=self.cfg.http_max_body_bytes,
             rollouts=RolloutParts(self.engine, self.archives, self.cfg.upload_max_bytes),
             rounds=self.rounds,
+            retune=self.retune,
         )
         self.http = uvicorn.Server(
             uvicorn.Config(
@@ -160,6 +176,7 @@ class Coordinator:
         self._spawn(self.http.run, "http")
         self._spawn(self._maintain, "maintenance")
         self._spawn(self._roll, "rollouts")
+        self._spawn(self._retune, "closed-loop")
         deadline = time.monotonic() + 10
         while not self.http.started and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -222,6 +239,24 @@ class Coordinator:
                 self.rounds.tick()
             except Exception as exc:
                 log.error("federated round step failed: %s", exc)
+
+    def _retune(self) -> None:
+        """The closed loop takes a step every loop.tick_s; a failure only delays it."""
+        while not self._stop.wait(self.cfg.loop.tick_s):
+            if not self.ingestor.connected.is_set():
+                continue  # pins and rollouts need the broker
+            try:
+                self.retune.tick()
+            except Exception as exc:
+                log.error("closed loop step failed: %s", exc)
+
+    def _loop_build(self, model: str, options: dict[str, Any]) -> str:
+        """A build the loop asks for (a faster variant); its job id."""
+        from edgefleet.server.catalogue.jobs import submit
+        from edgefleet.server.catalogue.options import BuildOptions
+
+        job = submit(self.store, model, BuildOptions.model_validate(options), "loop")
+        return str(job.job_id)
 
     def stop(self) -> None:
         self._stop.set()
