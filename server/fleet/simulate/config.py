@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from edgefleet.agent.protocol import TopicTree, check_id
 
+from .variants import CLASS_SPEED, SimVariant
+from .workload import BOARD_CLASSES
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -27,6 +30,12 @@ class SimConfig:
     # device id -> broker password, the username being the device id (docs/security.md);
     # None: connect without credentials (a broker with anonymous access).
     passwords: Mapping[str, str] | None = field(default=None, hash=False, compare=False)
+    # Bundles the devices can install (variants.py); none: the fixed POINTS, no installs.
+    variants: tuple[SimVariant, ...] = ()
+    initial_variant: str | None = None  # manifest sha256 every device starts on
+    install_s: float = 1.0  # from an accepted install_bundle to the variant running
+    # device class -> latency multiplier; None: CLASS_SPEED.
+    class_speed: Mapping[str, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -45,6 +54,38 @@ class SimConfig:
         if self.group is not None:
             check_id(self.group, "group name")
         TopicTree(self.root)  # validates the root
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        shas = [v.manifest_sha256 for v in self.variants]
+        if len(set(shas)) != len(shas):
+            dup = next(s for s in shas if shas.count(s) > 1)
+            raise ValueError(f"variants: manifest {dup[:12]} is given twice")
+        if self.variants and self.initial_variant is None:
+            raise ValueError("initial_variant is required when variants are given")
+        if self.initial_variant is not None and self.initial_variant not in shas:
+            raise ValueError(
+                f"initial_variant {self.initial_variant[:12]!r} is not one of the variants"
+                if self.variants
+                else "initial_variant needs variants"
+            )
+        if not self.install_s >= 0:
+            raise ValueError(f"install_s must be >= 0 s, got {self.install_s}")
+        speed = self.speeds()
+        missing = sorted(set(BOARD_CLASSES) - set(speed))
+        if missing:
+            raise ValueError(f"class_speed lacks the device classes {', '.join(missing)}")
+        bad = {c: s for c, s in speed.items() if not 0 < s < 1e4}
+        if bad:
+            raise ValueError(f"class_speed values must be > 0, got {bad}")
+
+    def speeds(self) -> Mapping[str, float]:
+        """Latency multiplier per device class."""
+        return CLASS_SPEED if self.class_speed is None else self.class_speed
+
+    def variant(self, manifest_sha256: str) -> SimVariant | None:
+        """The configured variant with this manifest, if any."""
+        return next((v for v in self.variants if v.manifest_sha256 == manifest_sha256), None)
 
     def device_ids(self) -> list[str]:
         """The ids of the devices this config simulates, in index order."""

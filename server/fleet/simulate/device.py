@@ -6,6 +6,7 @@ managed by `sessions.Sessions`, which reads and sets the connection fields below
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -33,7 +34,10 @@ from edgefleet.agent.protocol import (
 
 from .backlog import EVENTS, REPLY, TELEMETRY, Backlog, EntryKind
 from .config import SimConfig, device_id
+from .installs import Installs
 from .stats import DeviceStats
+from .timers import Timers
+from .variants import SimVariant
 from .workload import (
     BOARDS,
     EXITS,
@@ -41,6 +45,7 @@ from .workload import (
     SIM_MODEL_ID,
     default_point,
     governor_move,
+    simulate_variant_window,
     simulate_window,
 )
 
@@ -59,8 +64,14 @@ class SimDevice:
         index: int,
         position: int,
         on_send: Callable[[SimDevice], None],
+        timers: Timers | None = None,
+        on_birth: Callable[[SimDevice], None] | None = None,
     ) -> None:
-        """`on_send` is called when a new backlog entry is ready to hand to the connection."""
+        """`on_send` is called when a new backlog entry is ready to hand to the connection.
+
+        With variants configured, `timers` runs the stages of installs and `on_birth` publishes
+        the new birth once another variant runs.
+        """
         self.cfg = cfg
         self.index = index
         self.position = position  # 0..devices-1 inside this simulator
@@ -70,7 +81,8 @@ class SimDevice:
             for kind in ("status", "telemetry", "events", "reply", "cmd")
         }
         self.group_topic = tree.group_cmd(cfg.group) if cfg.group else None
-        machine, cpus, ram, board, accel = BOARDS[index % len(BOARDS)]
+        machine, cpus, ram, board, accel, device_class = BOARDS[index % len(BOARDS)]
+        self.device_class = device_class
         self.hardware = Hardware(
             machine=machine,
             system="Linux",
@@ -78,6 +90,7 @@ class SimDevice:
             ram_mb=ram,
             accelerators=list(accel),
             device_model=board,
+            device_class=device_class,
         )
         self.boot_id = str(uuid.uuid4())  # one per simulated agent start
         self.cpu_count = cpus
@@ -99,7 +112,24 @@ class SimDevice:
         # The simulated workload.
         self.period = 1.0 / cfg.rate
         self.window_end = 0.0  # wall time the next window starts at
-        self.default_point = default_point(index)
+        self.slowdown = 1.0  # latency multiplier (Simulator.set_slowdown)
+        self.installs: Installs | None = None
+        self._on_birth = on_birth
+        if cfg.variants:
+            if timers is None:
+                raise ValueError("a simulated device with variants needs the loop's timers")
+            self.installs = Installs(
+                self.device_id,
+                cfg,
+                timers,
+                device_class,
+                self.enqueue_event,
+                self._switched,
+            )
+            self.default_point = self.installs.running.default_point
+        else:
+            self.default_point = default_point(index)
+        self.speed = cfg.speeds()[device_class]
         self.operating_point = self.default_point
         self.pinned = False
         self.commanded = False  # a command moved the operating point; the governor waits once
@@ -123,25 +153,55 @@ class SimDevice:
 
     # -- payloads ----------------------------------------------------------------------
 
+    @property
+    def variant(self) -> SimVariant | None:
+        """The variant running now; None without variants (the fixed workload.POINTS)."""
+        return self.installs.running if self.installs is not None else None
+
+    def model(self) -> tuple[str, int]:
+        """Model id and version running now."""
+        v = self.variant
+        return (v.model_id, v.version) if v is not None else (SIM_MODEL_ID, 1)
+
+    def points(self) -> int:
+        """How many operating points the running model has."""
+        v = self.variant
+        return v.points if v is not None else len(POINTS)
+
     def birth(self, online: bool = True) -> Status:
         """The status this device publishes now (retained birth, or offline when stopping)."""
+        model_id, version = self.model()
+        installs = self.installs
+        previous = installs.previous if installs is not None else None
         return Status(
             device_id=self.device_id,
             online=online,
             ts=time.time(),
             agent_version=f"{AGENT_VERSION}-sim"[:64],
-            model_id=SIM_MODEL_ID,
-            model_version=1,
+            model_id=model_id,
+            model_version=version,
             operating_point=self.operating_point,
             group=self.cfg.group,
             hardware=self.hardware,
             boot_id=self.boot_id,
+            bundle_sha256=installs.running.manifest_sha256 if installs is not None else None,
+            previous_bundle_sha256=previous.manifest_sha256 if previous is not None else None,
         )
 
     def telemetry(self, rng: random.Random, start: float, end: float) -> Telemetry:
-        """One plausible window at the current operating point (see workload.POINTS)."""
+        """One plausible window at the current operating point (workload.POINTS, or the
+        running variant's latency scaled by the device class and the slowdown)."""
         op = self.operating_point
-        w = simulate_window(POINTS[op], rng, end - start, self.cpu_count)
+        v = self.variant
+        if v is not None:
+            p50 = v.point_ms[op] * self.speed * self.slowdown
+            w = simulate_variant_window(p50, v.exit_share(op), rng, end - start, self.cpu_count)
+        else:
+            point = POINTS[op]
+            if self.slowdown != 1.0:
+                point = dataclasses.replace(point, p50_ms=point.p50_ms * self.slowdown)
+            w = simulate_window(point, rng, end - start, self.cpu_count)
+        model_id, version = self.model()
         return Telemetry(
             device_id=self.device_id,
             seq=self.next_seq,
@@ -164,8 +224,8 @@ class SimDevice:
             energy_per_frame_mj=w.power_w / w.fps * 1000.0 if w.fps > 0 else None,
             outbox_depth=len(self.backlog),
             outbox_overflow=self.backlog.overflow,
-            model_id=SIM_MODEL_ID,
-            model_version=1,
+            model_id=model_id,
+            model_version=version,
         )
 
     def event(self, kind: EventKind, message: str, details: dict[str, Any]) -> Event:
@@ -175,7 +235,7 @@ class SimDevice:
             ts=time.time(),
             seq=self.event_seq,
             kind=kind,
-            level="info",
+            level=_level(kind),
             message=message,
             details=details,
         )
@@ -199,7 +259,8 @@ class SimDevice:
         end = max(wall, start)
         self.window_end = end
         every = self.cfg.events_every
-        if every and self.next_seq % every == every - 1:
+        # With variants the coordinator's loop chooses the point: no simulated governor.
+        if every and self.next_seq % every == every - 1 and self.installs is None:
             self.governor_step(rng)
         tele = self.telemetry(rng, start, end)
         self.next_seq += 1
@@ -244,14 +305,16 @@ class SimDevice:
 
     def set_operating_point(self, index: int, pin: bool) -> dict[str, JsonValue]:
         """Switch (and optionally pin); the next window reports it."""
-        if not 0 <= index < len(POINTS):
-            raise ValueError(f"operating point {index} does not exist (0..{len(POINTS) - 1})")
+        count = self.points()
+        if not 0 <= index < count:
+            raise ValueError(f"operating point {index} does not exist (0..{count - 1})")
         previous, self.operating_point = self.operating_point, index
         self.pinned = pin
         self.commanded = True
+        name = POINTS[index].name if self.installs is None else f"of {self.model_label()}"
         self.enqueue_event(
             "operating_point_changed",
-            f"operating point {previous} -> {index} ({POINTS[index].name}) by command",
+            f"operating point {previous} -> {index} ({name}) by command",
             {"from": previous, "to": index, "pinned": pin, "reason": "command"},
         )
         return {"operating_point": index, "previous": previous, "pinned": pin}
@@ -279,12 +342,49 @@ class SimDevice:
 
     def reload_bundle(self) -> dict[str, JsonValue]:
         """Nothing to reload; report the simulated model."""
-        return {"model_id": SIM_MODEL_ID, "version": 1}
+        model_id, version = self.model()
+        return {"model_id": model_id, "version": version}
 
     def install_bundle(self, cmd: InstallBundle) -> dict[str, JsonValue]:
-        """Simulated devices run no model: a bundle is refused, naming why."""
-        raise ValueError("simulated devices do not install bundles")
+        """Install one of the configured variants (installs.py); without any, refused."""
+        if self.installs is None:
+            raise ValueError("simulated devices do not install bundles (no variants configured)")
+        return self.installs.install(cmd)
 
     def rollback_bundle(self, cmd: RollbackBundle) -> dict[str, JsonValue]:
-        """Nothing was installed, so nothing to roll back."""
-        return {"rolled_back": False}
+        """Back to the previous variant if the named one runs; without variants, nothing."""
+        if self.installs is None:
+            return {"rolled_back": False}
+        return self.installs.rollback(cmd)
+
+    # -- variants ---------------------------------------------------------------------------
+
+    def model_label(self) -> str:
+        """The running model as logs name it."""
+        v = self.variant
+        return v.label() if v is not None else f"{SIM_MODEL_ID} v1"
+
+    def _switched(self, variant: SimVariant) -> None:
+        """Another variant runs from now: at its default point, unpinned, with a new birth."""
+        previous = self.operating_point
+        self.operating_point = variant.default_point
+        self.pinned = False
+        self.commanded = False
+        log.info(
+            "%s runs %s at point %d (was point %d)",
+            self.device_id,
+            variant.label(),
+            variant.default_point,
+            previous,
+        )
+        if self._on_birth is not None:
+            self._on_birth(self)
+
+
+def _level(kind: EventKind) -> Literal["info", "error", "warning"]:
+    """An event's level, as the agent sets it (agent/service.py)."""
+    if kind in ("error", "rollback"):
+        return "error"
+    if kind.endswith("lost") or kind in ("outbox_overflow", "keys_refused"):
+        return "warning"
+    return "info"

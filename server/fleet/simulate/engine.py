@@ -25,6 +25,7 @@ from .scheduling import ConnectPacer, ProductionSchedule
 from .selector import raise_fd_limit
 from .sessions import Sessions
 from .stats import SimStats
+from .timers import Timers
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ class Simulator:
         self.cfg = cfg
         self.tree = TopicTree(cfg.root)
         self._rng = random.Random(cfg.seed)
+        self._timers = Timers()  # the stages of installs and rollbacks
         self._devices = [
-            SimDevice(cfg, self.tree, i, pos, self._mark_send)
+            SimDevice(cfg, self.tree, i, pos, self._mark_send, self._timers, self._republish)
             for pos, i in enumerate(cfg.indices())
         ]
         self._by_id = {d.device_id: d for d in self._devices}
@@ -154,6 +156,29 @@ class Simulator:
                     dev.produce(self._rng, time.time())
         self._io.wake()
 
+    def set_slowdown(self, device_ids: list[str] | None, factor: float) -> None:
+        """Multiply these devices' latency (None: every device) by factor from the next window.
+
+        A factor of 1.0 makes them as fast as their class and model say again.
+        """
+        if not 0 < factor < 1e4:
+            raise ValueError(f"slowdown factor must be > 0, got {factor}")
+        devs = self._lookup(device_ids) if device_ids is not None else list(self._devices)
+
+        def apply() -> None:
+            for dev in devs:
+                dev.slowdown = factor
+            log.info("latency x %g on %d simulated devices", factor, len(devs))
+
+        self._call(apply)
+
+    def running(self, device_id: str) -> tuple[str | None, int]:
+        """Manifest sha256 (None without variants) and operating point a device runs now."""
+        (dev,) = self._lookup([device_id])
+        with self._lock:
+            v = dev.variant
+            return (v.manifest_sha256 if v is not None else None, dev.operating_point)
+
     def stats(self) -> SimStats:
         """A consistent snapshot of every device's counters."""
         with self._lock:
@@ -200,6 +225,10 @@ class Simulator:
         self._io.wake()
         if not done.wait(timeout):
             raise TimeoutError("the simulator loop did not run the request in time")
+
+    def _republish(self, dev: SimDevice) -> None:
+        """Another variant runs on dev: its retained status says so at once."""
+        self._sessions.republish_birth(dev)
 
     def _mark_send(self, dev: SimDevice) -> None:
         """A device has a new entry for its connection: hand it to paho this turn."""
@@ -261,6 +290,9 @@ class Simulator:
             attempt = self._pacer.next_attempt(now, len(self._sessions.connecting))
             if attempt is not None:
                 wake = min(wake, attempt)
+            step = self._timers.next_due()
+            if step is not None:
+                wake = min(wake, step)
         elif phase in ("draining", "disconnecting"):
             wake = min(wake, now + STOP_POLL_S)
         return max(0.0, wake - now)
@@ -279,6 +311,7 @@ class Simulator:
         sessions = self._sessions
         if sessions.phase == "running":
             sessions.connect_due(now)
+            self._timers.run_due(now)
             if not self._paused:
                 wall = time.time()
                 for dev in self._production.due(self._devices, now):

@@ -174,6 +174,19 @@ class Sessions:
 
         dev.backlog.send(publish, MAX_INFLIGHT)
 
+    def republish_birth(self, dev: SimDevice) -> None:
+        """Publish dev's retained status again (another model runs), as agent/link.py does.
+
+        The current connection's Last Will keeps the status it was connected with (MQTT has
+        no way to change it); the next connection's will is made from the new birth.
+        """
+        if dev.client is None or self.phase != "running":
+            return  # the next connect publishes it; a stopping device publishes offline
+        birth = dev.session_birth = dev.birth()
+        if dev.state == "online":
+            dev.client.publish(dev.topics["status"], encode(birth), qos=1, retain=True)
+            log.info("%s published its status again: %s", dev.device_id, dev.model_label())
+
     # -- paho callbacks (loop thread); the identity checks ignore discarded clients ---------
 
     def _on_connect(

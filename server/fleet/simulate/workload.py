@@ -19,13 +19,22 @@ SIM_MODEL_ID: Final = "simnet"
 EXITS: Final = 3  # two early exits and the final head
 CAMERA_FPS: Final = 30.0
 
-# (machine, cpu count, RAM in MB, board, accelerators): device i runs on board i % 4.
+# (machine, cpu count, RAM in MB, board, accelerators, device class as agent/hardware.py
+# classify_device names it): device i runs on board i % 4.
 BOARDS: Final = (
-    ("aarch64", 4, 8_064.0, "Raspberry Pi 5 Model B Rev 1.0", ()),
-    ("aarch64", 4, 3_796.0, "Raspberry Pi 4 Model B Rev 1.5", ()),
-    ("aarch64", 6, 7_620.0, "NVIDIA Jetson Orin Nano Developer Kit", ("CUDAExecutionProvider",)),
-    ("x86_64", 4, 15_842.0, "Intel NUC11TNHi5", ("OpenVINOExecutionProvider",)),
+    ("aarch64", 4, 8_064.0, "Raspberry Pi 5 Model B Rev 1.0", (), "rpi5"),
+    ("aarch64", 4, 3_796.0, "Raspberry Pi 4 Model B Rev 1.5", (), "rpi4"),
+    (
+        "aarch64",
+        6,
+        7_620.0,
+        "NVIDIA Jetson Orin Nano Developer Kit",
+        ("CUDAExecutionProvider",),
+        "jetson-orin-nano",
+    ),
+    ("x86_64", 4, 15_842.0, "Intel NUC11TNHi5", ("OpenVINOExecutionProvider",), "x86-avx512"),
 )
+BOARD_CLASSES: Final = tuple(board[5] for board in BOARDS)
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,48 @@ def simulate_window(point: SimPoint, rng: random.Random, duration: float, cpu_co
     cpu = min(100.0 * cpu_count, point.cpu_percent * rng.uniform(0.85, 1.15))
     power = 2.4 + 0.012 * cpu + rng.uniform(-0.1, 0.1)
     temperature = 42.0 + 0.25 * cpu + rng.uniform(-1.0, 1.0)
+    return Window(
+        captured=captured,
+        processed=processed,
+        fps=fps,
+        latency=Percentiles(p50=p50, p95=p95, p99=p99),
+        stages=stages,
+        exits=[early, middle, processed - early - middle],
+        cpu_percent=cpu,
+        rss_mb=180.0 + rng.uniform(0.0, 8.0),
+        temperature_c=min(temperature, 200.0),
+        power_w=power,
+    )
+
+
+def simulate_variant_window(
+    p50_ms: float, early_exit_share: float, rng: random.Random, duration: float, cpu_count: int
+) -> Window:
+    """Figures for `duration` seconds of a model whose median latency is `p50_ms` (noise-free).
+
+    Frames are processed one after the other, so the frame rate is what the latency allows, at
+    most the camera's. The noise is modest (p50 +-5%, p95 ~1.3 x p50) so that a latency target
+    can be judged from a few windows.
+    """
+    captured = round(CAMERA_FPS * duration)
+    p50 = p50_ms * rng.uniform(0.95, 1.05)
+    target_fps = min(CAMERA_FPS, 1000.0 / p50) * rng.uniform(0.97, 1.0)
+    processed = min(captured, round(target_fps * duration))
+    fps = processed / duration if duration > 0 else 0.0
+    if processed:
+        p95 = p50 * rng.uniform(1.27, 1.33)
+        p99 = p95 * rng.uniform(1.05, 1.15)
+    else:
+        p50 = p95 = p99 = 0.0
+    stages = [
+        Percentiles(p50=p50 * share, p95=p95 * share, p99=p99 * share) for share in (0.6, 0.4)
+    ]
+    early = int(processed * early_exit_share)
+    middle = int((processed - early) * 0.4)
+    busy = fps * p50 / 1000.0  # share of the time one inference runs
+    cpu = min(100.0 * cpu_count, 8.0 + 100.0 * busy * rng.uniform(0.9, 1.1))
+    power = 2.4 + 0.012 * cpu + 0.02 * fps + rng.uniform(-0.1, 0.1)
+    temperature = 42.0 + 0.25 * min(cpu, 100.0) + rng.uniform(-1.0, 1.0)
     return Window(
         captured=captured,
         processed=processed,
