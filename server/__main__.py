@@ -111,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
             upload_max_bytes=args.upload_max,
             signing_key=args.signing_key,
             fed_holdout=args.fed_holdout,
+            catalogue_dir=args.catalogue_dir,
         )
     except (ValueError, OSError) as exc:
         print(f"edgefleet-server run: error: {exc}", file=sys.stderr)
@@ -199,10 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signing-key", type=Path, default=None, metavar="KEYDIR/fleet.key",
                    help="the fleet's private key: federated rounds sign their new bundle and "
                    "roll it out (its public half must be a --fleet-key); without it a round "
-                   "stops at 'aggregated' with an unsigned candidate (docs/coordinator.md)")
+                   "stops at 'aggregated' with an unsigned candidate (docs/coordinator.md), "
+                   "and catalogue builds are refused")
     p.add_argument("--fed-holdout", type=Path, default=None, metavar="FILE.npz",
                    help="held-out labelled images (images, labels) that judge a federated "
                    "round's new heads; without it the devices' reported validation does")
+    p.add_argument("--catalogue-dir", type=Path, default=None, metavar="DIR",
+                   help="the model catalogue's source models, data and build logs (default: "
+                   "STATE_DIR/catalogue); builds need --signing-key")
     p.set_defaults(func=_run)
     return parser
 

@@ -1,8 +1,8 @@
 """The `edgefleet` command tree: wires the subcommand modules into one parser and runs it.
 
 Imports run one way: this module imports every subcommand module (keys, bundle, optimize, demo,
-fleet, identity, simulate, rollout, fl); they import only errors.py (and fleet.py's shared
-helpers) from this package, never this module or the package itself.
+fleet, identity, simulate, rollout, fl, group, models); they import only errors.py (and
+fleet.py's shared helpers) from this package, never this module or the package itself.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from edgefleet.agent.bundle import BundleError, KeyFileError
 from edgefleet.agent.helpformat import CliParser
 from edgefleet.server.fleet.client import ApiError
 
-from . import bundle, demo, fl, fleet, group, identity, keys, optimize, rollout, simulate
+from . import bundle, demo, fl, fleet, group, identity, keys, models, optimize, rollout, simulate
 from .errors import CliError
 
 DESCRIPTION = "edgefleet: the operator's command line (keys, bundles, optimizer, fleet)."
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.register(sub)
     fl.register(sub)
     group.register(sub)
+    models.register(sub)
     return parser
 
 

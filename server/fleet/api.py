@@ -19,6 +19,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edgefleet.agent import __version__
 from edgefleet.agent.protocol.ids import ID_PATTERN
+from edgefleet.server.catalogue.api import CatalogueParts
+from edgefleet.server.catalogue.api import make_router as make_catalogue_router
 from edgefleet.server.federated.api import make_router as make_rounds_router
 from edgefleet.server.federated.rounds import RoundEngine
 from edgefleet.server.fleet.commander import Commander, UnknownTarget
@@ -86,13 +88,15 @@ def create_app(
     rollouts: RolloutParts | None = None,
     rounds: RoundEngine | None = None,
     retune: RetuneEngine | None = None,
+    catalogue: CatalogueParts | None = None,
 ) -> FastAPI:
     """The API over one store; commander is None when no broker connection is available.
 
     rollouts adds /bundles and /rollouts (the coordinator's rollout engine and archives);
     rounds adds /fed/rounds (federated rounds, server/federated/api.py). Group targets and the
     closed loop's decisions are always served (server/retune/api.py); retune adds the loop's
-    live view of each group.
+    live view of each group. catalogue adds /models, /jobs and /variants (the model
+    catalogue, server/catalogue/api.py).
     """
     app = FastAPI(
         title="edgefleet coordinator",
@@ -102,6 +106,8 @@ def create_app(
     )
     app.router.route_class = StrictJsonRoute
     uploads = {"/bundles": rollouts.upload_max_bytes} if rollouts is not None else {}
+    if catalogue is not None:
+        uploads["/models"] = catalogue.upload_max_bytes
     app.add_middleware(
         RequestGuard, token=token, max_body_bytes=max_body_bytes, path_limits=uploads
     )
@@ -220,6 +226,8 @@ def create_app(
     if rounds is not None:
         app.include_router(make_rounds_router(store, rounds, require_token))
     app.include_router(make_loop_router(store, retune, require_token))
+    if catalogue is not None:
+        app.include_router(make_catalogue_router(store, catalogue, require_token))
     return app
 
 

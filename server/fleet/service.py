@@ -17,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.agent.bundle import key_id, load_private_key, load_public_key
+from edgefleet.server.catalogue.api import CatalogueParts
+from edgefleet.server.catalogue.files import CatalogueFiles
+from edgefleet.server.catalogue.jobs import JobRunner
 from edgefleet.server.federated.evaluate import Holdout, load_holdout
 from edgefleet.server.federated.mqtt import MqttTaskPublisher
 from edgefleet.server.federated.rounds import RoundEngine
@@ -88,6 +91,11 @@ class CoordinatorConfig(BaseModel):
         description="Held-out labelled images (.npz: images, labels) that judge a round's new "
         "heads; None: the devices' reported validation accuracy judges them.",
     )
+    catalogue_dir: Path | None = Field(
+        None,
+        description="The model catalogue's files (source models, data, build logs); default: "
+        "state_dir/catalogue. Builds sign with signing_key; without it they are refused.",
+    )
 
     def own_state_dir(self) -> Path:
         """state_dir, else where the store's location says."""
@@ -114,6 +122,7 @@ class Coordinator:
     engine: RolloutEngine = field(init=False)
     rounds: RoundEngine = field(init=False)
     retune: RetuneEngine = field(init=False)
+    builds: JobRunner = field(init=False)
     http: uvicorn.Server = field(init=False)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -150,6 +159,10 @@ class Coordinator:
             settings=self.cfg.loop.settings(),
             build=self._loop_build if self.cfg.loop.build else None,
         )
+        catalogue = CatalogueFiles(self.cfg.catalogue_dir or self.cfg.own_state_dir() / "catalogue")
+        self.builds = JobRunner(self.store, catalogue, self.archives, self.cfg.signing_key)
+        # Jobs a killed coordinator left running fail now; queued ones are run in order.
+        self.builds.recover()
         app = create_app(
             self.store,
             token=self.cfg.token,
@@ -159,6 +172,8 @@ class Coordinator:
             rollouts=RolloutParts(self.engine, self.archives, self.cfg.upload_max_bytes),
             rounds=self.rounds,
             retune=self.retune,
+            catalogue=CatalogueParts(catalogue, self.builds, self.archives,
+                                     self.cfg.upload_max_bytes),
         )
         self.http = uvicorn.Server(
             uvicorn.Config(
@@ -177,6 +192,7 @@ class Coordinator:
         self._spawn(self._maintain, "maintenance")
         self._spawn(self._roll, "rollouts")
         self._spawn(self._retune, "closed-loop")
+        self.builds.start()
         deadline = time.monotonic() + 10
         while not self.http.started and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -256,12 +272,14 @@ class Coordinator:
         from edgefleet.server.catalogue.options import BuildOptions
 
         job = submit(self.store, model, BuildOptions.model_validate(options), "loop")
+        self.builds.wake()
         return str(job.job_id)
 
     def stop(self) -> None:
         self._stop.set()
         self.http.should_exit = True
         self.ingestor.stop()
+        self.builds.stop()
         for t in self._threads:
             t.join(10)
         self.store.close()
