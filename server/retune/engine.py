@@ -24,7 +24,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgefleet.agent.hardware import classify_device
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 BuildFn = Callable[[str, dict[str, Any]], str]
 WINDOWS_READ = 30  # newest windows read per device and tick (more than arrive in one tick)
 MIN_WINDOWS = 2  # a device's estimate counts toward its class from this many windows
+CALIBRATION_WINDOWS = 8  # windows of a device that make its class's figure (Contribution)
 
 
 def device_class_of(d: DeviceRecord) -> str:
@@ -93,8 +94,6 @@ class Track:
     last_seq: int = -1
     config: Config | None = None
     est: RunningP95 = field(default_factory=RunningP95)
-    est50: RunningP95 = field(default_factory=RunningP95)
-    power: RunningP95 = field(default_factory=RunningP95)
     miss: int = 0
     under: int = 0
     windows: list[tuple[int, float]] = field(default_factory=list)  # (seq, p95) of the streak
@@ -103,6 +102,30 @@ class Track:
     pending: Pending | None = None
     held: str | None = None  # the last 'hold' reason recorded, so it is written once
     changes: int = 0
+
+
+@dataclass
+class Contribution:
+    """One device's calibration of one configuration: its first CALIBRATION_WINDOWS windows.
+
+    Frozen after that on purpose: a class's figures for the configurations it ran are then
+    measured under the same conditions, so when a whole class gets faster or slower (a
+    firmware update, a hot summer) the device's factor (live estimate / calibrated figure)
+    carries the drift, and configurations measured earlier are still comparable.
+    """
+
+    group: str
+    p95: RunningP95 = field(default_factory=RunningP95)
+    p50: RunningP95 = field(default_factory=RunningP95)
+    power: RunningP95 = field(default_factory=RunningP95)
+
+    def add(self, t: Telemetry) -> None:
+        if self.p95.windows >= CALIBRATION_WINDOWS:
+            return
+        self.p95.add(t.latency_ms.p95)
+        self.p50.add(t.latency_ms.p50)
+        if t.power_w is not None:
+            self.power.add(t.power_w)
 
 
 @dataclass
@@ -138,7 +161,7 @@ class RetuneEngine:
         self.tracks: dict[str, Track] = defaultdict(Track)
         self.status: dict[str, GroupStatus] = {}
         # (manifest, class) -> device -> running estimate, for the class figures.
-        self._per_device: dict[tuple[Config, str], dict[str, Track]] = defaultdict(dict)
+        self._per_device: dict[tuple[Config, str], dict[str, Contribution]] = defaultdict(dict)
         self._built: dict[str, str] = {}  # model -> job id the loop asked for
 
     # -- the tick -------------------------------------------------------------------------
@@ -214,11 +237,11 @@ class RetuneEngine:
                 continue  # measured nothing
             p95 = t.latency_ms.p95
             track.est.add(p95)
-            track.est50.add(t.latency_ms.p50)
-            if t.power_w is not None:
-                track.power.add(t.power_w)
             if config is not None:
-                self._per_device[(config, cls)][d.device_id] = track
+                contribution = self._per_device[(config, cls)].setdefault(
+                    d.device_id, Contribution(target.group)
+                )
+                contribution.add(t)
             self._streak(track, t, p95, target)
 
     def _streak(self, track: Track, t: Telemetry, p95: float, target: GroupTarget) -> None:
@@ -252,19 +275,14 @@ class RetuneEngine:
             for r in self.store.latencies()
         }
         for (config, cls), per_device in self._per_device.items():
-            # A device's estimate counts while it still runs the configuration.
-            ready = {
-                k: t
-                for k, t in per_device.items()
-                if t.config == config and t.est.windows >= MIN_WINDOWS
-            }
-            figure = class_figure(t.est.value for t in ready.values())
+            ready = {k: c for k, c in per_device.items() if c.p95.windows >= MIN_WINDOWS}
+            figure = class_figure(c.p95.value for c in ready.values())
             if figure is None:
                 continue
             measured.setdefault(cls, {})[config] = figure
             old = stored.get((config.manifest, cls, config.point))
-            windows = max(sum(t.est.windows for t in ready.values()), old.windows if old else 0)
-            power = class_figure(t.power.value for t in ready.values() if t.power.windows)
+            windows = max(sum(c.p95.windows for c in ready.values()), old.windows if old else 0)
+            power = class_figure(c.power.value for c in ready.values() if c.power.windows)
             if old is not None and old.windows == windows:
                 continue
             predicted = old.predicted_p95_ms if old is not None else None
@@ -277,7 +295,7 @@ class RetuneEngine:
                     windows=windows,
                     devices=len(ready),
                     p95_ms=round(figure, 4),
-                    p50_ms=round(class_figure(t.est50.value for t in ready.values()) or 0.0, 4),
+                    p50_ms=round(class_figure(c.p50.value for c in ready.values()) or 0.0, 4),
                     power_w=round(power, 3) if power is not None else None,
                     predicted_p95_ms=predicted,
                     updated_at=now,
@@ -287,7 +305,7 @@ class RetuneEngine:
                 v = view.variants.get(config.manifest)
                 err = prediction_error(predicted, figure)
                 self._record(
-                    self._group_of(per_device) or "",
+                    next(iter(ready.values())).group,
                     "measured",
                     sorted(ready),
                     f"{v.variant_id if v else config.manifest[:12]} point {config.point} on "
@@ -302,13 +320,6 @@ class RetuneEngine:
                         "error": round(err, 4),
                     },
                 )
-
-    def _group_of(self, per_device: dict[str, Track]) -> str | None:
-        for device_id in per_device:
-            d = self.store.device(device_id)
-            if d is not None and d.group:
-                return d.group
-        return None
 
     # -- pending changes -------------------------------------------------------------------
 
@@ -390,6 +401,7 @@ class RetuneEngine:
         )
         moves: dict[tuple[str, str], list[tuple[str, Choice, Track]]] = defaultdict(list)
         stuck: dict[str, list[tuple[str, NoChoice, Track]]] = defaultdict(list)
+        joining: list[tuple[str, Choice, Track]] = []
         for d, cls, track in observed:
             if track.pending is not None or track.config is None:
                 continue
@@ -421,7 +433,6 @@ class RetuneEngine:
             )
             verdict = decide(state, candidates, preds, target.p95_ms, target.min_accuracy, s)
             if isinstance(verdict, Choice):
-                track.held = None
                 if verdict.prediction.basis != "measured":
                     self.remember_prediction(
                         verdict.candidate.config, cls, verdict.prediction.p95_ms
@@ -436,6 +447,23 @@ class RetuneEngine:
                     )
             elif isinstance(verdict, NoChoice):
                 stuck[variant.model].append((d.device_id, verdict, track))
+            elif track.miss or track.under:
+                # On its way: what it would choose if its streak were complete.
+                eager = replace(
+                    state,
+                    miss_streak=s.miss_windows if track.miss else 0,
+                    under_streak=s.under_windows if track.under and not track.miss else 0,
+                )
+                early = decide(eager, candidates, preds, target.p95_ms, target.min_accuracy, s)
+                if isinstance(early, Choice):
+                    joining.append((d.device_id, early, track))
+        # Devices on their way to the same move join the ones whose streak ended first: one
+        # rollout instead of one per tick (a group holds one rollout at a time, so each extra
+        # one costs a canary and a soak).
+        for device_id, early, track in joining:
+            key = (early.trigger, early.candidate.config.manifest)
+            if key in moves:
+                moves[key].append((device_id, early, track))
         for (trigger, to, frm), items in pins.items():
             self._pin(target, view, trigger, to, frm, items, now)
         if moves:
@@ -654,8 +682,6 @@ class RetuneEngine:
 def _reset(track: Track) -> None:
     """A new configuration: its streaks and estimates start from nothing."""
     track.est = RunningP95()
-    track.est50 = RunningP95()
-    track.power = RunningP95()
     track.miss = track.under = 0
     track.windows = []
 
