@@ -21,7 +21,7 @@ CLASS_SPEED: Final[dict[str, float]] = {
     "rpi5": 1.0,
     "rpi4": 2.5,
     "jetson-orin-nano": 0.6,
-    "x86-avx512": 0.4,
+    "x86-avx2": 0.4,
 }
 
 # Share of frames leaving at the first exit, from the accurate point to the fast one (the

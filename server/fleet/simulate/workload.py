@@ -32,7 +32,7 @@ BOARDS: Final = (
         ("CUDAExecutionProvider",),
         "jetson-orin-nano",
     ),
-    ("x86_64", 4, 15_842.0, "Intel NUC11TNHi5", ("OpenVINOExecutionProvider",), "x86-avx512"),
+    ("x86_64", 4, 15_842.0, "Intel N100 mini PC", ("OpenVINOExecutionProvider",), "x86-avx2"),
 )
 BOARD_CLASSES: Final = tuple(board[5] for board in BOARDS)
 
