@@ -157,8 +157,12 @@ def register(sub: Any) -> None:
     r.set_defaults(func=_retire)
 
 
-def _client(args: argparse.Namespace) -> CatalogueClient:
-    return CatalogueClient(args.url, args.token)
+def _client(args: argparse.Namespace, timeout: float = 30) -> CatalogueClient:
+    return CatalogueClient(args.url, args.token, timeout=timeout)
+
+
+# The coordinator checks an upload before it answers (the data is read through once).
+UPLOAD_TIMEOUT_S = 900.0
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -219,7 +223,7 @@ def _add(args: argparse.Namespace) -> int:
     assert isinstance(options, ModelOptions)
     name = args.name or _default_name(args.source)
     upload = pack_model(args.source, args.data, options)
-    view = _client(args).add_model(name, upload)
+    view = _client(args, UPLOAD_TIMEOUT_S).add_model(name, upload)
     if args.json:
         _dump(view)
         return 0
@@ -345,14 +349,13 @@ def estimate(v: VariantView) -> str:
     no_exit = lat.get("staged_no_exit")
     parts = []
     if isinstance(default, int | float):
-        parts.append(f"{default:.3g}")
+        parts.append(f"{default:.3g} ms")
     if isinstance(no_exit, int | float):
-        parts.append(f"{no_exit:.3g} no-exit")
-    if not parts:
-        by_class = est.get("by_class") or {}
-        parts = [f"{ms:.3g} no-exit {cls}" for cls, ms in sorted(by_class.items())]
-        return ", ".join(parts) + " ms" if parts else "-"
-    return f"{' / '.join(parts)} ms {where}"
+        parts.append(f"{no_exit:.3g} ms no-exit")
+    if parts:
+        return f"{' / '.join(parts)} on {where}"
+    by_class = est.get("by_class") or {}
+    return ", ".join(f"{ms:.3g} ms no-exit on {cls}" for cls, ms in sorted(by_class.items())) or "-"
 
 
 def fleet_p95(v: VariantView) -> str:
@@ -468,7 +471,7 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = _client(args, UPLOAD_TIMEOUT_S)
     if args.bundle.is_dir():
         with tempfile.TemporaryDirectory() as tmp:
             archive = pack(args.bundle, Path(tmp) / "bundle.tar.gz")

@@ -60,9 +60,10 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(root: Path) -> Iterator[Rig]:
+def rig(root: Path, store_url: str | None = None) -> Iterator[Rig]:
+    """A catalogue under root on a SQLite store there, or on store_url (PostgreSQL)."""
     key, _ = init_key(root / "keys")
-    store = open_store(f"sqlite:///{root / 'fleet.db'}")
+    store = open_store(store_url or f"sqlite:///{root / 'fleet.db'}")
     try:
         yield Rig(
             root=root,

@@ -219,3 +219,27 @@ def test_versions_stay_above_every_variant_and_stored_archive(tmp_path: Path, np
         with pytest.raises(InvalidInput, match="model id is 'mnist-cnn'"):
             v8 = reference_version(tmp_path / "c", r.key, 8)
             register_bundle(r.store, r.archives, "other", v8)
+
+
+def test_jobs_and_variants_on_postgresql(tmp_path: Path, npz: Path, postgres_dsn: str) -> None:
+    """The same rules on the other backend (no build: the runner has no key)."""
+    with rig(tmp_path, postgres_dsn) as r:
+        r.add_reference("digits", npz, model_id="mnist-cnn")
+        first = submit(r.store, "digits", BuildOptions(), "operator")
+        with pytest.raises(JobConflict):
+            submit(r.store, "digits", BuildOptions(), "loop")
+        keyless = type(r.runner())(r.store, r.files, r.archives, None)
+        assert keyless.cancel(first.job_id).state == "cancelled"
+        second = submit(r.store, "digits", BuildOptions(), "loop")
+        done = keyless.run_next()
+        assert done is not None and done.job_id == second.job_id and done.state == "failed"
+        # A job a dead coordinator left running is failed by the next one's recover().
+        third = submit(r.store, "digits", BuildOptions(), "operator")
+        assert r.store.update_job(third.job_id, only_if=["queued"], state="running")
+        r.files.fresh_work_dir(third.job_id)
+        assert r.runner().recover() == [third.job_id]
+        assert not r.files.work_dir(third.job_id).exists()
+        v2 = reference_version(tmp_path, r.key, 2)
+        variant = register_bundle(r.store, r.archives, "digits", v2)
+        assert r.store.variant_by_manifest(variant.manifest_sha256) == variant
+        assert next_version(r.store, r.archives, "digits", "mnist-cnn") == 3
