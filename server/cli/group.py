@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
     shared = [_connection(defaults=False)]
 
     s = gs.add_parser("set", help="set or change a group's target", parents=shared)
-    s.add_argument("group")
+    s.add_argument("group", help="the group (devices join it by their config or `fleet assign`)")
     s.add_argument("--p95-ms", type=float, help="p95 latency target in ms (needed the first time)")
     s.add_argument(
         "--min-accuracy", type=float, help="validation accuracy floor, e.g. 0.97 ('none' to drop)"
@@ -39,7 +39,7 @@ def register(sub: Any) -> None:
     s.set_defaults(func=_set)
 
     sh = gs.add_parser("show", help="target, devices against it, decisions", parents=shared)
-    sh.add_argument("group")
+    sh.add_argument("group", help="the group to show")
     sh.add_argument("--decisions", type=int, default=20, help="newest decisions shown")
     sh.add_argument("--json", action="store_true", help="machine-readable output")
     sh.set_defaults(func=_show)
