@@ -1,7 +1,7 @@
 """The closed loop on a fleet: how fast every group reaches its latency target, how often a
 device is changed on the way, and how much accuracy the loop gives up against an oracle.
 
-    python -m bench.closedloop [--devices 200] [--timeout 600] [--out bench/results/closedloop.json]
+    python -m bench.closedloop [--devices 200] [--timeout 600] [--out out/bench/closedloop.json]
 
 One run, on loopback: a mosquitto broker, the coordinator (SQLite store, catalogue, rollout
 engine, closed loop), the catalogue's reference model built by the coordinator's own build jobs
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     p.add_argument("--rate", type=float, default=1.0, help="telemetry windows/s per device")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
     p.add_argument("--settle", type=float, default=30.0, help="watch this long after target")
-    p.add_argument("--out", type=Path, default=Path("bench/results/closedloop.json"))
+    p.add_argument("--out", type=Path, default=Path("out/bench/closedloop.json"))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="edgefleet-closedloop-") as tmp:
         result = run(args, Path(tmp))
