@@ -14,6 +14,7 @@ from typing import Any
 
 from edgefleet.server.cli.fleet import device_rows, legend, table
 from edgefleet.server.demo.checks import Checks
+from edgefleet.server.demo.closedloop import DEMO_LOOP, run_loop
 from edgefleet.server.demo.console import Story
 from edgefleet.server.demo.federated import AGENT_CONFIG, run_round
 from edgefleet.server.demo.rollout import GROUP, run_rollouts
@@ -135,13 +136,16 @@ def run_fleet(
     plan: FleetPlan = FleetPlan(),
     rollout: Path | None = None,
     fed_holdout: Path | None = None,
+    catalogue_data: Path | None = None,
 ) -> dict[str, Any]:
     """Run the local fleet, show the operator's view and a command, stop it, check the outcome.
 
     The agents start on `bundle`; with `rollout`, that bundle is then pushed to them through
     a canary rollout, followed by a bad bundle that must be halted and rolled back. With
     `fed_holdout` too, the agents collect pseudo-labelled features from the start and a
-    federated round of `rollout`'s exit heads follows, judged on that held-out set.
+    federated round of `rollout`'s exit heads follows, judged on that held-out set. With
+    `catalogue_data` too (the source model's labelled data), the coordinator's catalogue builds a
+    variant and its closed loop moves the agents by itself (server/demo/closedloop.py).
 
     Raises StepFailed (after recording the check) when the fleet cannot go on.
     """
@@ -167,6 +171,7 @@ def run_fleet(
             # A round signs its result to roll it out unattended (docs/coordinator.md).
             signing_key=key.directory / PRIVATE_NAME if fed_holdout is not None else None,
             fed_holdout=fed_holdout,
+            loop=DEMO_LOOP,
         )
     )
     sim_cfg = SimConfig(
@@ -232,6 +237,8 @@ def run_fleet(
             pushed = run_rollouts(client, ids, rollout, key, out, story, checks)
         if federated:
             pushed.update(run_round(client, coordinator.store, ids, story, checks))
+        if federated and catalogue_data is not None:
+            pushed.update(run_loop(coordinator, token, ids, catalogue_data, story, checks))
 
         story.say("stopping: SIGTERM to each agent (as systemd stops a service); the simulated")
         story.say("  devices send what they still hold, then disconnect")

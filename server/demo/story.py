@@ -318,6 +318,7 @@ def _steps(
         plan,
         rollout=opt_dir / "bundle",
         fed_holdout=holdout,
+        catalogue_data=bundles / "mnist5k.npz",
     )
 
 
