@@ -62,6 +62,7 @@ BuildFn = Callable[[str, dict[str, Any]], str]
 WINDOWS_READ = 30  # newest windows read per device and tick (more than arrive in one tick)
 MIN_WINDOWS = 2  # a device's estimate counts toward its class from this many windows
 CALIBRATION_WINDOWS = 8  # windows of a device that make its class's figure (Contribution)
+MAX_LOOP_BUILDS = 3  # builds the loop asks for per model, each more aggressive
 
 
 def device_class_of(d: DeviceRecord) -> str:
@@ -162,7 +163,7 @@ class RetuneEngine:
         self.status: dict[str, GroupStatus] = {}
         # (manifest, class) -> device -> running estimate, for the class figures.
         self._per_device: dict[tuple[Config, str], dict[str, Contribution]] = defaultdict(dict)
-        self._built: dict[str, str] = {}  # model -> job id the loop asked for
+        self._built: dict[str, list[str]] = {}  # model -> job ids the loop asked for
 
     # -- the tick -------------------------------------------------------------------------
 
@@ -597,14 +598,13 @@ class RetuneEngine:
             t.held = nc.reason
         misses = [i for i in items if i[1].trigger == "miss"]
         job = None
-        if misses and self.build is not None and model not in self._built:
-            options = faster_options(view, model)
-            if options is not None:
-                try:
-                    job = self.build(model, options)
-                    self._built[model] = job
-                except Exception as exc:  # a refusal (a build already open) is not fatal
-                    log.info("closed loop: group %s: no build of %s: %s", group, model, exc)
+        options = faster_options(view, model)
+        if misses and self.build is not None and options is not None and self._may_build(model):
+            try:
+                job = self.build(model, options)
+                self._built.setdefault(model, []).append(job)
+            except Exception as exc:  # a refusal (a build already open) is not fatal
+                log.info("closed loop: group %s: no build of %s: %s", group, model, exc)
         if job is not None:
             self._record(
                 group,
@@ -614,7 +614,7 @@ class RetuneEngine:
                 f"variant in the catalogue: building one ({job})",
                 {
                     "model": model,
-                    "options": faster_options(view, model),
+                    "options": options,
                     "reason": misses[0][1].reason,
                     "windows": {i[0]: i[2].windows for i in misses},
                 },
@@ -628,6 +628,19 @@ class RetuneEngine:
                 f"{len(fresh)} device(s) out of target: {fresh[0][1].reason}",
                 {"windows": {i[0]: i[2].windows for i in fresh}},
             )
+
+    def _may_build(self, model: str) -> bool:
+        """A new build unless one the loop asked for is still open or failed, or it asked
+        MAX_LOOP_BUILDS times already: each is more aggressive than the fastest variant, and a
+        build that failed would fail again."""
+        asked = self._built.get(model, [])
+        if len(asked) >= MAX_LOOP_BUILDS:
+            return False
+        if asked:
+            last = self.store.job(asked[-1])
+            if last is None or last.state != "succeeded":
+                return False
+        return True
 
     def _hold(self, group: str, device_id: str, track: Track, reason: str) -> None:
         if track.held == reason:
@@ -743,11 +756,13 @@ def faster_options(view: CatalogueView, model: str) -> dict[str, Any] | None:
     Starts from the fastest variant's options (what worked) and prunes a quarter more of the
     channels; None when pruning is already at its limit.
     """
-    cands = view.candidates.get(model, [])
-    if not cands:
+    # Every variant of the model counts, one imported without figures (no accuracy) too.
+    configs = [c for c in view.costs if c.manifest in view.variants
+               and view.variants[c.manifest].model == model]
+    if not configs:
         return None
-    fastest = min(cands, key=lambda c: view.costs.get(c.config, float("inf")))
-    v = view.variants[fastest.config.manifest]
+    fastest = min(configs, key=lambda c: view.costs[c])
+    v = view.variants[fastest.manifest]
     try:
         base = json.loads(v.options_json) if v.options_json else {}
     except ValueError:
@@ -757,6 +772,8 @@ def faster_options(view: CatalogueView, model: str) -> dict[str, Any] | None:
     prune = float(base.get("prune") or 0.0)
     if prune >= 0.75:
         return None
+    if base.get("quantization") not in (None, "static"):
+        base.pop("quantization")  # static INT8: the fastest the optimizer makes on CPUs
     return {
         **base,
         "prune": round(min(0.75, prune + 0.25), 2),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.server.fleet.simulate import SimConfig, Simulator
-from edgefleet.server.fleet.simulate.variants import CLASS_SPEED
+from edgefleet.server.fleet.simulate.variants import CLASS_SPEED, SimVariant
 from edgefleet.server.local.broker import MosquittoBroker
 from edgefleet.server.local.waiting import wait_until
 from edgefleet.server.retune.client import LoopClient
@@ -31,7 +31,9 @@ def fleet(tmp_path: Path, mqtt_broker: MosquittoBroker, topic_prefix: str) -> It
         yield f
 
 
-def _sim(fleet: LocalFleet, variants: tuple, initial: str, n: int = 4) -> Simulator:
+def _sim(
+    fleet: LocalFleet, variants: tuple[SimVariant | None, ...], initial: str, n: int = 4
+) -> Simulator:
     cfg = SimConfig(
         host=fleet.broker.host,
         port=fleet.broker.port,
@@ -40,7 +42,7 @@ def _sim(fleet: LocalFleet, variants: tuple, initial: str, n: int = 4) -> Simula
         root=fleet.topic_root,
         group="lab",
         events_every=0,
-        variants=variants,
+        variants=tuple(v for v in variants if v is not None),
         initial_variant=initial,
         install_s=0.3,
         class_speed=SAME_SPEED,
@@ -92,7 +94,11 @@ def test_loop_moves_a_slow_group_to_a_faster_variant_and_back_once(fleet: LocalF
         assert "over 25 ms" in decision.message and "mnist-v2" in decision.message
         r = store.rollout(decision.rollout_id or "")
         assert r is not None
-        wait_until(lambda: store.rollout(r.rollout_id).state == "completed", 60, "rollout done")
+        def completed() -> bool:
+            now = store.rollout(r.rollout_id)
+            return now is not None and now.state == "completed"
+
+        wait_until(completed, 60, "rollout done")
         waves = {d.device_id: d.wave for d in store.rollout_devices(r.rollout_id)}
         assert sum(w == 0 for w in waves.values()) == 1  # one canary
         if len(waves) > 1:
@@ -166,5 +172,36 @@ def test_loop_off_changes_nothing(fleet: LocalFleet) -> None:
             60,
             "a rollout decision once the loop is on",
         )
+    finally:
+        sim.stop(graceful=False)
+
+
+def test_pinned_variant_goes_to_every_device_and_nothing_else_is_chosen(
+    fleet: LocalFleet,
+) -> None:
+    start_coordinator_with(fleet, loop=FAST_LOOP)
+    assert fleet.coordinator is not None
+    store = fleet.coordinator.store
+    v1 = add_variant(fleet, 1, [("accurate", 0.99, 1.0)], no_exit_ms=2.0, sim_ms=(10.0,))
+    v2 = add_variant(fleet, 2, [("accurate", 0.97, 1.0)], no_exit_ms=0.8, sim_ms=(5.0,))
+    client = LoopClient(fleet.coordinator.url, TOKEN)
+    # On target already (13 ms p95 against 25): only the operator's pin moves the devices.
+    client.set_target("lab", {"p95_ms": 25.0, "pin_variant": "mnist-v2"})
+    sim = _sim(fleet, (v1.sim, v2.sim), v1.record.manifest_sha256, n=3)
+    try:
+        ids = sim.device_ids()
+        wait_until(
+            lambda: all(sim.running(d)[0] == v2.record.manifest_sha256 for d in ids),
+            90,
+            "every device on the pinned variant",
+        )
+        (decision,) = [d for d in store.decisions(group="lab") if d.action == "rollout"]
+        assert "pinned variant mnist-v2" in decision.message
+        assert sorted(decision.devices) == sorted(ids)
+        # v1 is more accurate and fits, but the group is pinned: nothing moves back.
+        time.sleep(FAST_LOOP.cooldown_s + 12 * FAST_LOOP.tick_s + 3.0)
+        moves = [d for d in store.decisions(group="lab") if d.action != "measured"]
+        assert len(moves) == 1, [d.message for d in moves]
+        assert all(sim.running(d)[0] == v2.record.manifest_sha256 for d in ids)
     finally:
         sim.stop(graceful=False)
