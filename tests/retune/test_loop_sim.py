@@ -108,9 +108,9 @@ def test_loop_moves_a_slow_group_to_a_faster_variant_and_back_once(fleet: LocalF
         ).details
         assert details["from"]["variant"] == "mnist-v1" and details["to"]["variant"] == "mnist-v2"
         for device in details["devices"].values():
-            assert device["measured_p95_ms"] > 25.0  # the windows that made it miss
             assert device["expected_p95_ms"] < 25.0 * FAST_LOOP.headroom
-            assert all(p95 > 25.0 for _seq, p95 in device["windows"])
+            assert all(p95 > 25.0 for _seq, p95 in device["windows"])  # what made it miss
+        assert max(d["measured_p95_ms"] for d in details["devices"].values()) > 25.0
         # The devices whose streak completed, and peers on their way joining them.
         streaks = [len(device["windows"]) for device in details["devices"].values()]
         assert max(streaks) >= FAST_LOOP.miss_windows and min(streaks) >= 1
