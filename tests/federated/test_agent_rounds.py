@@ -166,19 +166,21 @@ def test_inference_fps_while_training_stays_within_ten_percent(
 ) -> None:
     bundle, key = exits_bundle(tmp_path_factory)
     # Every frame probed (the same work per frame before and during training), and a round
-    # that keeps the training thread busy for seconds: single-example batches, 100 epochs,
-    # stopped by its CPU budget.
+    # that keeps the training thread busy for seconds: single-example batches, 100 epochs
+    # over 400 samples (about 6 CPU s on the development machine), stopped by its CPU budget
+    # or, on a much faster CPU, by its last epoch: either way seconds of training.
     with start_agent(tmp_path / "dev", mqtt_broker, bundle, key, topic_prefix,
-                     "probe_every = 1\nbuffer_size = 400\n") as agent:  # fmt: skip
+                     "probe_every = 1\nbuffer_size = 800\n") as agent:  # fmt: skip
         assert listener.wait(lambda fl: len(fl.telemetry) >= 4, 30), agent.tail()
         listener.publish_task(fed_task(
-            bundle, key, "r-fps", min_samples=200, local_epochs=100, batch_size=1,
+            bundle, key, "r-fps", min_samples=400, local_epochs=100, batch_size=1,
             cpu_budget_s=4.0, learning_rate=0.001,
         ))  # fmt: skip
         assert listener.wait(lambda fl: bool(fl.events_of("fed_update_sent")), 60), agent.tail()
         done = listener.events_of("fed_update_sent")[0].details
         start, wall = float(done["started_ts"]), float(done["wall_s"])
-        assert done["stopped_by_budget"] is True and wall >= 3.0, done
+        finished = done["stopped_by_budget"] is True or done["epochs_done"] == 100
+        assert finished and wall >= 3.0, str(done)
         assert listener.wait(
             lambda fl: any(t.window_start > start + wall + 2 for t in fl.telemetry), 10
         )
