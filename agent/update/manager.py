@@ -41,39 +41,19 @@ from edgefleet.agent.runtime.staged import StagedModel
 from edgefleet.agent.update.chunks import ChunkStore, TransferError
 from edgefleet.agent.update.fetch import Download, Expect, TransferCancelled, TransferLink
 from edgefleet.agent.update.health import HealthReport, check_health
+from edgefleet.agent.update.report import (
+    EventSink,
+    InstallRefused,
+    InstallReporter,
+    InstallState,
+)
 from edgefleet.agent.update.slots import Slots
 from edgefleet.agent.update.stage import stage_archive, stage_dir
 
 log = logging.getLogger(__name__)
 
-InstallState = Literal[
-    "downloading",
-    "verifying",
-    "health_checking",
-    "active",
-    "failed",
-    "rolled_back",
-    "refused",
-]
-# The event kind each state is reported under (EventKind of the protocol).
-_EVENT_KIND: dict[str, str] = {
-    "downloading": "install_progress",
-    "verifying": "install_progress",
-    "health_checking": "install_progress",
-    "active": "installed",
-    "failed": "error",
-    "refused": "error",
-    "rolled_back": "rollback",
-}
 LOW_PRIORITY_NICE = 10
 PROGRESS_EVERY_S = 2.0  # at most one downloading event per this many seconds (plus the last)
-
-EventSink = Callable[[str, str, dict[str, Any]], None]
-
-
-class InstallRefused(ValueError):
-    """The command cannot be carried out as given; the message says why."""
-
 
 @dataclass(frozen=True)
 class Running:
@@ -173,6 +153,8 @@ class UpdateManager:
         self._installed_keys = installed_keys
         self.device_class = device_class
         self.event = event
+        # Looked up at each event: a test may replace self.event after construction.
+        self._reports = InstallReporter(device_id, lambda k, m, d: self.event(k, m, d))
         self.running = running
         self.slots = slots
         self.transfers_dir = transfers_dir
@@ -560,15 +542,7 @@ class UpdateManager:
         self, job: _Job, state: InstallState, cmd: InstallBundle, message: str, **details: Any
     ) -> None:
         job.state = state
-        self._report(
-            state,
-            f"{cmd.model_id} v{cmd.version}: {state.replace('_', ' ')}: {message}",
-            cmd.rollout_id,
-            cmd.manifest_sha256,
-            version=cmd.version,
-            sha256=job.archive_sha256,
-            **details,
-        )
+        self._reports.step(state, cmd, message, job.archive_sha256, **details)
 
     def _report(
         self,
@@ -578,25 +552,10 @@ class UpdateManager:
         manifest_sha256: str,
         **details: Any,
     ) -> None:
-        facts: dict[str, Any] = {
-            "install_state": state,
-            "manifest_sha256": manifest_sha256,
-            "rollout_id": rollout_id,
-            **details,
-        }
-        log.info("device %s: %s", self.device_id, message)
-        self.event(_EVENT_KIND[state], message, facts)
+        self._reports.report(state, message, rollout_id, manifest_sha256, **details)
 
     def _refuse(self, cmd: InstallBundle, why: str, reason: str) -> InstallRefused:
-        self._report(
-            "refused",
-            f"install of {cmd.model_id} v{cmd.version} refused: {why}",
-            cmd.rollout_id,
-            cmd.manifest_sha256,
-            version=cmd.version,
-            reason=reason,
-        )
-        return InstallRefused(why)
+        return self._reports.refuse(cmd, why, reason)
 
     def _finish(self) -> None:
         with self._lock:

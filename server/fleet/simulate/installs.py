@@ -21,11 +21,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from pydantic import JsonValue
 
 from edgefleet.agent.protocol import EventKind, InstallBundle, RollbackBundle
+from edgefleet.agent.update.report import InstallRefused, InstallReporter, InstallState
 
 from .config import SimConfig
 from .timers import Timers
@@ -33,25 +34,6 @@ from .variants import SimVariant
 
 log = logging.getLogger(__name__)
 
-InstallState = Literal[
-    "downloading",
-    "verifying",
-    "health_checking",
-    "active",
-    "failed",
-    "rolled_back",
-    "refused",
-]
-# As agent/update/manager.py: the event kind each state is reported under.
-EVENT_KIND: Final[dict[str, EventKind]] = {
-    "downloading": "install_progress",
-    "verifying": "install_progress",
-    "health_checking": "install_progress",
-    "active": "installed",
-    "failed": "error",
-    "refused": "error",
-    "rolled_back": "rollback",
-}
 CHUNKS: Final = 8  # the simulated archive's chunk count (downloading have/total)
 # When each stage starts, as a share of install_s.
 _HALF_DOWNLOADED: Final = 0.2
@@ -61,10 +43,6 @@ _HEALTH: Final = 0.7
 _ROLLBACK: Final = 0.2  # a rollback loads a bundle already on disk: quicker than an install
 
 EventSink = Callable[[EventKind, str, dict[str, Any]], None]
-
-
-class InstallRefused(ValueError):
-    """The command cannot be carried out as given; the message says why."""
 
 
 @dataclass
@@ -99,6 +77,11 @@ class Installs:
         self.timers = timers
         self.device_class = device_class
         self.event = event
+        # The agent's own wording of install events (agent/update/report.py): the rollout
+        # engine reads them, so a simulated device must say exactly what an agent says.
+        self._reports = InstallReporter(
+            device_id, lambda kind, message, facts: event(cast(EventKind, kind), message, facts)
+        )
         self.switched = switched
         self.running: SimVariant = initial
         self.previous: SimVariant | None = None
@@ -249,15 +232,7 @@ class Installs:
         self, job: _Job, state: InstallState, cmd: InstallBundle, message: str, **details: Any
     ) -> None:
         job.state = state
-        self._report(
-            state,
-            f"{cmd.model_id} v{cmd.version}: {state.replace('_', ' ')}: {message}",
-            cmd.rollout_id,
-            cmd.manifest_sha256,
-            version=cmd.version,
-            sha256=cmd.sha256,
-            **details,
-        )
+        self._reports.step(state, cmd, message, cmd.sha256, **details)
 
     def _report(
         self,
@@ -267,25 +242,10 @@ class Installs:
         manifest_sha256: str,
         **details: Any,
     ) -> None:
-        facts: dict[str, Any] = {
-            "install_state": state,
-            "manifest_sha256": manifest_sha256,
-            "rollout_id": rollout_id,
-            **details,
-        }
-        log.info("%s: %s", self.device_id, message)
-        self.event(EVENT_KIND[state], message, facts)
+        self._reports.report(state, message, rollout_id, manifest_sha256, **details)
 
     def _refuse(self, cmd: InstallBundle, why: str, reason: str) -> InstallRefused:
-        self._report(
-            "refused",
-            f"install of {cmd.model_id} v{cmd.version} refused: {why}",
-            cmd.rollout_id,
-            cmd.manifest_sha256,
-            version=cmd.version,
-            reason=reason,
-        )
-        return InstallRefused(why)
+        return self._reports.refuse(cmd, why, reason)
 
     def _finish(self, job: _Job) -> None:
         if self.job is job:
