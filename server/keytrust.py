@@ -20,7 +20,6 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgefleet.agent.bundle.keys import (
-    _write_atomic,
     generate_private_key,
     key_id,
     load_private_key,
@@ -35,6 +34,7 @@ from edgefleet.agent.bundle.trust import (
     sign_revoke,
     sign_trust,
 )
+from edgefleet.agent.durable import write_atomic
 from edgefleet.agent.protocol import KeyTrust, ProtocolError, TrustStatement, decode, encode
 from edgefleet.agent.protocol.keys import KEY_ID_PATTERN
 from edgefleet.server.keystore import PRIVATE_NAME, PUBLIC_NAME, FleetKey, load_key
@@ -86,7 +86,7 @@ def load_chain(directory: Path) -> KeyTrust:
 
 def _save_chain(directory: Path, statements: list[TrustStatement], now: float) -> KeyTrust:
     doc = KeyTrust(statements=statements, published_ts=now)
-    _write_atomic(directory / CHAIN_NAME, encode(doc), 0o644)
+    write_atomic(directory / CHAIN_NAME, encode(doc), 0o644)
     return doc
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -14,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from edgefleet.agent.durable import write_atomic
 
 SIGNATURE_SIZE = 64
 
@@ -33,22 +33,6 @@ def generate_private_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # Create with the final mode from the start so a private key is never world-readable.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
     """Write the private key as PKCS#8 PEM, mode 0600, atomically; refuses to overwrite."""
     if path.exists():
@@ -58,7 +42,7 @@ def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(path, pem, 0o600)
+    write_atomic(path, pem, 0o600)
 
 
 def public_key_pem(key: Ed25519PublicKey) -> bytes:
@@ -70,7 +54,7 @@ def public_key_pem(key: Ed25519PublicKey) -> bytes:
 
 def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
     """Write the public key as PEM, mode 0644, atomically."""
-    _write_atomic(path, public_key_pem(key), 0o644)
+    write_atomic(path, public_key_pem(key), 0o644)
 
 
 def load_private_key(path: Path | str) -> Ed25519PrivateKey:

@@ -34,13 +34,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from edgefleet.agent.bundle.keys import (
     KeyFileError,
-    _write_atomic,
     key_id,
     load_public_key,
     parse_public_key,
     sign,
     verify,
 )
+from edgefleet.agent.durable import write_atomic
 from edgefleet.agent.protocol import ProtocolError, decode, encode
 from edgefleet.agent.protocol.keys import KeyTrust, TrustStatement, canonical_bytes
 
@@ -250,7 +250,7 @@ class TrustStore:
         if self.path is None:
             return
         doc = KeyTrust(statements=self._accepted, published_ts=self.clock())
-        _write_atomic(self.path, encode(doc), 0o644)
+        write_atomic(self.path, encode(doc), 0o644)
 
     # -- reading ---------------------------------------------------------------------------
 

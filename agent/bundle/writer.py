@@ -11,6 +11,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgefleet.agent.durable import fsync_dir
+
 from .digest import sha256_file
 from .errors import BundleError
 from .keys import key_id, sign
@@ -25,14 +27,6 @@ def manifest_bytes(manifest: Manifest) -> bytes:
     if raw.get("health") is None:
         raw.pop("health", None)
     return (json.dumps(raw, sort_keys=True, indent=2) + "\n").encode()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -92,9 +86,9 @@ def write_bundle(
         _write_file(tmp / MANIFEST_NAME, data)
         _write_file(tmp / SIGNATURE_NAME, sign(key, data))
         for sub in sorted({p.parent for p in tmp.rglob("*")}, reverse=True):
-            _fsync_dir(sub)
+            fsync_dir(sub)
         os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

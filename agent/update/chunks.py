@@ -24,6 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
+from edgefleet.agent.durable import fsync_dir
 from edgefleet.agent.protocol import BundleOffer, encode
 from edgefleet.agent.protocol.errors import TopicError
 from edgefleet.agent.protocol.ids import check_sha256
@@ -46,15 +47,6 @@ class ChunkError(ValueError):
     def __init__(self, message: str, *, index: int) -> None:
         super().__init__(message)
         self.index = index
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (the directory entry itself)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ChunkStore:
@@ -104,7 +96,7 @@ class ChunkStore:
             with tmp.open("rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, offer_path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
 
         archive = directory / ARCHIVE_FILE
         if archive.exists():
@@ -237,7 +229,7 @@ class ChunkStore:
         os.fsync(fd)
         self.close()
         os.replace(part, archive)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         log.info("transfer %s: complete, %d bytes in %s", offer.sha256, offer.size, archive)
         return archive
 

@@ -53,6 +53,7 @@ from edgefleet.agent.bundle.digest import sha256_bytes, sha256_file
 from edgefleet.agent.bundle.manifest import RESERVED_NAMES
 from edgefleet.agent.bundle.strict_json import loads_unique
 from edgefleet.agent.bundle.tree import plain_tree
+from edgefleet.agent.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,6 @@ class RecoveryReport:
             parts.append("rolled back a bundle the agent kept dying on")
         now = self.current.name if self.current else "none"
         return f"bundles recovered (current {now}): " + "; ".join(parts or ["nothing to do"])
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(root: Path) -> None:

@@ -24,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet.agent.durable import fsync_dir, write_atomic
+
 SOURCE_NAME = "source.onnx"
 DATA_NPZ = "data.npz"
 DATA_DIR = "data"
@@ -45,30 +47,6 @@ class StoredModel:
     data_path: str
     data_sha256: str
     data_bytes: int
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """path holds data, or keeps what it held: temporary name, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def copy_file(src: Path, dest: Path) -> tuple[str, int]:

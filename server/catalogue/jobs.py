@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import IO
 
 from edgefleet.agent.bundle import verify_bundle
+from edgefleet.agent.durable import write_atomic
 from edgefleet.server.catalogue.buildlog import Progress
 from edgefleet.server.catalogue.errors import NotPossible, UnknownJob
-from edgefleet.server.catalogue.files import CatalogueFiles, write_atomic
+from edgefleet.server.catalogue.files import CatalogueFiles
 from edgefleet.server.catalogue.models import model_id_of, model_options, need_model
 from edgefleet.server.catalogue.options import BuildOptions, optimize_args
 from edgefleet.server.catalogue.process import follow, kill_group, kill_leftover, spawn

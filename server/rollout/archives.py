@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgefleet.agent.bundle import BundleError, pack, unpack, verify_bundle
 from edgefleet.agent.bundle.delta import make_delta
 from edgefleet.agent.bundle.digest import sha256_file
+from edgefleet.agent.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +233,10 @@ class ArchiveStore:
         with candidate.open("rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(candidate, info.path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
 
 def _is_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
