@@ -11,12 +11,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgefleet.agent.bundle import pack
+from edgefleet.server.catalogue.client import CatalogueClient
+from edgefleet.server.catalogue.options import ModelOptions
+from edgefleet.server.catalogue.upload import pack_model
+from edgefleet.server.catalogue.views import VariantView
 from edgefleet.server.fleet.store.catalogue_base import VariantRecord
+from edgefleet.server.optimize.data import write_splits_npz
+from edgefleet.server.reference import MODEL_PATH, load_reference_split
 from edgefleet.server.retune.config import LoopConfig
 from edgefleet.server.rollout.archives import ArchiveInfo
-from tests.rollout.fleet import LocalFleet, reference_version
+from tests.rollout.fleet import TOKEN, LocalFleet, reference_version
 
 if TYPE_CHECKING:
     from edgefleet.server.fleet.simulate.variants import SimVariant
@@ -92,3 +100,19 @@ def add_variant(
             default_point=0,
         )
     return Variant(record, info, sim)
+
+
+def catalogue_on_fp32(
+    fleet: LocalFleet, model: str = "mnist"
+) -> tuple[CatalogueClient, VariantView, Path]:
+    """The reference model in the coordinator's catalogue (model id mnist-cnn) and the fp32
+    reference bundle v1, the bundle a fleet runs today, imported as its first variant."""
+    assert fleet.coordinator is not None
+    catalogue = CatalogueClient(fleet.coordinator.url, TOKEN)
+    data = write_splits_npz(load_reference_split(), fleet.root / "mnist.npz")
+    options = ModelOptions(mean=[0.1307], std=[0.3081], model_id="mnist-cnn")
+    catalogue.add_model(model, pack_model(MODEL_PATH, data, options))
+    v1_dir = reference_version(fleet.root / "bundles", fleet.key, 1)
+    pack(v1_dir, fleet.root / "v1.tar.gz")
+    uploaded = catalogue.upload_bundle((fleet.root / "v1.tar.gz").read_bytes())
+    return catalogue, catalogue.register_variant(model, uploaded.sha256), v1_dir

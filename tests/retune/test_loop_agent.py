@@ -14,23 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.bundle import pack
-from edgefleet.server.catalogue.client import CatalogueClient
-from edgefleet.server.catalogue.options import ModelOptions
-from edgefleet.server.catalogue.upload import pack_model
 from edgefleet.server.local.broker import MosquittoBroker
 from edgefleet.server.local.waiting import wait_until
-from edgefleet.server.optimize.data import write_splits_npz
-from edgefleet.server.reference import MODEL_PATH, load_reference_split
 from edgefleet.server.retune.client import LoopClient
 from edgefleet.server.retune.config import LoopConfig
 from edgefleet.server.retune.engine import CALIBRATION_WINDOWS
-from tests.retune.rig import FAST_LOOP
+from tests.retune.rig import FAST_LOOP, catalogue_on_fp32
 from tests.rollout.fleet import (
     TOKEN,
     LocalFleet,
     local_fleet,
-    reference_version,
     start_coordinator_with,
 )
 
@@ -48,16 +41,9 @@ def test_loop_retunes_a_real_agent_that_misses_its_target(fleet: LocalFleet) -> 
     coord = fleet.coordinator
     assert coord is not None
     store = coord.store
-    catalogue = CatalogueClient(coord.url, TOKEN)
     loop = LoopClient(coord.url, TOKEN)
-    data = write_splits_npz(load_reference_split(), fleet.root / "mnist.npz")
-    options = ModelOptions(mean=[0.1307], std=[0.3081], model_id="mnist-cnn")
-    catalogue.add_model("mnist", pack_model(MODEL_PATH, data, options))
     # The bundle the fleet runs today joins the catalogue as a variant (fp32, no exits).
-    v1_dir = reference_version(fleet.root / "bundles", fleet.key, 1)
-    pack(v1_dir, fleet.root / "v1.tar.gz")
-    uploaded = catalogue.upload_bundle((fleet.root / "v1.tar.gz").read_bytes())
-    fp32 = catalogue.register_variant("mnist", uploaded.sha256)
+    catalogue, fp32, v1_dir = catalogue_on_fp32(fleet)
     job = catalogue.build("mnist", {})  # INT8 with early exits, the optimizer's defaults
     fleet.start_agent("cam-1", v1_dir, group="lab")
     fleet.wait_online(loop, 1)

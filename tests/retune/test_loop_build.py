@@ -9,23 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.bundle import pack
-from edgefleet.server.catalogue.client import CatalogueClient
-from edgefleet.server.catalogue.options import ModelOptions
-from edgefleet.server.catalogue.upload import pack_model
 from edgefleet.server.fleet.simulate import SimConfig, Simulator
 from edgefleet.server.fleet.simulate.variants import CLASS_SPEED, SimVariant
 from edgefleet.server.local.broker import MosquittoBroker
 from edgefleet.server.local.waiting import wait_until
-from edgefleet.server.optimize.data import write_splits_npz
-from edgefleet.server.reference import MODEL_PATH, load_reference_split
 from edgefleet.server.retune.client import LoopClient
-from tests.retune.rig import FAST_LOOP
+from tests.retune.rig import FAST_LOOP, catalogue_on_fp32
 from tests.rollout.fleet import (
     TOKEN,
     LocalFleet,
     local_fleet,
-    reference_version,
     start_coordinator_with,
 )
 
@@ -42,14 +35,7 @@ def test_loop_builds_a_faster_variant_when_nothing_fits(fleet: LocalFleet) -> No
     coord = fleet.coordinator
     assert coord is not None
     store = coord.store
-    catalogue = CatalogueClient(coord.url, TOKEN)
-    data = write_splits_npz(load_reference_split(), fleet.root / "mnist.npz")
-    options = ModelOptions(mean=[0.1307], std=[0.3081], model_id="mnist-cnn")
-    catalogue.add_model("mnist", pack_model(MODEL_PATH, data, options))
-    v1_dir = reference_version(fleet.root / "bundles", fleet.key, 1)
-    pack(v1_dir, fleet.root / "v1.tar.gz")
-    uploaded = catalogue.upload_bundle((fleet.root / "v1.tar.gz").read_bytes())
-    v1 = catalogue.register_variant("mnist", uploaded.sha256)
+    _catalogue, v1, _v1_dir = catalogue_on_fp32(fleet)
     LoopClient(coord.url, TOKEN).set_target("lab", {"p95_ms": 10.0})
     sim = Simulator(
         SimConfig(
@@ -66,7 +52,8 @@ def test_loop_builds_a_faster_variant_when_nothing_fits(fleet: LocalFleet) -> No
 
         wait_until(built, 60, "a build decision")
         (decision,) = [d for d in store.decisions(group="lab") if d.action == "build"]
-        assert sorted(decision.devices) == sorted(sim.device_ids())
+        # The devices whose streak ended first; the other holds behind the same build.
+        assert decision.devices and set(decision.devices) <= set(sim.device_ids())
         assert "no faster variant" in decision.message and decision.job_id
         job = store.job(decision.job_id)
         assert job is not None and job.origin == "loop" and job.model == "mnist"
