@@ -369,7 +369,14 @@ def fleet_p95(v: VariantView) -> str:
         at_default = [r for r in rows if r.operating_point == v.default_point]
         row = at_default[0] if at_default else max(rows, key=lambda r: r.windows)
         where = "" if at_default else f" @p{row.operating_point}"
-        parts.append(f"{cls} {row.p95_ms:.3g} ms{where}")
+        pred = row.predicted_p95_ms  # the closed loop's, before any device of cls ran it
+        if not row.windows:
+            parts.append(f"{cls} predicted {pred or row.p95_ms:.3g} ms{where}")
+        elif pred:
+            err = row.p95_ms / pred - 1
+            parts.append(f"{cls} {row.p95_ms:.3g} ms{where} (predicted {pred:.3g}, {err:+.0%})")
+        else:
+            parts.append(f"{cls} {row.p95_ms:.3g} ms{where}")
     return ", ".join(parts) or "-"
 
 
