@@ -89,7 +89,8 @@ def test_federated_bench_reports_every_figure(tmp_path: Path) -> None:
         assert 0 <= report["flower_acc"] <= 1 and report["flower_s_per_round"] > 0
     assert 0 < report["fps_during_training_ratio"] < 3, report["fps"]
     (fps_run,) = report["fps"]["unpaced"]["runs"]
-    assert fps_run["train_cpu_s"] > 0.5 and fps_run["fps_before"] > 0
+    # It trained (how long depends on the CPU: 0.36 s on a fast one, under 0.5 s).
+    assert fps_run["train_cpu_s"] > 0 and fps_run["fps_before"] > 0
     assert len(report["choice"]["grid"]) == 1
     if report["plot"] is not None:
         assert Path(report["plot"]).stat().st_size > 1000
