@@ -104,18 +104,21 @@ def run_loop(
     view = CatalogueView.of(store.variants(MODEL))
     fastest = len(imported.points) - 1
     pinned_at = time.time()
-    for i in ids:
-        story.say(f"$ edgefleet fleet cmd {i} set_operating_point index={fastest} pin=true")
-        try:
-            outcome = catalogue.command(
-                {"name": "set_operating_point", "index": fastest, "pin": True}, device=i
-            )
-        except ApiError as exc:
-            checks.check("agents pinned to their fastest point", False, f"{i}: {exc}")
-            return {"loop": None}
-        if not all(r.ok for r in outcome.replies) or not outcome.replies:
-            checks.check("agents pinned to their fastest point", False, f"{i}: {outcome}")
-            return {"loop": None}
+    story.say(f"$ edgefleet fleet cmd --group {GROUP} set_operating_point index={fastest} pin=true")
+    try:
+        outcome = catalogue.command(
+            {"name": "set_operating_point", "index": fastest, "pin": True},
+            group=GROUP,
+            timeout_s=10.0,
+        )
+    except ApiError as exc:
+        checks.check("agents pinned to their fastest point", False, str(exc))
+        return {"loop": None}
+    answered = {r.device_id for r in outcome.replies if r.ok}
+    if not set(ids) <= answered:
+        checks.check("agents pinned to their fastest point", False,
+                     f"answered: {sorted(answered)}; silent: {outcome.missing}")
+        return {"loop": None}
     story.say("  (the operator's fastest setting, as during a heat wave)")
 
     def on_fastest() -> bool:

@@ -81,7 +81,10 @@ class _Agents:
 
     def provision(self, creds: LocalIdentities) -> None:
         """Give each agent its own credential; before the broker starts, which reads them."""
-        self.cred_dirs = {i: creds.agent(i, self.out / i / "credentials") for i in self.ids}
+        # With their group: the broker's ACL lets a device read its group's commands only.
+        self.cred_dirs = {
+            i: creds.agent(i, self.out / i / "credentials", group=GROUP) for i in self.ids
+        }
         self.ca = creds.ids.ca
 
     def start(self, bundle: Path, key: FleetKey, broker: MosquittoBroker, extra: str = "") -> None:
