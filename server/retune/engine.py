@@ -168,23 +168,46 @@ class RetuneEngine:
     # -- the tick -------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """One pass over every group with a target."""
+        """One pass: observe every group, update the class figures once, then act per group.
+
+        Figures are per device class across groups, so they are folded in once per tick (one
+        read and at most one write per configuration and class), before any group decides.
+        """
         targets = self.store.targets()
         if not targets:
             return
         view = CatalogueView.of(self.store.variants())
-        measured = self._measured_from_store()
+        stored = {
+            (r.manifest_sha256, r.device_class, r.operating_point): r
+            for r in self.store.latencies()
+        }
+        measured: dict[str, dict[Config, float]] = defaultdict(dict)
+        for rec in stored.values():
+            if rec.windows >= MIN_WINDOWS:
+                measured[rec.device_class][Config(rec.manifest_sha256, rec.operating_point)] = (
+                    rec.p95_ms
+                )
+        observed: dict[str, list[tuple[DeviceRecord, str, Track]]] = {}
         for target in targets:
-            try:
-                self._group(target, view, measured)
-            except Exception:  # one group's failure must not stop the others
-                log.exception(
-                    "closed loop: group %s: step failed; retrying next tick", target.group
+            observed[target.group] = self._guarded(target, self._observe_group, target, view)
+        self._update_measurements(view, measured, stored, self.clock())
+        for target in targets:
+            if target.loop and observed[target.group]:
+                self._guarded(
+                    target, self._act, target, view, measured, observed[target.group]
                 )
 
-    def _group(
-        self, target: GroupTarget, view: CatalogueView, measured: dict[str, dict[Config, float]]
-    ) -> None:
+    def _guarded(self, target: GroupTarget, step: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return step(*args)
+        except Exception:  # one group's failure must not stop the others
+            log.exception("closed loop: group %s: step failed; retrying next tick", target.group)
+            return []
+
+    def _observe_group(
+        self, target: GroupTarget, view: CatalogueView
+    ) -> list[tuple[DeviceRecord, str, Track]]:
+        """Each online device's new windows into its track; the group's status."""
         group = target.group
         now = self.clock()
         members = [d for d in self.store.devices(group) if d.online]
@@ -200,11 +223,19 @@ class RetuneEngine:
                 status.out_of_target += 1
             if track.est.windows:
                 status.p95_ms[d.device_id] = round(track.est.value, 3)
-        self._update_measurements(view, measured, now)
-        if not target.loop:
-            return
-        self._follow_pending(group, target, view, observed, now)
-        status.pending = sum(t.pending is not None for _, _, t in observed)
+        return observed
+
+    def _act(
+        self,
+        target: GroupTarget,
+        view: CatalogueView,
+        measured: dict[str, dict[Config, float]],
+        observed: list[tuple[DeviceRecord, str, Track]],
+    ) -> None:
+        """Follow the changes under way, then decide for the devices free to move."""
+        now = self.clock()
+        self._follow_pending(target.group, target, view, observed, now)
+        self.status[target.group].pending = sum(t.pending is not None for _, _, t in observed)
         if target.pinned_variant is not None:
             self._keep_pinned(target, view, observed, now)
             return
@@ -259,22 +290,14 @@ class RetuneEngine:
         else:
             track.windows = []
 
-    def _measured_from_store(self) -> dict[str, dict[Config, float]]:
-        """class -> configuration -> measured p95, as stored (configurations nobody runs now)."""
-        out: dict[str, dict[Config, float]] = defaultdict(dict)
-        for rec in self.store.latencies():
-            if rec.windows >= MIN_WINDOWS:
-                out[rec.device_class][Config(rec.manifest_sha256, rec.operating_point)] = rec.p95_ms
-        return out
-
     def _update_measurements(
-        self, view: CatalogueView, measured: dict[str, dict[Config, float]], now: float
+        self,
+        view: CatalogueView,
+        measured: dict[str, dict[Config, float]],
+        stored: dict[tuple[str, str, int], LatencyRecord],
+        now: float,
     ) -> None:
-        """Class figures from the devices' estimates, into `measured` and the store."""
-        stored = {
-            (r.manifest_sha256, r.device_class, r.operating_point): r
-            for r in self.store.latencies()
-        }
+        """Class figures from the devices' calibrations, into `measured` and the store."""
         for (config, cls), per_device in self._per_device.items():
             ready = {k: c for k, c in per_device.items() if c.p95.windows >= MIN_WINDOWS}
             figure = class_figure(c.p95.value for c in ready.values())
