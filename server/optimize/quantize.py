@@ -104,6 +104,106 @@ def float_head_nodes(model: onnx.ModelProto) -> list[str]:
     return [n for n in found if n]
 
 
+def _scalar(model: onnx.ModelProto, name: str) -> float | None:
+    """The value of a one-element initializer, or None."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name:
+            value = numpy_helper.to_array(init)
+            return float(value.reshape(-1)[0]) if value.size == 1 else None
+    return None
+
+
+def fuse_hardswish(model: onnx.ModelProto) -> int:
+    """Rewrite x * clip(x + 3, 0, 6) / 6 (and x * HardSigmoid(x)) as one HardSwish node, in place.
+
+    Paddle and older PyTorch exports spell HardSwish as four elementwise ops. Quantized, they
+    become QLinearAdd, a float Div between a DequantizeLinear and a QuantizeLinear, and a
+    QLinearMul: five passes over the tensor where DequantizeLinear, HardSwish, QuantizeLinear
+    is three (onnxruntime has a float HardSwish kernel, no QLinear one). Needs opset >= 14;
+    returns the number of rewrites.
+    """
+    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+    if opset < 14:
+        return 0
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+
+    def only_use(tensor: str) -> bool:
+        return uses.get(tensor, 0) == 1
+
+    def clip_range(node: onnx.NodeProto) -> tuple[float | None, float | None]:
+        lo = _scalar(model, node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = _scalar(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return lo, hi
+
+    def hardswish_input(mul: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto]] | None:
+        """x when mul is x * clip(x + 3, 0, 6) or x * HardSigmoid(x) (alpha 1/6, beta 1/2)."""
+        for x, other in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
+            gate = producer.get(other)
+            if gate is None or not only_use(other):
+                continue
+            if gate.op_type == "HardSigmoid" and gate.input[0] == x:
+                attrs = {a.name: a.f for a in gate.attribute}
+                if (
+                    abs(attrs.get("alpha", 0.2) - 1 / 6) < 1e-4
+                    and abs(attrs.get("beta", 0.5) - 0.5) < 1e-6
+                ):
+                    return x, [gate]
+            if gate.op_type == "Clip" and clip_range(gate) == (0.0, 6.0):
+                add = producer.get(gate.input[0])
+                if add is None or add.op_type != "Add" or not only_use(gate.input[0]):
+                    continue
+                three = next((i for i in add.input if i != x), "")
+                if x in add.input and _scalar(model, three) == 3.0:
+                    return x, [add, gate]
+        return None
+
+    removed: set[int] = set()
+    fused = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Div", "Mul") or id(node) in removed:
+            continue
+        # The /6 may come last (Paddle: x * relu6(x + 3) / 6) ...
+        divisor = _scalar(model, node.input[1])
+        scale = 6.0 if node.op_type == "Div" else (1 / divisor if divisor else None)
+        mul = producer.get(node.input[0])
+        if (
+            scale is not None
+            and abs(scale - 6.0) < 1e-4
+            and mul is not None
+            and mul.op_type == "Mul"
+            and only_use(node.input[0])
+            and (found := hardswish_input(mul)) is not None
+            and found[1][-1].op_type == "Clip"
+        ):
+            x, chain = found
+            dead, out = [*chain, mul, node], node.output[0]
+        elif node.op_type == "Mul" and (found := hardswish_input(node)) is not None:
+            # ... or already folded into a HardSigmoid gate: x * HardSigmoid(x).
+            x, chain = found
+            if chain[-1].op_type != "HardSigmoid":
+                continue
+            dead, out = [*chain, node], node.output[0]
+        else:
+            continue
+        at = list(graph.node).index(dead[0])
+        for d in dead:
+            removed.add(id(d))
+            graph.node.remove(d)
+        name = f"{node.name}/HardSwish"
+        graph.node.insert(at, onnx.helper.make_node("HardSwish", [x], [out], name=name))
+        fused += 1
+    return fused
+
+
 def quantize_qdq(
     model: onnx.ModelProto,
     input_name: str,
