@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ def register(sub: Any) -> None:
         "--data",
         type=Path,
         required=True,
-        help="folder split/label/image (or label/image) or .npz of <split>_images/_labels",
+        help="folder split/label/image (or label/image), or .npz: uint8 or float images "
+        "(N,H,W), (N,H,W,C) or (N,C,H,W) with <split>_images/<split>_labels, x_<split>/y_<split>, "
+        "images/labels, x/y, data/target, ... (docs/optimize.md, Data); 3-channel arrays are BGR "
+        "unless the .npz holds color='RGB'",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     p.add_argument(
@@ -40,7 +44,8 @@ def register(sub: Any) -> None:
     g.add_argument(
         "--color",
         choices=["GRAY", "RGB", "BGR"],
-        help="channel order the model expects (default: GRAY for 1 channel, else RGB)",
+        help="channel order the model expects (default: GRAY for 1 channel, else RGB); "
+        "given, it also allows converting grey data for a colour model or the reverse",
     )
     g.add_argument(
         "--layout",
@@ -49,9 +54,7 @@ def register(sub: Any) -> None:
     )
     g.add_argument("--mean", help="per-channel, comma-separated, after scaling (default: 0)")
     g.add_argument("--std", help="per-channel, comma-separated (default: 1)")
-    g.add_argument(
-        "--scale", type=float, default=1 / 255, help="pixel multiplier (default: 1/255)"
-    )
+    g.add_argument("--scale", type=float, default=1 / 255, help="pixel multiplier (default: 1/255)")
     g.add_argument(
         "--resize",
         choices=["stretch", "letterbox", "center_crop"],
@@ -132,27 +135,41 @@ def _floats(text: str | None, what: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--{what} {text!r}: expected comma-separated numbers") from None
+        raise CliError(f"--{what} {text!r}: expected comma-separated numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise CliError(f"--{what} {text!r}: expected finite numbers")
+    return values
 
 
 def _labels(text: str | None) -> list[str] | None:
     if text is None:
         return None
     if text.startswith("@"):
-        return [ln.strip() for ln in Path(text[1:]).read_text().splitlines() if ln.strip()]
+        path = Path(text[1:])
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            raise CliError(f"--labels @{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"--labels @{path}: cannot read it as text ({exc})") from None
+        names = [ln.strip() for ln in lines if ln.strip()]
+        if not names:
+            raise CliError(f"--labels @{path}: the file holds no label names")
+        return names
     return [v.strip() for v in text.split(",")]
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    # The optimizer pulls in onnx and its quantization tools: only this command pays for them.
-    from edgefleet.server.keystore import init_key
+    # Options are checked before the optimizer's imports (onnx, onnxruntime, scipy: seconds),
+    # so a mistyped option is refused at once.
+    labels = _labels(args.labels)
+    mean, std = _floats(args.mean, "mean"), _floats(args.std, "std")
+    if not args.data.exists():
+        raise CliError(f"{args.data}: no such file or folder")
     from edgefleet.server.optimize.errors import OptimizeError
     from edgefleet.server.optimize.options import OptimizeOptions
-    from edgefleet.server.optimize.pipeline import optimize
-    from edgefleet.server.optimize.preprocessing import infer_preprocessing
-    from edgefleet.server.paths import keys_dir
 
     try:
         opts = OptimizeOptions(
@@ -171,22 +188,34 @@ def _optimize(args: argparse.Namespace) -> int:
             threads=args.threads,
             model_id=args.model_id,
             version=args.version,
-            labels=_labels(args.labels),
+            labels=labels,
+            color_given=args.color is not None,
         )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        raise CliError(f"{flag} {first.get('input')!r}: {first['msg']}") from None
+    from edgefleet.server.optimize.preprocessing import infer_preprocessing
+
+    try:
         spec = infer_preprocessing(
             args.model,
             size=args.size,
             color=args.color,
             layout=args.layout,
-            mean=_floats(args.mean, "mean"),
-            std=_floats(args.std, "std"),
+            mean=mean,
+            std=std,
             scale=args.scale,
             resize=args.resize,
             interpolation=args.interpolation,
         )
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CliError(f"option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    except OptimizeError as exc:
+        raise CliError(str(exc)) from None
+    # The optimizer pulls in onnx's quantization tools: only a run that gets this far pays.
+    from edgefleet.server.keystore import init_key
+    from edgefleet.server.optimize.pipeline import optimize
+    from edgefleet.server.paths import keys_dir
+
     key, created = init_key(args.keys_dir or keys_dir())
     if created:
         print(f"created fleet key {key.id} in {key.directory}")

@@ -19,6 +19,13 @@ class OptimizeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_drop: float = Field(0.01, ge=0, le=1, description="accepted validation accuracy drop")
+    confidence: float | None = Field(
+        0.9,
+        gt=0,
+        lt=1,
+        description="the budget must hold with this confidence (an upper bound of the drop, "
+        "risk.py); None = the measured validation drop only",
+    )
     quantization: Literal["static", "dynamic", "fp16", "none"] = "static"
     calibration: Method = "minmax"
     reduce_range: Literal["auto", "on", "off"] = Field(
@@ -42,6 +49,9 @@ class OptimizeOptions(BaseModel):
     model_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     version: int = Field(1, ge=1)
     labels: list[str] | None = None
+    color_given: bool = Field(
+        False, description="--color was given: a model/data channel mismatch is converted"
+    )
 
 
 def cpu_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
