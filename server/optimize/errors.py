@@ -21,3 +21,7 @@ class BudgetError(OptimizeError):
 
 class OutputExistsError(OptimizeError):
     """The output directory exists; the optimizer never overwrites."""
+
+
+class QuantizationCollapse(OptimizeError):
+    """INT8 outputs no longer match fp32's (e.g. calibrated on unlike data); carries the numbers."""
