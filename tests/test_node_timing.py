@@ -189,9 +189,39 @@ def test_speed_fallback_keeps_int8_when_the_whole_model_is_not_faster() -> None:
     q, report = speed_fallback(model, "x", calib, timer=timer, ratio=no_gain)  # type: ignore[arg-type]
     assert _int8_convs(q) == {"conv0", "conv1", "conv2"}
     assert report["speed_excluded"] == []
-    # Both slower nodes, then the bigger half of them, each timed against the INT8 model.
+    # Both slower nodes, then the bigger half of them, each timed against the INT8 model (both
+    # are weight layers, so the weight-layer subset is the first try again and is skipped).
     assert ratios == [1, 2]
     assert [t["nodes"] for t in report["passes"][0]["tried"]] == [["conv1", "conv2"], ["conv1"]]
+
+
+def test_speed_fallback_tries_the_weight_layers_alone() -> None:
+    model = conv_bn_model()
+    calib = _samples(model, 16, seed=1)
+    _, timer = _fake_timer(["mul", "bn", "conv2"])
+    faster_without_int8_conv2 = {"conv1"}  # conv2 back in fp32, mul and bn still INT8
+
+    def gain(a: onnx.ModelProto, b: onnx.ModelProto, x: F32, t: int, r: int) -> float:
+        return (
+            0.9
+            if _int8_convs(b) == faster_without_int8_conv2 and "mul" not in _float_ops(b)
+            else 1.0
+        )
+
+    q, report = speed_fallback(model, "x", calib, timer=timer, ratio=gain, max_passes=1)  # type: ignore[arg-type]
+    assert report["speed_excluded"] == ["conv2"]
+    assert [t["nodes"] for t in report["passes"][0]["tried"]] == [["mul", "bn", "conv2"], ["conv2"]]
+    assert _int8_convs(q) == {"conv1"}
+
+
+def _float_ops(q: onnx.ModelProto) -> set[str]:
+    """Nodes none of whose inputs come through a DequantizeLinear."""
+    dq = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    return {
+        n.name
+        for n in q.graph.node
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and not set(n.input) & dq
+    }
 
 
 def test_fuse_hardswish_rewrites_the_paddle_spelling_exactly() -> None:

@@ -17,6 +17,7 @@ exceeds its fp32 time. Only timing decides; keeping a node fp32 can only help ac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -335,51 +336,59 @@ def speed_fallback(
 
     Quantizes with `exclude_already` (accuracy control's fp32 layers and the float head),
     profiles it against fp32, re-quantizes with the slower nodes also excluded, and keeps that
-    only if it is at least `min_gain` faster side by side at `threads`; if not, half of those
-    nodes (the biggest losses) get one try. Up to `max_passes` rounds, since keeping a node
-    fp32 moves Q/DQ glue onto its neighbours. samples default to the first 16 calibration
-    images. Every excluded node only widens the fp32 part, so accuracy can only improve.
+    only if it is at least `min_gain` faster side by side at `threads`. If not, two smaller
+    sets get a try: the slower weight layers only (an elementwise node kept fp32 often just
+    moves its Q/DQ onto its neighbours), then the bigger half of the losses. Up to
+    `max_passes` rounds, since keeping a node fp32 moves glue onto its neighbours. samples
+    default to the first 16 calibration images. Every excluded node only widens the fp32 part,
+    so accuracy can only improve. The report lists every try with its time ratio.
     """
     timed = samples if samples is not None else calibration[:16]
     excluded = list(exclude_already)
-
-    def quantize(extra: Sequence[str]) -> onnx.ModelProto:
-        return quantize_qdq(
-            fp32,
-            input_name,
-            calibration,
-            method=method,
-            exclude=[*excluded, *extra],
-            reduce_range=reduce_range,
-            cache=cache,
-        )
-
-    model = quantize([])
+    ops = {n.name: n.op_type for n in fp32.graph.node}
     report: dict[str, Any] = {"threads": threads, "passes": [], "speed_excluded": []}
-    for _ in range(max_passes):
-        timing = timer(fp32, model, timed, threads)
-        # A node already excluded can still look INT8 (onnxruntime moves a QuantizeLinear
-        # above a MaxPool by itself): excluding it again would change nothing.
-        slower = [n for n in timing.slower if n not in excluded]
-        entry: dict[str, Any] = {"slower": slower, "timing": timing.report}
-        report["passes"].append(entry)
-        if not slower:
-            break
-        tries = [slower]
-        if len(slower) > 1:
-            tries.append(slower[: len(slower) // 2])
-        accepted = False
-        for nodes in tries:
-            candidate = quantize(nodes)
-            r = ratio(model, candidate, timed, threads, rounds)
-            entry.setdefault("tried", []).append({"nodes": list(nodes), "time_ratio": r})
-            progress(f"speed fallback: {len(nodes)} node(s) fp32, time x{r:.3f}")
-            if r <= 1 - min_gain:
-                model, accepted = candidate, True
-                excluded.extend(nodes)
-                report["speed_excluded"].extend(nodes)
+    with contextlib.ExitStack() as stack:
+        if cache is None:
+            # Every try re-quantizes: one calibration pass in all, as in accuracy control.
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-speed-"))
+            cache = Path(tmp) / "ranges.json"
+
+        def quantize(extra: Sequence[str]) -> onnx.ModelProto:
+            return quantize_qdq(
+                fp32,
+                input_name,
+                calibration,
+                method=method,
+                exclude=[*excluded, *extra],
+                reduce_range=reduce_range,
+                cache=cache,
+            )
+
+        model = quantize([])
+        for _ in range(max_passes):
+            timing = timer(fp32, model, timed, threads)
+            # A node already excluded can still look INT8 (onnxruntime moves a QuantizeLinear
+            # above a MaxPool by itself): excluding it again would change nothing.
+            slower = [n for n in timing.slower if n not in excluded]
+            entry: dict[str, Any] = {"slower": slower, "timing": timing.report, "tried": []}
+            report["passes"].append(entry)
+            tries = [slower] if slower else []
+            compute = [n for n in slower if ops.get(n) in _COMPUTE]
+            for subset in (compute, slower[: len(slower) // 2]):
+                if subset and subset not in tries:
+                    tries.append(subset)
+            accepted = False
+            for nodes in tries:
+                candidate = quantize(nodes)
+                r = ratio(model, candidate, timed, threads, rounds)
+                entry["tried"].append({"nodes": list(nodes), "time_ratio": r})
+                progress(f"speed fallback: {len(nodes)} node(s) fp32, time x{r:.3f}")
+                if r <= 1 - min_gain:
+                    model, accepted = candidate, True
+                    excluded.extend(nodes)
+                    report["speed_excluded"].extend(nodes)
+                    break
+            if not accepted:
                 break
-        if not accepted:
-            break
     report["excluded"] = excluded
     return model, report
