@@ -267,7 +267,9 @@ def _labels(path: Path, key: str, y: npt.NDArray[Any]) -> list[str]:
 def _from_npz(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[str]]]:
     if not zipfile.is_zipfile(path):
         # np.load would try it as a pickle and word the refusal as a security matter.
-        raise DataError(f"{path}: not an .npz file (not a zip archive; write it with np.savez)")
+        raise DataError(
+            f"{path}: not a readable .npz file (not a zip archive; write it with np.savez)"
+        )
     try:
         arrays = np.load(path, allow_pickle=False)
         keys = list(arrays.files)
