@@ -18,7 +18,13 @@ from edgefleet.agent.runtime.preprocess import Preprocessor
 from edgefleet.agent.runtime.staged import StagedModel
 from edgefleet.server.keystore import FleetKey, init_key
 from edgefleet.server.optimize.data import write_splits_npz
-from edgefleet.server.optimize.errors import BudgetError, DataError, ModelError, OutputExistsError
+from edgefleet.server.optimize.errors import (
+    BudgetError,
+    DataError,
+    ModelError,
+    OutputExistsError,
+    QuantizationCollapse,
+)
 from edgefleet.server.optimize.options import OptimizeOptions
 from edgefleet.server.optimize.pipeline import optimize
 from edgefleet.server.optimize.prepare import prepare_model
@@ -283,7 +289,7 @@ def test_dynamic_quantization_refused_for_a_cnn(
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
-def test_budget_that_cannot_be_met(tmp_path: Path, key: FleetKey) -> None:
+def test_int8_that_collapses_is_refused_with_numbers(tmp_path: Path, key: FleetKey) -> None:
     """Activations that 8 bits cannot hold: a huge offset added, then removed again."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(0, 1, (10, 64)).astype(np.float32), "w")
@@ -304,16 +310,35 @@ def test_budget_that_cannot_be_met(tmp_path: Path, key: FleetKey) -> None:
     model = _save(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx"
     )
-    images = rng.integers(0, 256, (400, 8, 8), dtype=np.uint8)
+    images = rng.integers(0, 256, (2400, 8, 8), dtype=np.uint8)  # 360 for validation
     spec = Preprocessing(height=8, width=8, color="GRAY", mean=[0.5], std=[0.25])
     x = Preprocessor(spec).batch(list(images))
     labels = logits_of(onnx.load(model), x).argmax(-1)  # fp32 is right by construction
     np.savez(tmp_path / "d.npz", images=images, labels=labels)
     opts = OptimizeOptions(max_drop=0.01, exits="none", labels=[str(i) for i in range(10)], **FAST)
+    # The collapse guard stops it on the first all-INT8 attempt, with the numbers: no fp32
+    # fallback of weights could repair activations that 8 bits cannot hold.
     with pytest.raises(
-        BudgetError, match=r"INT8 cannot meet the accuracy budget: fp32 validation accuracy 1\.0000"
+        QuantizationCollapse,
+        match=r"INT8 outputs collapsed against fp32 on 360 validation samples: top-1 agreement",
     ):
         optimize(model, tmp_path / "d.npz", tmp_path / "out", spec, key, opts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_validation_images_to_certify_the_budget(
+    tmp_path: Path, mnist_npz: Path, key: FleetKey
+) -> None:
+    # 200 validation images cannot bound a drop below 1 pt at 90% even with none lost
+    # (the bound is then 1 - 0.05 ** (1 / 200) = 1.49 pt): refused at once, with the remedy.
+    arrays = dict(np.load(mnist_npz))
+    arrays["validation_images"] = arrays["validation_images"][:200]
+    arrays["validation_labels"] = arrays["validation_labels"][:200]
+    np.savez(tmp_path / "small.npz", **arrays)
+    with pytest.raises(BudgetError, match=r"validation split has 200 images.*at least 299"):
+        optimize(
+            MODEL_PATH, tmp_path / "small.npz", tmp_path / "out", SPEC, key, OptimizeOptions(**FAST)
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -344,3 +369,38 @@ def test_cli_reports_errors_in_one_line(tmp_path: Path) -> None:
         and "missing: no such file or folder" in res.stderr
     )
     assert "Traceback" not in res.stderr
+
+
+def test_default_is_certified_and_the_bound_is_reported(reference_run: Path) -> None:
+    report = json.loads((reference_run / "report.json").read_text())
+    budget = report["budget"]
+    assert budget["confidence"] == 0.9
+    bound = budget["default_bound"]
+    assert bound["drop_upper"] <= budget["max_drop"]
+    assert bound["drop_upper"] > bound["drop"]  # a bound, not the measurement
+    cert = report["exits"]["certification"]
+    assert cert["certified"] >= 1 and cert["sequence_from"] == "calibration"
+    assert len(cert["points"]) == len(report["exits"]["operating_points"])
+    default = report["exits"]["default"]
+    assert cert["points"][default]["drop_upper"] == pytest.approx(bound["drop_upper"])
+
+
+def test_manifest_metrics_hold_the_test_figures(reference_run: Path, key: FleetKey) -> None:
+    manifest = verify_bundle(reference_run / "bundle", [key.public]).manifest
+    report = json.loads((reference_run / "report.json").read_text())
+    assert manifest.metrics.accuracy == report["test"]["accuracy"]
+    assert manifest.metrics.exit_rates == report["test"]["exit_rates"]
+    assert set(manifest.metrics.latency_ms) == set(report["latency_ms"])
+    assert manifest.metrics.extra["test_fp32_accuracy"] == report["test"]["fp32_accuracy"]
+
+
+def test_manifest_figures_are_what_the_device_computes(reference_run: Path, key: FleetKey) -> None:
+    from edgefleet.server.optimize.figures import check_manifest_figures
+
+    verified = verify_bundle(reference_run / "bundle", [key.public])
+    images, labels = load_reference_split()["validation"]
+    x = np.asarray(Preprocessor(SPEC).batch(list(images)), dtype=np.float32)
+    check_manifest_figures(verified, x, labels)  # the frame-by-frame agent agrees exactly
+    wrong = np.roll(labels, 1)
+    with pytest.raises(ModelError, match="the device computes"):
+        check_manifest_figures(verified, x, wrong)

@@ -11,9 +11,11 @@ import pytest
 from edgefleet.agent.runtime.confidence import decide_exits
 from edgefleet.server.optimize.thresholds import (
     PointStats,
+    between,
     choose_default,
     evaluate_thresholds,
     pareto_operating_points,
+    per_sample_correct,
 )
 
 Bools = npt.NDArray[np.bool_]
@@ -51,10 +53,11 @@ def test_confident_half_exits_exactly() -> None:
     cost = [1.0, 4.0]
     points = pareto_operating_points([conf], correct, cost)
     # Disabled (acc 1, cost 4) is dominated by letting the sure half out (acc 1, cost 2.5);
-    # letting everyone out is the fast end (acc 0.5, cost 1).
+    # letting everyone out is the fast end (acc 0.5, cost 1). Thresholds sit halfway between
+    # observed confidences (0.625 between 0.30 and 0.95; 0.15 below the lowest), never on one.
     assert [(p.thresholds, p.accuracy, p.mean_cost) for p in points] == [
-        ((0.95,), 1.0, 2.5),
-        ((0.30,), 0.5, 1.0),
+        ((0.625,), 1.0, 2.5),
+        ((0.15,), 0.5, 1.0),
     ]
     assert points[0].exit_rates == (0.5, 0.5)
     chosen, ok = choose_default(points, reference_accuracy=1.0, max_drop=0.01)
@@ -229,3 +232,33 @@ def test_bad_measurements_name_the_problem() -> None:
         evaluate_thresholds(conf, [correct[0].astype(int), *correct[1:]], cost, [None, None])
     with pytest.raises(ValueError, match="3 thresholds for 2 early exit"):
         evaluate_thresholds(conf, correct, cost, [None, None, None])
+
+
+def test_thresholds_never_sit_on_an_observed_confidence() -> None:
+    # A rounding difference on a device (another BLAS) must not move a frame across a
+    # threshold: every threshold lies strictly between observed confidences.
+    rng = np.random.default_rng(3)
+    conf = [rng.uniform(0.1, 1.0, 300), rng.uniform(0.1, 1.0, 300)]
+    correct = [rng.uniform(size=300) < 0.8, rng.uniform(size=300) < 0.9, np.ones(300, bool)]
+    points = pareto_operating_points(conf, correct, [1.0, 2.0, 4.0])
+    seen = set(np.concatenate(conf).tolist())
+    for p in points:
+        for t in p.thresholds:
+            assert t is None or t not in seen
+        # ... and the figures are what the thresholds give, re-evaluated from scratch.
+        again = evaluate_thresholds(conf, correct, [1.0, 2.0, 4.0], p.thresholds)
+        assert again == p
+
+
+def test_between_splits_like_the_value() -> None:
+    conf = np.array([0.2, 0.5, 0.5, 0.9])
+    assert between(conf, 0.5) == 0.35
+    assert between(conf, 0.9) == 0.7
+    assert between(conf, 0.2) == 0.1  # nothing below: halfway to zero
+
+
+def test_per_sample_correct_follows_the_exit_taken() -> None:
+    conf = [np.array([0.9, 0.1, 0.9])]
+    correct = [np.array([True, True, False]), np.array([False, False, True])]
+    assert per_sample_correct(conf, correct, (0.5,)).tolist() == [True, False, False]
+    assert per_sample_correct(conf, correct, (None,)).tolist() == [False, False, True]

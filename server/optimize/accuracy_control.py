@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +21,9 @@ import onnx
 from edgefleet.agent.runtime.confidence import softmax
 
 from .errors import BudgetError
+from .guard import check_collapse, compare_outputs, input_stats
 from .quantize import Method, quantizable_nodes, quantize_qdq
+from .risk import drop_bound
 from .runner import logits_of
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,17 @@ class QuantOutcome:
     excluded: list[str] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)
     trials: list[tuple[list[str], float]] = field(default_factory=list)
+    bound: dict[str, float | int] = field(default_factory=dict)  # the last attempt's (risk.py)
+    agreement: dict[str, Any] = field(default_factory=dict)  # all-INT8 vs fp32 (guard.py)
+
+
+@dataclass(frozen=True)
+class Certify:
+    """Accept an INT8 attempt only if its drop's upper bound against fp32 is within budget."""
+
+    reference_correct: npt.NDArray[np.bool_]  # fp32 right or wrong, per validation sample
+    confidence: float
+    budget: float
 
 
 def cross_entropy(logits: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]) -> float:
@@ -57,11 +71,15 @@ def quantize_within_budget(
     method: Method = "minmax",
     reduce_range: bool = False,
     keep_float: Sequence[str] = (),
+    certify: Certify | None = None,
+    reference_logits: npt.NDArray[np.float32] | None = None,
     progress: Progress = lambda _m: None,
 ) -> QuantOutcome:
     """Quantize; if validation accuracy falls more than max_drop, fall back layer by layer.
 
-    keep_float names nodes that stay float in every attempt (the classifier head).
+    keep_float names nodes that stay float in every attempt (the classifier head). With
+    `certify`, an attempt must also keep the upper confidence bound of its paired drop against
+    fp32 within certify.budget (risk.py): a model the exits could not start from is no answer.
     """
     with tempfile.TemporaryDirectory(prefix="edgefleet-calib-") as tmp:
         cache = Path(tmp) / "ranges.json"
@@ -78,18 +96,39 @@ def quantize_within_budget(
             )
             return q, logits_of(q, val_x)
 
+        def holds(logits: npt.NDArray[np.float32], acc: float) -> bool:
+            if reference_accuracy - acc > max_drop:
+                return False
+            if certify is None:
+                return True
+            bound = drop_bound(
+                certify.reference_correct, logits.argmax(-1) == val_y, certify.confidence
+            )
+            outcome.bound = bound.to_report()
+            return bound.within(certify.budget)
+
         progress(f"calibrating ({method}, {len(calibration)} images) and quantizing")
         q, logits = attempt([])
         acc = float(np.mean(logits.argmax(-1) == val_y))
         outcome = QuantOutcome(q, acc, reference_accuracy)
         outcome.trials.append(([], acc))
-        if reference_accuracy - acc <= max_drop:
+        if reference_logits is not None:
+            # The collapse guard judges the first, all-INT8 attempt: a collapse comes from the
+            # activation ranges (calibration data), which no fp32 fallback of weights repairs,
+            # so falling back layer by layer would only end in a BudgetError naming no cause.
+            agreement = compare_outputs([reference_logits], [logits], classifier=True)
+            outcome.agreement = agreement.to_report()
+            check_collapse(
+                agreement, calib_stats=input_stats(calibration), val_stats=input_stats(val_x)
+            )
+        if holds(logits, acc):
             return outcome
 
         nodes = [n for n in quantizable_nodes(model) if n not in keep_float]
         progress(
-            f"INT8 drop {100 * (reference_accuracy - acc):.2f} pt > budget "
-            f"{100 * max_drop:.2f} pt: measuring sensitivity of {len(nodes)} layers"
+            f"INT8 drop {100 * (reference_accuracy - acc):.2f} pt"
+            + (f" (bound {100 * outcome.bound['drop_upper']:.2f} pt)" if outcome.bound else "")
+            + f" over budget: measuring sensitivity of {len(nodes)} layers"
         )
         for i, node in enumerate(nodes):
             _, node_logits = attempt([node])
@@ -105,12 +144,18 @@ def quantize_within_budget(
             acc = float(np.mean(logits.argmax(-1) == val_y))
             outcome.trials.append((list(excluded), acc))
             progress(f"  fp32 fallback for {len(excluded)} layer(s): accuracy {acc:.4f}")
-            if reference_accuracy - acc <= max_drop:
+            if holds(logits, acc):
                 outcome.model, outcome.accuracy, outcome.excluded = q, acc, excluded
                 return outcome
         best = max(a for _, a in outcome.trials)
+        bound = (
+            f", drop bound {100 * outcome.bound['drop_upper']:.2f} pt at "
+            f"{certify.confidence:.0%} confidence on {len(val_y)} images"
+            if certify is not None and outcome.bound
+            else ""
+        )
         raise BudgetError(
             f"INT8 cannot meet the accuracy budget: fp32 validation accuracy "
             f"{reference_accuracy:.4f}, best INT8 {best:.4f} even with all {len(nodes)} "
-            f"layers back in fp32; budget {max_drop:.4f}"
+            f"layers back in fp32{bound}; budget {max_drop:.4f}"
         )

@@ -53,6 +53,7 @@ def assemble_bundle(
     calibration: str,
     key: FleetKey,
     golden_inputs: npt.NDArray[np.float32] | None = None,
+    metrics: Metrics | None = None,
 ) -> Manifest:
     """Write the signed bundle directory `out` and return its manifest.
 
@@ -125,7 +126,7 @@ def assemble_bundle(
             calibration=calibration,
             tool=f"edgefleet {__version__}",
         ),
-        metrics=Metrics(),
+        metrics=metrics or Metrics(),
     )
     if golden_inputs is not None and len(golden_inputs):
         return write_bundle_with_health(

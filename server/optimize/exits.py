@@ -4,19 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 
-from edgefleet.agent.runtime.confidence import Rule, confidence, softmax
+from edgefleet.agent.runtime.confidence import Rule
+from edgefleet.agent.runtime.staged import exit_decision
 
 from .errors import ModelError
 from .heads import LinearHead, fit_softmax_regression, select_l2
 from .macs import cumulative_macs_at, total_macs
+from .risk import drop_bound, fixed_sequence
 from .runner import make_session, run_outputs
 from .split import add_exit_features, articulation_tensors, quantized_alias
-from .thresholds import PointStats, choose_default, pareto_operating_points
+from .thresholds import (
+    PointStats,
+    choose_default,
+    evaluate_thresholds,
+    pareto_operating_points,
+    per_sample_correct,
+    risk_ordered,
+)
 
 F32 = npt.NDArray[np.float32]
 Progress = Callable[[str], None]
@@ -135,6 +145,7 @@ class ExitPlan:
     within_budget: bool
     head_l2: list[float] = field(default_factory=list)
     val_exit_accuracy: list[float] = field(default_factory=list)
+    certification: dict[str, Any] | None = None  # risk.py's figures, when a confidence is set
 
 
 def exit_logits(plan_heads: Sequence[LinearHead], feats: ExitFeatures, split: str) -> list[F32]:
@@ -154,9 +165,19 @@ def plan_exits(
     reference_accuracy: float,
     max_drop: float,
     rule: Rule = "max_softmax",
+    reference_correct: dict[str, npt.NDArray[np.bool_]] | None = None,
+    confidence: float | None = None,
+    first_is_reference: bool = False,
     progress: Progress = lambda _m: None,
 ) -> ExitPlan:
-    """Fit one head per cut on train, then pick thresholds on validation within the budget."""
+    """Fit one head per cut on train, then pick thresholds on validation within the budget.
+
+    With a confidence, the default is certified (risk.py): threshold sets ordered from
+    cautious to eager on the calibration split are tested on validation against the fp32
+    model's per-sample results (reference_correct) in that order; the fastest certified one is
+    the default. first_is_reference says the model without exits *is* the reference (no
+    quantization), so that first candidate holds exactly and needs no bound.
+    """
     total = float(total_macs(model))
     heads: list[LinearHead] = []
     l2s: list[float] = []
@@ -170,16 +191,44 @@ def plan_exits(
         progress(
             f"exit {k} after {cut.source} ({cut.macs / total:.0%} MACs): head accuracy {acc:.4f}"
         )
-    val_logits = exit_logits(heads, feats, "validation")
-    y = labels["validation"]
-    probs = [softmax(z) for z in val_logits]
-    conf = [confidence(p, rule) for p in probs[:-1]]
-    correct = [p.argmax(-1) == y for p in probs]
+    conf, correct = _split_measurements(heads, feats, labels, rule, "validation")
     head_macs = [h.classes * h.features for h in heads]
     costs = [float(c.macs + m) for c, m in zip(cuts, head_macs, strict=True)] + [total]
     front = pareto_operating_points(conf, correct, costs, max_points=10_000)
-    default, ok = choose_default(front, reference_accuracy, max_drop)
+    certification: dict[str, Any] | None = None
+    if confidence is None or reference_correct is None:
+        default, ok = choose_default(front, reference_accuracy, max_drop)
+    else:
+        chosen, certification = _certified_default(
+            heads,
+            feats,
+            labels,
+            rule,
+            costs,
+            conf,
+            correct,
+            reference_correct,
+            max_drop=max_drop,
+            confidence=confidence,
+            first_is_reference=first_is_reference,
+        )
+        ok = certification["certified"] > 0
+        front = _with_point(front, chosen)
+        default = front.index(chosen)
+        progress(
+            f"certified {certification['certified']} of {certification['tested']} threshold "
+            f"sets at {confidence:.0%} confidence; default drop "
+            f"{100 * certification['default']['drop']:.2f} pt, bound "
+            f"{100 * certification['default']['drop_upper']:.2f} pt "
+            f"(budget {100 * max_drop:.2f} pt, {certification['default']['n']} images)"
+        )
     points, default = _thin_keeping(front, default, MANIFEST_POINTS)
+    if confidence is not None and reference_correct is not None and certification is not None:
+        ref = reference_correct["validation"]
+        certification["points"] = [
+            drop_bound(ref, per_sample_correct(conf, correct, p.thresholds), confidence).to_report()
+            for p in points
+        ]
     return ExitPlan(
         cuts=cuts,
         heads=heads,
@@ -190,7 +239,92 @@ def plan_exits(
         within_budget=ok,
         head_l2=l2s,
         val_exit_accuracy=[float(np.mean(c)) for c in correct],
+        certification=certification,
     )
+
+
+def _split_measurements(
+    heads: Sequence[LinearHead],
+    feats: ExitFeatures,
+    labels: dict[str, npt.NDArray[np.int64]],
+    rule: Rule,
+    split: str,
+) -> tuple[list[npt.NDArray[np.float64]], list[npt.NDArray[np.bool_]]]:
+    """Each exit's confidence and correctness per sample, in the device's own arithmetic.
+
+    Row by row through the agent's exit_decision, on float32 head logits of one frame at a
+    time: a batched matrix product may round differently from the device's one-row product,
+    and a threshold calibrated on other bits than a device computes moves frames.
+    """
+    y = labels[split]
+    conf: list[npt.NDArray[np.float64]] = []
+    correct: list[npt.NDArray[np.bool_]] = []
+    for head, f in zip(heads, feats.features[split], strict=True):
+        decided = [exit_decision(head.logits(f[i : i + 1]), rule) for i in range(f.shape[0])]
+        conf.append(np.array([d[2] for d in decided], dtype=np.float64))
+        correct.append(np.array([d[0] for d in decided]) == y)
+    correct.append(feats.final_logits[split].argmax(-1) == y)
+    return conf, correct
+
+
+def _certified_default(
+    heads: Sequence[LinearHead],
+    feats: ExitFeatures,
+    labels: dict[str, npt.NDArray[np.int64]],
+    rule: Rule,
+    costs: list[float],
+    conf: list[npt.NDArray[np.float64]],
+    correct: list[npt.NDArray[np.bool_]],
+    reference_correct: dict[str, npt.NDArray[np.bool_]],
+    *,
+    max_drop: float,
+    confidence: float,
+    first_is_reference: bool,
+) -> tuple[PointStats, dict[str, Any]]:
+    """The fastest threshold set that fixed-sequence testing certifies on validation.
+
+    The sequence is every candidate set ordered on the calibration split (risk_ordered), after
+    the set with every exit disabled: it never depends on the validation samples it is tested
+    on.
+    """
+    cal_conf, cal_correct = _split_measurements(heads, feats, labels, rule, "calibration")
+    path = risk_ordered(cal_conf, cal_correct, costs, reference_correct["calibration"])
+    ref = reference_correct["validation"]
+    start = 1 if first_is_reference else 0
+    seq = fixed_sequence(
+        ref, (per_sample_correct(conf, correct, t) for t in path[start:]), max_drop, confidence
+    )
+    certified = seq.certified + start
+    stats = [evaluate_thresholds(conf, correct, costs, t) for t in path[: max(certified, 1)]]
+    if certified == 0:
+        best = 0  # nothing holds: every exit off, flagged by the caller
+    else:
+        best = min(range(certified), key=lambda i: (stats[i].mean_cost, -stats[i].accuracy, i))
+    bound = drop_bound(ref, per_sample_correct(conf, correct, path[best]), confidence)
+    report = {
+        "method": "fixed-sequence testing of Clopper-Pearson bounds (docs/optimize.md)",
+        "confidence": confidence,
+        "budget": max_drop,
+        "sequence_from": "calibration",
+        "tested": len(seq.bounds) + start,
+        "sequence_length": len(path),
+        "certified": certified,
+        "default": bound.to_report(),
+        "first_failure_thresholds": (
+            list(path[len(seq.bounds) - 1 + start]) if seq.certified < len(seq.bounds) else None
+        ),
+        "first_failure": (seq.bounds[-1].to_report() if seq.certified < len(seq.bounds) else None),
+    }
+    return stats[best], report
+
+
+def _with_point(front: list[PointStats], point: PointStats) -> list[PointStats]:
+    """The front with `point` added in cost order (accurate to fast), unless already there."""
+    if point in front:
+        return front
+    merged = [*front, point]
+    merged.sort(key=lambda p: (-p.mean_cost, -p.accuracy))
+    return merged
 
 
 def _thin_keeping(points: list[PointStats], keep: int, count: int) -> tuple[list[PointStats], int]:

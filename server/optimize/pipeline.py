@@ -20,22 +20,26 @@ import numpy.typing as npt
 import onnx
 
 from edgefleet.agent.bundle import Preprocessing, verify_bundle
+from edgefleet.agent.bundle.manifest import Manifest, Metrics
 from edgefleet.agent.runtime.preprocess import Preprocessor
 from edgefleet.agent.runtime.staged import StagedModel
 from edgefleet.server.keystore import FleetKey
 
-from .accuracy_control import quantize_within_budget
+from .accuracy_control import Certify, quantize_within_budget
 from .assemble import assemble_bundle, point_names
 from .compress import run_passes
-from .data import LabelledData, load_labelled
+from .data import LabelledData, check_channels, load_labelled
 from .errors import BudgetError, ModelError, OutputExistsError
 from .exits import ExitPlan, choose_cuts, collect_features, plan_exits
+from .figures import check_manifest_figures
+from .guard import check_collapse, compare_outputs, input_stats
 from .latency import compare
 from .macs import total_macs
 from .options import OptimizeOptions, use_reduce_range
 from .prepare import prepare_model
 from .quantize import float_head_nodes, quantize_dynamic_matmul, to_fp16
 from .report import write_json, write_plot
+from .risk import drop_bound, min_samples
 from .runner import accuracy, logits_of, make_session
 from .split import split_stages
 
@@ -70,6 +74,8 @@ def _quantize(
     y: dict[str, npt.NDArray[np.int64]],
     opts: OptimizeOptions,
     ref_acc: float,
+    ref_correct: npt.NDArray[np.bool_],
+    ref_logits: F32,
     progress: Progress,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     mode = opts.quantization
@@ -103,21 +109,60 @@ def _quantize(
             method=opts.calibration,
             reduce_range=rr,
             keep_float=head,
+            certify=(
+                None
+                if opts.confidence is None
+                else Certify(ref_correct, opts.confidence, opts.max_drop)
+            ),
+            reference_logits=ref_logits,
             progress=progress,
         )
         info.update(
             val_accuracy=outcome.accuracy,
             excluded=outcome.excluded,
             sensitivity=outcome.sensitivity,
+            drop_bound=outcome.bound or None,
+            output_agreement=outcome.agreement,
         )
         return outcome.model, info
-    info["val_accuracy"] = accuracy(logits_of(q, x["validation"]), y["validation"])
+    logits = logits_of(q, x["validation"])
+    agreement = compare_outputs([ref_logits], [logits], classifier=True)
+    info["output_agreement"] = agreement.to_report()
+    check_collapse(
+        agreement,
+        calib_stats=input_stats(x["calibration"]),
+        val_stats=input_stats(x["validation"]),
+    )
+    info["val_accuracy"] = accuracy(logits, y["validation"])
     if ref_acc - info["val_accuracy"] > opts.max_drop / 2:
         raise BudgetError(
             f"{mode} conversion drops validation accuracy from {ref_acc:.4f} to "
             f"{info['val_accuracy']:.4f}, more than half the budget ({opts.max_drop / 2:.4f})"
         )
+    if opts.confidence is not None:
+        bound = drop_bound(ref_correct, logits.argmax(-1) == y["validation"], opts.confidence)
+        info["drop_bound"] = bound.to_report()
+        if not bound.within(opts.max_drop):
+            raise BudgetError(
+                f"{mode} conversion: validation drop {100 * bound.drop:.2f} pt, upper bound "
+                f"{100 * bound.upper:.2f} pt at {opts.confidence:.0%} confidence on "
+                f"{bound.n} images, over the budget of {100 * opts.max_drop:.2f} pt"
+            )
     return q, info
+
+
+def _check_certifiable(n: int, opts: OptimizeOptions) -> None:
+    """Refuse early when the validation split is too small to certify the budget at all."""
+    if opts.confidence is None or (opts.quantization == "none" and opts.exits == "none"):
+        return  # nothing changes the fp32 model's answers: the drop is exactly zero
+    need = min_samples(opts.max_drop, opts.confidence)
+    if n < need:
+        raise BudgetError(
+            f"validation split has {n} images: certifying a drop of at most "
+            f"{100 * opts.max_drop:.2f} pt at {opts.confidence:.0%} confidence needs at least "
+            f"{need} even if none is lost; give more validation images, a larger --max-drop, "
+            "a lower --confidence, or --confidence none (measured drop only)"
+        )
 
 
 def _check_split_identical(
@@ -163,6 +208,7 @@ def optimize(
     for step in prepared.steps:
         progress(f"      {step}")
     data = load_labelled(data_path, opts.labels)
+    check_channels(data, spec, opts.color_given)
     if len(data.names) != prepared.classes:
         raise ModelError(
             f"{model_path}: outputs {prepared.classes} classes but the data has "
@@ -172,14 +218,30 @@ def optimize(
     x = _preprocess(data, spec)
     y = data.labels
     fp32 = prepared.model
-    ref_acc = accuracy(logits_of(fp32, x["validation"]), y["validation"])
+    _check_certifiable(len(y["validation"]), opts)
+    # The fp32 model's right and wrong answers, per sample: every drop is measured in pairs
+    # against them (risk.py), on calibration (to order candidates) and validation (to test).
+    ref_logits = {split: logits_of(fp32, x[split]) for split in ("calibration", "validation")}
+    ref_correct = {split: ref_logits[split].argmax(-1) == y[split] for split in ref_logits}
+    ref_acc = float(ref_correct["validation"].mean())
     progress(f"[2/7] fp32 validation accuracy {ref_acc:.4f}, {total_macs(fp32) / 1e6:.1f} M MACs")
 
     progress("[3/7] compression passes")
     fp32, passes = run_passes(fp32, x, y, opts, ref_acc, progress)
+    unchanged = fp32 is prepared.model
 
     progress(f"[4/7] quantization: {opts.quantization}")
-    qmodel, qinfo = _quantize(fp32, prepared.input_name, x, y, opts, ref_acc, progress)
+    qmodel, qinfo = _quantize(
+        fp32,
+        prepared.input_name,
+        x,
+        y,
+        opts,
+        ref_acc,
+        ref_correct["validation"],
+        ref_logits["validation"],
+        progress,
+    )
     progress(f"      validation accuracy {qinfo['val_accuracy']:.4f}")
 
     progress("[5/7] early exits")
@@ -199,6 +261,9 @@ def optimize(
             reference_accuracy=ref_acc,
             max_drop=opts.max_drop,
             rule=opts.exit_rule,
+            reference_correct=ref_correct,
+            confidence=opts.confidence,
+            first_is_reference=unchanged and opts.quantization == "none",
             progress=progress,
         )
         op = plan.points[plan.default]
@@ -210,6 +275,7 @@ def optimize(
             raise BudgetError(
                 f"no operating point keeps validation accuracy within {opts.max_drop:.4f} of "
                 f"fp32 {ref_acc:.4f}; best is {max(p.accuracy for p in plan.points):.4f}"
+                + _bound_text(plan.certification)
             )
     else:
         progress("      none (disabled or no valid cut point)")
@@ -227,25 +293,36 @@ def optimize(
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         model_id = opts.model_id or _model_id(model_path)
-        manifest = assemble_bundle(
-            tmp / "bundle",
-            stages=stages,
-            plan=plan,
-            spec=spec,
-            labels=data.names,
-            input_name=prepared.input_name,
-            input_shape=prepared.input_shape,
-            model_id=model_id,
-            version=opts.version,
-            source_sha256=hashlib.sha256(source_bytes).hexdigest(),
-            source_name=model_path.name,
-            opts=opts,
-            calibration=_calibration_text(data, qinfo),
-            key=key,
-            golden_inputs=x["validation"][:8],
-        )
-        verified = verify_bundle(tmp / "bundle", [key.public])
-        report = _evaluate(verified, fp32, qmodel, x, y, opts, progress)
+
+        def assemble(where: Path, metrics: Metrics) -> Manifest:
+            return assemble_bundle(
+                where,
+                stages=stages,
+                plan=plan,
+                spec=spec,
+                labels=data.names,
+                input_name=prepared.input_name,
+                input_shape=prepared.input_shape,
+                model_id=model_id,
+                version=opts.version,
+                source_sha256=hashlib.sha256(source_bytes).hexdigest(),
+                source_name=model_path.name,
+                opts=opts,
+                calibration=_calibration_text(data, qinfo),
+                key=key,
+                golden_inputs=x["validation"][:8],
+                metrics=metrics,
+            )
+
+        # Built twice: the test figures come from running the signed bundle through the
+        # agent's runtime, and then go into the manifest's metrics of the bundle that ships.
+        assemble(tmp / "draft", Metrics())
+        draft = verify_bundle(tmp / "draft", [key.public])
+        check_manifest_figures(draft, x["validation"], y["validation"])
+        report = _evaluate(draft, fp32, qmodel, x, y, opts, progress)
+        shutil.rmtree(tmp / "draft")
+        manifest = assemble(tmp / "bundle", _metrics(report))
+        verify_bundle(tmp / "bundle", [key.public])  # what ships verifies as it is
         report.update(
             model={
                 "path": str(model_path),
@@ -256,7 +333,17 @@ def optimize(
                 "prepared": prepared.steps,
             },
             data={"source": str(data_path), "sizes": data.sizes(), **data.provenance},
-            budget={"max_drop": opts.max_drop, "reference_val_accuracy": ref_acc},
+            budget={
+                "max_drop": opts.max_drop,
+                "reference_val_accuracy": ref_acc,
+                "confidence": opts.confidence,
+                "quantization_bound": qinfo.get("drop_bound"),
+                "default_bound": (
+                    plan.certification["default"]
+                    if plan is not None and plan.certification
+                    else qinfo.get("drop_bound")
+                ),
+            },
             passes=passes,
             quantization=qinfo,
             exits=_exits_report(plan, total_macs(fp32)),
@@ -283,6 +370,17 @@ def optimize(
     return report
 
 
+def _bound_text(certification: dict[str, Any] | None) -> str:
+    if not certification:
+        return ""
+    b = certification["default"]
+    return (
+        f" (with every exit off, drop {100 * b['drop']:.2f} pt has an upper bound of "
+        f"{100 * b['drop_upper']:.2f} pt at {certification['confidence']:.0%} confidence "
+        f"on {b['n']} validation images)"
+    )
+
+
 def _model_id(path: Path) -> str:
     stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in path.stem).strip("-._")
     return (stem or "model")[:64]
@@ -305,12 +403,31 @@ def _exits_report(plan: ExitPlan | None, total: int) -> dict[str, Any]:
         "rule": plan.rule,
         "head_l2": plan.head_l2,
         "val_exit_accuracy": plan.val_exit_accuracy,
+        "certification": plan.certification,
         "operating_points": [
             p.to_operating_point(name).model_dump()
             for p, name in zip(plan.points, point_names(len(plan.points)), strict=True)
         ],
         "default": plan.default,
     }
+
+
+def _metrics(report: dict[str, Any]) -> Metrics:
+    """The manifest's metrics: the test split through the agent runtime, this host's latency."""
+    test = report["test"]
+    return Metrics(
+        accuracy=test["accuracy"],
+        accuracy_per_exit=test["accuracy_per_exit"],
+        exit_rates=test["exit_rates"],
+        latency_ms={k: float(v) for k, v in report["latency_ms"].items()},
+        extra={
+            "test_fp32_accuracy": test["fp32_accuracy"],
+            "test_quantized_accuracy": test["quantized_accuracy"],
+            "test_mean_macs_fraction": test["mean_macs_fraction"],
+            "test_images": float(test["images"]),
+            "threads": float(report["threads"]),
+        },
+    )
 
 
 def _evaluate(

@@ -132,7 +132,33 @@ def _candidates(conf: npt.NDArray[np.float64], count: int) -> list[float | None]
     # candidate index always means a more cautious threshold.
     qs = np.quantile(conf, np.linspace(0.0, 1.0, count), method="lower")
     values = sorted({float(v) for v in qs}, reverse=True)
-    return [None, *values]
+    return [None, *(between(conf, v) for v in values)]
+
+
+def between(conf: npt.NDArray[np.float64], value: float) -> float:
+    """A threshold that splits `conf` where `value` does, placed halfway to the next lower one.
+
+    A threshold equal to an observed confidence decides that frame on the last bit: a device
+    whose arithmetic rounds once differently (another BLAS, another CPU) would take the other
+    exit. Halfway between two observed confidences, the same frames pass on this data and a
+    rounding difference moves nothing.
+    """
+    below = conf[conf < value]
+    lower = float(below.max()) if below.size else 0.0
+    mid = (value + lower) / 2.0
+    return mid if lower < mid < value else value
+
+
+def per_sample_correct(
+    conf: Sequence[npt.ArrayLike], correct: Sequence[npt.ArrayLike], thresholds: Thresholds
+) -> npt.NDArray[np.bool_]:
+    """Whether each sample ends right under a threshold set (the exit it takes decides)."""
+    m = _measurements(conf, correct, [0.0] * len(correct))
+    if len(thresholds) != m.n_exits:
+        raise ValueError(f"{len(thresholds)} thresholds for {m.n_exits} early exit(s)")
+    taken = decide_exits(m.conf, list(thresholds)) if m.n_exits else np.zeros(m.n, np.int64)
+    out: npt.NDArray[np.bool_] = m.correct[taken, np.arange(m.n)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -295,6 +321,56 @@ def pareto_operating_points(
         thresholds = tuple(cands[e][k] for e, k in enumerate(ev.index[row]))
         points.append(_stats(m, thresholds, int(ev.hits[row]), ev.counts[row]))
     return points
+
+
+def risk_ordered(
+    conf: Sequence[npt.ArrayLike],
+    correct: Sequence[npt.ArrayLike],
+    cost: Sequence[float],
+    reference_correct: npt.ArrayLike,
+    *,
+    candidates_per_exit: int = 41,
+    limit: int = 20_000,
+) -> list[Thresholds]:
+    """Threshold sets from safest to riskiest on these samples: a sequence for risk.py.
+
+    Every set of the candidate grid (coordinate descent's sets beyond 3 exits) is ranked by
+    the images it loses against the reference *on these samples*, then by cost (descending:
+    the more cautious first); every exit disabled comes first. Gains do not rank: a set that
+    loses none and gains three here may be the eager one that loses four elsewhere, and a
+    sequence that meets it before its cautious neighbours stops there. Dominated sets are kept
+    on purpose: they are the small steps between the front's points that let fixed-sequence
+    testing walk instead of failing on one big jump.
+    """
+    m = _measurements(conf, correct, cost)
+    if m.n_exits == 0:
+        return [()]
+    ref = np.asarray(reference_correct, dtype=np.bool_)
+    cands = [_candidates(c, candidates_per_exit) for c in m.conf]
+    search = _exhaustive if m.n_exits <= _EXHAUSTIVE_MAX_EXITS else _coordinate_descent
+    ev = search(m, cands)
+    # Hits among the samples the reference gets right, on the same sets (same grid order).
+    both = search(_Measurements(m.conf, m.correct & ref[None, :], m.cost), cands)
+    if not np.array_equal(both.index, ev.index):
+        both = _Evaluated(ev.index, _hits_of(m, cands, ev.index, ref), ev.counts)
+    lost = int(ref.sum()) - both.hits
+    mean_cost = (ev.counts @ m.cost) / m.n
+    keys = [ev.index[:, e] for e in reversed(range(m.n_exits))] + [-mean_cost, lost]
+    order = np.lexsort(keys)[:limit]
+    off: Thresholds = (None,) * m.n_exits
+    ordered = [tuple(cands[e][k] for e, k in enumerate(ev.index[row])) for row in order]
+    return [off, *(t for t in ordered if t != off)]
+
+
+def _hits_of(
+    m: _Measurements, cands: list[list[float | None]], index: IntArray, ref: npt.NDArray[np.bool_]
+) -> IntArray:
+    # Coordinate descent visits sets in a data-dependent order: count each set directly.
+    masked = _Measurements(m.conf, m.correct & ref[None, :], m.cost)
+    return np.array(
+        [_count(masked, tuple(cands[e][k] for e, k in enumerate(row)))[0] for row in index],
+        dtype=np.int64,
+    )
 
 
 def choose_default(
