@@ -327,7 +327,7 @@ def speed_fallback(
     cache: Path | None = None,
     rounds: int = 5,
     min_gain: float = 0.02,
-    max_passes: int = 2,
+    max_passes: int = 3,
     timer: Timer = slower_in_int8,
     ratio: Ratio = side_by_side,
     progress: Progress = lambda _m: None,
