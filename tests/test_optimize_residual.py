@@ -79,7 +79,9 @@ def residual_run(
     tmp_path_factory: pytest.TempPathFactory, digits_npz: Path, key: FleetKey
 ) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("opt") / "digits_resnet"
-    return out, _run(out, digits_npz, key)
+    # 270 validation images cannot certify 1 pt at 90% (that needs 299 even with none lost);
+    # they can certify 2 pt.
+    return out, _run(out, digits_npz, key, max_drop=0.02)
 
 
 def test_data_and_card_match_the_shipped_model(splits: Splits, card: dict[str, Any]) -> None:
@@ -111,7 +113,8 @@ def test_bundle_verifies_and_budget_holds(
         card["accuracy_onnxruntime"]["test"], abs=1e-5
     )
     default = report["exits"]["operating_points"][report["exits"]["default"]]
-    assert default["val_accuracy"] >= ref - 0.01 - 1e-9
+    assert default["val_accuracy"] >= ref - 0.02 - 1e-9
+    assert report["budget"]["default_bound"]["drop_upper"] <= 0.02
     assert report["quantization"]["val_accuracy"] >= ref - 0.005 - 1e-9
     assert report["test"]["images"] == DIGITS_SPLIT_SIZES["test"]
 
@@ -157,7 +160,7 @@ def test_prune_pass_is_recorded(
     """Pruning without fine-tuning may be rejected; either way the record must be there."""
     unpruned_out, unpruned = residual_run
     out = tmp_path / "pruned"
-    report = _run(out, digits_npz, key, prune=0.25)
+    report = _run(out, digits_npz, key, prune=0.25, max_drop=0.02)
     verify_bundle(out / "bundle", [key.public])
     record = report["passes"][0]
     assert record["pass"].startswith("prune")

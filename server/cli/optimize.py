@@ -35,6 +35,13 @@ def register(sub: Any) -> None:
         "--max-drop", type=float, default=0.01, help="accepted accuracy drop (0.01 = 1 pt)"
     )
     p.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=0.9,
+        help="the budget holds with this confidence: an upper bound of the drop on validation "
+        "must stay within --max-drop (default 0.9); 'none' compares the measured drop only",
+    )
+    p.add_argument(
         "--labels",
         help="comma-separated class names in output order, or @file (one per line) "
         "(default: the labels found in the data, in natural order)",
@@ -131,6 +138,20 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_optimize)
 
 
+def _confidence(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a number in (0, 1) or 'none'"
+        ) from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number in (0, 1) or 'none'")
+    return value
+
+
 def _floats(text: str | None, what: str) -> list[float] | None:
     if text is None:
         return None
@@ -174,6 +195,7 @@ def _optimize(args: argparse.Namespace) -> int:
     try:
         opts = OptimizeOptions(
             max_drop=args.max_drop,
+            confidence=args.confidence,
             quantization=args.quantization,
             calibration=args.calibration,
             reduce_range=args.reduce_range,
