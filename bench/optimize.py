@@ -179,7 +179,9 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "single rounds; split_overhead comes from its own two-contender run "
         "(split_overhead_pairwise: 3x the rounds, median of per-round ratios)",
         "optimizer_options": OptimizeOptions().model_dump(),
-        "session_options": "agent.runtime.session.session_options(threads): spinning off",
+        "session_options": "agent.runtime.session.session_options(n): spinning off, one "
+        "intra-op pool per session; n = threads for every stage and unsplit contender, 1 for "
+        "exit branch graphs (EXIT_BRANCH_THREADS), as the agent loads a bundle",
         "cv2dnn": "readNetFromONNX(models/fp32.onnx[, each of OpenCV's own engines]), "
         "DNN_BACKEND_OPENCV, setNumThreads(threads); vs_cv2dnn_speedup uses the fastest engine",
     }

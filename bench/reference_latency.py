@@ -2,6 +2,12 @@
 
 Every contender runs on the same preprocessed test images through the one interleaved timer
 (edgefleet.server.optimize.latency); what is quoted are ratios, the other's time over ours.
+
+Threads are set up as a deployment would: the staged model as the agent loads it (stages on
+`threads` intra-op threads, exit branches on one: agent.runtime.session.EXIT_BRANCH_THREADS),
+the unsplit fp32 and INT8 models as the agent would run a one-stage bundle of them (one
+session on `threads` threads, the same session_options). Every session has its own pool,
+spinning off; the staged models' thread counts go to stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from bench.report import say
 from bench.runners import cv2_engines, cv2_runner, ort_runner
 from edgefleet.agent.bundle import verify_bundle
 from edgefleet.agent.runtime.staged import StagedModel
@@ -31,6 +38,9 @@ def staged_runners(out: Path, key: FleetKey, threads: int) -> tuple[Runner, Runn
     default = StagedModel(verified, threads=threads)
     no_exit = StagedModel(verified, threads=threads)
     no_exit.set_thresholds([None] * len(no_exit.early_exits))
+    for label, model in (("default point", default), ("exits off", no_exit)):
+        stages, branches = model.stage_threads, model.branch_threads
+        say(f"  staged ({label}) threads: stages {stages}, exit branches {branches}")
     return default.predict, no_exit.predict
 
 
@@ -93,7 +103,8 @@ def split_pair(
     (+3-4 points here) in a way a device running only the agent never sees.
     """
     _, no_exit = staged_runners(out, key, threads)
-    runners = {"int8_ort": ort_runner(out / "models" / "static.onnx", threads), "staged": no_exit}
+    int8 = ort_runner(out / "models" / "static.onnx", threads)
+    runners = {"int8_ort": int8, "staged": no_exit}
     per_round = interleaved(runners, samples, rounds=rounds, chunk=CHUNK, warmup=WARMUP)
     ratios = [r - 1.0 for r in round_ratios(per_round, "staged", "int8_ort")]
     return {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,11 +20,21 @@ from edgefleet.agent.bundle.manifest import ExitHead
 from .chain import PlainChain, StageSessions, make_chain
 from .confidence import Rule, confidence, decide_exits, softmax
 from .preprocess import Frame, Preprocessor
-from .session import choose_providers, report_fallback, session_options
+from .providers import AUTO, probe_providers
+from .session import (
+    EXIT_BRANCH_THREADS,
+    choose_providers,
+    probe_threads,
+    report_fallback,
+    session_options,
+)
 
 # One stage of the per-frame plan: (run it, stage, head to test or None, exit number,
 # threshold).
 _Step = tuple[Callable[[], list[npt.NDArray[np.generic]]], int, "_Head | None", int, float | None]
+
+
+log = logging.getLogger(__name__)
 
 
 class RuntimeLoadError(Exception):
@@ -106,13 +118,37 @@ def _final_prediction(
     return Prediction(values.index(max(values)), exit_index, stage_ms, logits=values)
 
 
-def _session(
-    verified: VerifiedBundle, name: str, opts: ort.SessionOptions, providers: list[str]
-) -> ort.InferenceSession:
+def _session_with_threads(
+    verified: VerifiedBundle, providers: list[str], threads: int, by_probe: bool, name: str
+) -> tuple[ort.InferenceSession, int]:
+    """One session of the bundle and its thread count: `threads`, or chosen by probe."""
+    data = verified.read(name)
+
+    def make(n: int) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(data, session_options(n), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise RuntimeLoadError(f"{verified.path}/{name}: {exc}") from exc
+
+    if not by_probe:
+        return make(threads), threads
     try:
-        return ort.InferenceSession(verified.read(name), opts, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise RuntimeLoadError(f"{verified.path}/{name}: {exc}") from exc
+        sess, chosen, _ = probe_threads(make, threads)
+    except RuntimeLoadError:
+        raise
+    except Exception as exc:  # a first run on zeros failed: onnxruntime's own errors
+        raise RuntimeLoadError(f"{verified.path}/{name}: probe run failed: {exc}") from exc
+    return sess, chosen
+
+
+def _auto_provider(verified: VerifiedBundle, threads: int, thread_probe: bool) -> str:
+    """The execution provider a probe of every candidate finds fastest for this bundle."""
+    choice = probe_providers(
+        lambda p: StagedModel(verified, threads=threads, providers=[p], thread_probe=thread_probe),
+        lambda model: model.warm_up(1),
+        active=lambda model: model.sessions[0].get_providers(),
+    )
+    return choice.provider
 
 
 def _load_head(verified: VerifiedBundle, spec: ExitHead, classes: int) -> _Head:
@@ -141,21 +177,47 @@ class StagedModel:
         *,
         threads: int = 1,
         providers: Sequence[str] | None = None,
+        thread_probe: bool = False,
     ) -> None:
+        """Build every stage and exit branch session of a verified bundle.
+
+        threads: the intra-op threads of each stage session. An exit branch graph always
+        runs on one thread (session.EXIT_BRANCH_THREADS). With thread_probe, each stage runs
+        on one thread unless a probe at load finds `threads` faster by a margin
+        (session.probe_threads); off by default, see session.py for why.
+        providers: execution providers in order of preference; ["auto"] probes every
+        candidate this onnxruntime build has and keeps the fastest (providers.py).
+        """
         self.manifest = verified.manifest
         self.verified = verified  # what runs, exactly: its manifest sha256 is in the status
         m = self.manifest
-        opts = session_options(threads)
+        if providers is not None and AUTO in providers:
+            providers = [_auto_provider(verified, threads, thread_probe)]
         chosen = choose_providers(providers)
+        self.providers = chosen
         classes = len(m.labels)
         self.sessions: list[ort.InferenceSession] = []
         self.branches: list[ort.InferenceSession | None] = []
         self.heads: list[_Head | None] = []
+        # Intra-op threads each session runs on, stages then branches (None: no branch).
+        self.stage_threads: list[int] = []
+        self.branch_threads: list[int | None] = []
+        load = functools.partial(_session_with_threads, verified, chosen, threads, thread_probe)
         for stage in m.stages:
-            self.sessions.append(_session(verified, stage.file, opts, chosen))
+            sess, n = load(stage.file)
+            self.sessions.append(sess)
+            self.stage_threads.append(n)
             graph = stage.exit.graph_file if stage.exit else None
-            self.branches.append(_session(verified, graph, opts, chosen) if graph else None)
+            branch, bn = (
+                _session_with_threads(verified, chosen, EXIT_BRANCH_THREADS, False, graph)
+                if graph
+                else (None, None)
+            )
+            self.branches.append(branch)
+            self.branch_threads.append(bn)
             self.heads.append(_load_head(verified, stage.exit, classes) if stage.exit else None)
+        if thread_probe and threads > 1:
+            log.info("%s: stage threads by probe: %s", verified.path, self.stage_threads)
         report_fallback(self.sessions[0], chosen, f"{verified.path}/{m.stages[0].file}")
         # What each stage session is asked for: passed-on tensors, plus the exit's tensor when
         # the stage computes it itself (no separate branch graph).
