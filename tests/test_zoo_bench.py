@@ -70,6 +70,8 @@ def test_summary_takes_conv_speedups_and_classifier_drops() -> None:
     assert s["min_int8_speedup"] == 1.2  # the recognizer is no conv model
     assert s["max_test_drop_minus_budget_pt"] == pytest.approx(-0.6)
     assert s["models_failed"] == ["d"]
+    assert s["all_classifiers_within_budget"] is False  # a refused classifier is no pass
+    assert summary(rows[:3])["all_classifiers_within_budget"] is True
     assert s["models_below_2x_int8"] == ["b", "c"]
 
 
