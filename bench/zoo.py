@@ -311,6 +311,9 @@ def recognizer_row(args: argparse.Namespace) -> dict[str, Any]:
     row |= pair_latency(
         fp32, int8, [evals[i : i + 1] for i in range(min(args.rec_timed, evals.shape[0]))], args
     )
+    if row["int8_speedup"] < SLOW_INT8:
+        say(f"  INT8 {row['int8_speedup']:.2f}x < {SLOW_INT8}x: profiling fp32 vs int8")
+        row["profile"] = int8_profile(fp32, int8, evals[:8])
     return row
 
 
