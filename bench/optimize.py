@@ -146,6 +146,13 @@ def reference_section(
             "default_operating_point": report["exits"]["default"],
             "test_mean_macs_fraction": report["test"]["mean_macs_fraction"],
             "own_latency_ratios_1t": report["ratios"],
+            "budget": report["budget"],
+            "certified_sets": report["exits"].get("certification", {})
+            and {k: report["exits"]["certification"][k] for k in ("tested", "certified")},
+            "speed_control": {
+                k: report["quantization"].get("speed", {}).get(k)
+                for k in ("speed_excluded", "kept")
+            },
         },
     }
     return figures, detail

@@ -1,4 +1,4 @@
-"""Exact binomial bounds, paired drop bounds and fixed-sequence testing (server/optimize/risk.py)."""
+"""Exact binomial bounds, paired drop bounds and fixed-sequence testing (optimize/risk.py)."""
 
 from __future__ import annotations
 

@@ -88,6 +88,14 @@ def register(sub: Any) -> None:
         help="how static quantization picks activation ranges",
     )
     q.add_argument(
+        "--speed-control",
+        choices=["on", "off"],
+        default="on",
+        help="on: layers whose INT8 form is slower than fp32 on this machine stay fp32, "
+        "kept only if the whole model gets faster (time the build where devices' CPUs are "
+        "alike, or turn it off)",
+    )
+    q.add_argument(
         "--reduce-range",
         choices=["auto", "on", "off"],
         default="auto",
@@ -198,6 +206,7 @@ def _optimize(args: argparse.Namespace) -> int:
             confidence=args.confidence,
             quantization=args.quantization,
             calibration=args.calibration,
+            speed_control=args.speed_control,
             reduce_range=args.reduce_range,
             exits=args.exits if args.exits in ("auto", "none") else args.exits.split(","),
             exit_rule=args.exit_rule,

@@ -101,6 +101,8 @@ def assemble_bundle(
         "reduce_range": opts.reduce_range,
         "head_precision": opts.head_precision,
         "max_drop": opts.max_drop,
+        "confidence": opts.confidence,
+        "speed_control": opts.speed_control,
         "exits": "auto" if isinstance(opts.exits, str) else ",".join(opts.exits),
         "exit_rule": opts.exit_rule,
         "exit_grid": opts.exit_grid,

@@ -22,10 +22,10 @@ from .split import add_exit_features, articulation_tensors, quantized_alias
 from .thresholds import (
     PointStats,
     choose_default,
+    common_threshold_path,
     evaluate_thresholds,
     pareto_operating_points,
     per_sample_correct,
-    risk_ordered,
 )
 
 F32 = npt.NDArray[np.float32]
@@ -172,8 +172,8 @@ def plan_exits(
 ) -> ExitPlan:
     """Fit one head per cut on train, then pick thresholds on validation within the budget.
 
-    With a confidence, the default is certified (risk.py): threshold sets ordered from
-    cautious to eager on the calibration split are tested on validation against the fp32
+    With a confidence, the default is certified (risk.py): threshold sets in a fixed order
+    from cautious to eager (common_threshold_path) are tested on validation against the fp32
     model's per-sample results (reference_correct) in that order; the fastest certified one is
     the default. first_is_reference says the model without exits *is* the reference (no
     quantization), so that first candidate holds exactly and needs no bound.
@@ -200,10 +200,6 @@ def plan_exits(
         default, ok = choose_default(front, reference_accuracy, max_drop)
     else:
         chosen, certification = _certified_default(
-            heads,
-            feats,
-            labels,
-            rule,
             costs,
             conf,
             correct,
@@ -268,10 +264,6 @@ def _split_measurements(
 
 
 def _certified_default(
-    heads: Sequence[LinearHead],
-    feats: ExitFeatures,
-    labels: dict[str, npt.NDArray[np.int64]],
-    rule: Rule,
     costs: list[float],
     conf: list[npt.NDArray[np.float64]],
     correct: list[npt.NDArray[np.bool_]],
@@ -283,12 +275,11 @@ def _certified_default(
 ) -> tuple[PointStats, dict[str, Any]]:
     """The fastest threshold set that fixed-sequence testing certifies on validation.
 
-    The sequence is every candidate set ordered on the calibration split (risk_ordered), after
-    the set with every exit disabled: it never depends on the validation samples it is tested
-    on.
+    The sequence is common_threshold_path: every exit off, then one threshold for all exits
+    from cautious to eager. It depends on no data, so every set before the first failure
+    holds the budget at once at the stated confidence.
     """
-    cal_conf, cal_correct = _split_measurements(heads, feats, labels, rule, "calibration")
-    path = risk_ordered(cal_conf, cal_correct, costs, reference_correct["calibration"])
+    path = common_threshold_path(len(conf))
     ref = reference_correct["validation"]
     start = 1 if first_is_reference else 0
     seq = fixed_sequence(
@@ -305,7 +296,7 @@ def _certified_default(
         "method": "fixed-sequence testing of Clopper-Pearson bounds (docs/optimize.md)",
         "confidence": confidence,
         "budget": max_drop,
-        "sequence_from": "calibration",
+        "sequence": "one threshold for every exit, from 1 - 1e-9 down to 0",
         "tested": len(seq.bounds) + start,
         "sequence_length": len(path),
         "certified": certified,

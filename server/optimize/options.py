@@ -31,6 +31,11 @@ class OptimizeOptions(BaseModel):
     reduce_range: Literal["auto", "on", "off"] = Field(
         "auto", description="7-bit weights; auto = on for x86 CPUs without VNNI"
     )
+    speed_control: Literal["on", "off"] = Field(
+        "on",
+        description="on: nodes whose INT8 form is slower on this machine stay fp32 "
+        "(node_timing.py), kept only if the whole model gets faster",
+    )
     head_precision: Literal["float", "int8"] = Field(
         "float", description="float: pooling and a small final linear layer stay fp32"
     )

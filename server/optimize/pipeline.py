@@ -35,13 +35,14 @@ from .figures import check_manifest_figures
 from .guard import check_collapse, compare_outputs, input_stats
 from .latency import compare
 from .macs import total_macs
+from .node_timing import speed_fallback
 from .options import OptimizeOptions, use_reduce_range
 from .prepare import prepare_model
 from .quantize import float_head_nodes, quantize_dynamic_matmul, to_fp16
 from .report import write_json, write_plot
 from .risk import drop_bound, min_samples
 from .runner import accuracy, logits_of, make_session
-from .split import split_stages
+from .split import StageGraph, split_stages
 
 Progress = Callable[[str], None]
 F32 = npt.NDArray[np.float32]
@@ -77,12 +78,13 @@ def _quantize(
     ref_correct: npt.NDArray[np.bool_],
     ref_logits: F32,
     progress: Progress,
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
+) -> tuple[onnx.ModelProto, dict[str, Any], onnx.ModelProto | None]:
+    """The quantized model, its report, and the model to fall back on (speed control's only)."""
     mode = opts.quantization
     info: dict[str, Any] = {"mode": mode}
     if mode == "none":
         info["val_accuracy"] = ref_acc
-        return model, info
+        return model, info, None
     if mode == "fp16":
         q = to_fp16(model)
     elif mode == "dynamic":
@@ -124,7 +126,47 @@ def _quantize(
             drop_bound=outcome.bound or None,
             output_agreement=outcome.agreement,
         )
-        return outcome.model, info
+        if opts.speed_control == "off":
+            return outcome.model, info, None
+        progress(f"      speed control: per-node fp32 vs INT8 time, {opts.threads} thread(s)")
+        faster, speed = speed_fallback(
+            model,
+            input_name,
+            x["calibration"],
+            [*head, *outcome.excluded],
+            samples=x["validation"][:16],
+            threads=opts.threads,
+            method=opts.calibration,
+            reduce_range=rr,
+            progress=lambda m: progress("      " + m),
+        )
+        info["speed"] = speed
+        if not speed["speed_excluded"]:
+            return outcome.model, info, None
+        # Nodes back in fp32 can only help accuracy, but the bits differ: measure again, and
+        # keep the faster model only where the budget still holds as accuracy control required.
+        logits = logits_of(faster, x["validation"])
+        acc = accuracy(logits, y["validation"])
+        holds = ref_acc - acc <= opts.max_drop / 2
+        if holds and opts.confidence is not None:
+            bound = drop_bound(ref_correct, logits.argmax(-1) == y["validation"], opts.confidence)
+            holds = bound.within(opts.max_drop)
+            info["drop_bound"] = bound.to_report()
+        if not holds:
+            progress("      speed control's model misses the budget: keeping accuracy control's")
+            info["speed"]["kept"] = False
+            return outcome.model, info, None
+        # What to restore should the faster model fail the split check later.
+        info["speed"].update(
+            kept=True,
+            accuracy_control={
+                "val_accuracy": outcome.accuracy,
+                "drop_bound": outcome.bound or None,
+                "excluded": outcome.excluded,
+            },
+        )
+        info.update(val_accuracy=acc, excluded=speed["excluded"])
+        return faster, info, outcome.model
     logits = logits_of(q, x["validation"])
     agreement = compare_outputs([ref_logits], [logits], classifier=True)
     info["output_agreement"] = agreement.to_report()
@@ -148,7 +190,7 @@ def _quantize(
                 f"{100 * bound.upper:.2f} pt at {opts.confidence:.0%} confidence on "
                 f"{bound.n} images, over the budget of {100 * opts.max_drop:.2f} pt"
             )
-    return q, info
+    return q, info, None
 
 
 def _check_certifiable(n: int, opts: OptimizeOptions) -> None:
@@ -231,7 +273,7 @@ def optimize(
     unchanged = fp32 is prepared.model
 
     progress(f"[4/7] quantization: {opts.quantization}")
-    qmodel, qinfo = _quantize(
+    qmodel, qinfo, fallback = _quantize(
         fp32,
         prepared.input_name,
         x,
@@ -245,46 +287,58 @@ def optimize(
     progress(f"      validation accuracy {qinfo['val_accuracy']:.4f}")
 
     progress("[5/7] early exits")
-    plan: ExitPlan | None = None
-    cuts = []
-    if opts.exits != "none":
-        names = None if opts.exits == "auto" else list(opts.exits)
-        cuts = choose_cuts(qmodel, fractions=opts.exit_fractions, names=names)
-    if cuts:
-        feats = collect_features(qmodel, cuts, x, grid=opts.exit_grid, threads=opts.threads)
-        plan = plan_exits(
-            qmodel,
-            cuts,
-            feats,
-            y,
-            classes=prepared.classes,
-            reference_accuracy=ref_acc,
-            max_drop=opts.max_drop,
-            rule=opts.exit_rule,
-            reference_correct=ref_correct,
-            confidence=opts.confidence,
-            first_is_reference=unchanged and opts.quantization == "none",
-            progress=progress,
-        )
-        op = plan.points[plan.default]
-        progress(
-            f"      default operating point {plan.default}: validation accuracy "
-            f"{op.accuracy:.4f}, {op.mean_cost / plan.costs[-1]:.0%} of MACs, exits {op.exit_rates}"
-        )
-        if not plan.within_budget:
-            raise BudgetError(
-                f"no operating point keeps validation accuracy within {opts.max_drop:.4f} of "
-                f"fp32 {ref_acc:.4f}; best is {max(p.accuracy for p in plan.points):.4f}"
-                + _bound_text(plan.certification)
+
+    def exits_and_stages(q: onnx.ModelProto) -> tuple[ExitPlan | None, list[StageGraph], bool]:
+        plan: ExitPlan | None = None
+        cuts = []
+        if opts.exits != "none":
+            names = None if opts.exits == "auto" else list(opts.exits)
+            cuts = choose_cuts(q, fractions=opts.exit_fractions, names=names)
+        if cuts:
+            feats = collect_features(q, cuts, x, grid=opts.exit_grid, threads=opts.threads)
+            plan = plan_exits(
+                q,
+                cuts,
+                feats,
+                y,
+                classes=prepared.classes,
+                reference_accuracy=ref_acc,
+                max_drop=opts.max_drop,
+                rule=opts.exit_rule,
+                reference_correct=ref_correct,
+                confidence=opts.confidence,
+                first_is_reference=unchanged and opts.quantization == "none",
+                progress=progress,
             )
-    else:
-        progress("      none (disabled or no valid cut point)")
-    stages = split_stages(
-        qmodel, [c.tensor for c in cuts], opts.exit_grid, layout=opts.stage_layout
-    )
-    identical = _check_split_identical(
-        [s.model for s in stages], [s.outputs for s in stages], qmodel, x["validation"][:64]
-    )
+            op = plan.points[plan.default]
+            progress(
+                f"      default operating point {plan.default}: validation accuracy "
+                f"{op.accuracy:.4f}, {op.mean_cost / plan.costs[-1]:.0%} of MACs, "
+                f"exits {op.exit_rates}"
+            )
+            if not plan.within_budget:
+                raise BudgetError(
+                    f"no operating point keeps validation accuracy within {opts.max_drop:.4f} "
+                    f"of fp32 {ref_acc:.4f}; best is {max(p.accuracy for p in plan.points):.4f}"
+                    + _bound_text(plan.certification)
+                )
+        else:
+            progress("      none (disabled or no valid cut point)")
+        stages = split_stages(q, [c.tensor for c in cuts], opts.exit_grid, layout=opts.stage_layout)
+        identical = _check_split_identical(
+            [s.model for s in stages], [s.outputs for s in stages], q, x["validation"][:64]
+        )
+        return plan, stages, identical
+
+    plan, stages, identical = exits_and_stages(qmodel)
+    if not identical and fallback is not None:
+        # Nodes kept fp32 for speed can leave a Q/DQ pair at a cut that onnxruntime fuses away
+        # in the whole model but not across two stage sessions: the split would not reproduce
+        # it. Speed is never worth that; accuracy control's model splits as it always did.
+        progress("      speed control's model does not split bit-identically: dropping it")
+        qmodel, qinfo["speed"]["kept"] = fallback, False
+        qinfo.update(qinfo["speed"]["accuracy_control"])
+        plan, stages, identical = exits_and_stages(qmodel)
     if not identical:
         raise ModelError("staged execution does not reproduce the unsplit model; refusing to ship")
 
