@@ -54,8 +54,16 @@ class Certify:
 
 
 def cross_entropy(logits: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]) -> float:
-    """Mean negative log-likelihood of the true class."""
-    p = softmax(logits)
+    """Mean negative log-likelihood of the true class.
+
+    A model that ends in Softmax already outputs probabilities: a second softmax would squash
+    them into near-uniform rows and every layer's loss would look alike (seen on PP-OCR's
+    text-line classifier: 0.53 for all), so rows that are already distributions are used as
+    they are.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    is_prob = bool((z >= 0).all() and np.allclose(z.sum(axis=-1), 1.0, atol=1e-3))
+    p = z if is_prob else softmax(z)
     return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1.0))))
 
 

