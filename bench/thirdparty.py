@@ -17,7 +17,6 @@ this module then exits 1.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from onnx import version_converter
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed, make_input_shape_fixed
 
+from bench import zoo_models
 from bench.report import emit_report, load_avg, machine_info, report_head, rounded_floats, say
 from bench.runners import model_runner
 from bench.text_images import render_text_image
@@ -61,22 +61,7 @@ CHUNK, WARMUP = 4, 3
 
 def fetch_wheel(cache: Path) -> Path:
     """The rapidocr wheel, downloaded once (no install: it would pull in opencv-python)."""
-    found = sorted(cache.glob(WHEEL_GLOB))
-    if found:
-        return found[0]
-    cache.mkdir(parents=True, exist_ok=True)
-    say(f"downloading {WHEEL} into {cache}")
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(cache)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:  # pip's own message says why (offline, index, ...)
-        raise RuntimeError(f"pip download {WHEEL} failed: {done.stderr.strip()[-800:]}")
-    found = sorted(cache.glob(WHEEL_GLOB))
-    if not found:
-        raise FileNotFoundError(f"pip download left no {WHEEL_GLOB} in {cache}")
-    return found[0]
+    return zoo_models.fetch_wheel(WHEEL, cache)
 
 
 def prepare_detector(wheel: Path, size: int) -> tuple[onnx.ModelProto, str, list[str]]:

@@ -28,7 +28,8 @@ import onnxruntime as ort
 Array = npt.NDArray[np.generic]
 log = logging.getLogger(__name__)
 
-_DTYPES: dict[str, type[np.generic]] = {
+# onnxruntime's type strings -> numpy dtypes, for buffers and blank inputs.
+ONNX_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -42,7 +43,7 @@ _DTYPES: dict[str, type[np.generic]] = {
 
 def _static(arg: ort.NodeArg) -> tuple[list[int], type[np.generic]] | None:
     """(shape, dtype) when both are fixed and known, else None."""
-    dtype = _DTYPES.get(arg.type)
+    dtype = ONNX_DTYPES.get(arg.type)
     shape = arg.shape
     if dtype is None or shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
         return None

@@ -38,6 +38,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from .chain import ONNX_DTYPES
+
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
@@ -59,16 +61,6 @@ PROBE_MIN_RUNS = 5
 PROBE_BUDGET_S = 1.0
 PROBE_WARMUP = 3
 
-_NUMPY_TYPES: dict[str, type[np.generic]] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(uint8)": np.uint8,
-    "tensor(int8)": np.int8,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(bool)": np.bool_,
-}
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
@@ -148,7 +140,7 @@ def blank_feeds(sess: ort.InferenceSession) -> dict[str, npt.NDArray[np.generic]
     feeds: dict[str, npt.NDArray[np.generic]] = {}
     for arg in sess.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in (arg.shape or [])]
-        feeds[arg.name] = np.zeros(shape, _NUMPY_TYPES.get(arg.type, np.float32))
+        feeds[arg.name] = np.zeros(shape, ONNX_DTYPES.get(arg.type, np.float32))
     return feeds
 
 
