@@ -404,3 +404,43 @@ def test_manifest_figures_are_what_the_device_computes(reference_run: Path, key:
     wrong = np.roll(labels, 1)
     with pytest.raises(ModelError, match="the device computes"):
         check_manifest_figures(verified, x, wrong)
+
+
+def test_speed_controls_model_is_dropped_when_it_does_not_split(
+    tmp_path: Path, mnist_npz: Path, key: FleetKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Speed control's faster model must split bit-identically like any other, or the
+    accuracy-controlled model ships instead (timing decides which nodes stay fp32, so the
+    unsplittable case is staged here: a fixed fp32 node and a failing first split check)."""
+    import edgefleet.server.optimize.pipeline as pipeline
+
+    def fake_speed(
+        fp32: onnx.ModelProto, name: str, cal: np.ndarray, excluded: list[str], **kw: object
+    ) -> tuple[onnx.ModelProto, dict[str, object]]:
+        node = "/stem/conv/Conv"
+        q = quantize_qdq(fp32, name, cal[:50], exclude=[*excluded, node], reduce_range=True)
+        return q, {"speed_excluded": [node], "excluded": [*excluded, node], "passes": []}
+
+    real_check = pipeline._check_split_identical
+    calls: list[int] = []
+
+    def first_fails(*args: object) -> bool:
+        calls.append(1)
+        return False if len(calls) == 1 else real_check(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "speed_fallback", fake_speed)
+    monkeypatch.setattr(pipeline, "_check_split_identical", first_fails)
+    report = optimize(
+        MODEL_PATH,
+        mnist_npz,
+        tmp_path / "out",
+        SPEC,
+        key,
+        OptimizeOptions(**FAST),
+        progress=lambda _m: None,
+    )
+    assert len(calls) == 2
+    assert report["quantization"]["speed"]["kept"] is False
+    assert "/stem/conv/Conv" not in report["quantization"]["excluded"]
+    assert report["bundle"]["split_identical"] is True
+    verify_bundle(tmp_path / "out" / "bundle", [key.public])

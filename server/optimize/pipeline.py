@@ -324,10 +324,20 @@ def optimize(
                 )
         else:
             progress("      none (disabled or no valid cut point)")
-        stages = split_stages(q, [c.tensor for c in cuts], opts.exit_grid, layout=opts.stage_layout)
-        identical = _check_split_identical(
-            [s.model for s in stages], [s.outputs for s in stages], q, x["validation"][:64]
-        )
+        try:
+            stages = split_stages(
+                q, [c.tensor for c in cuts], opts.exit_grid, layout=opts.stage_layout
+            )
+            identical = _check_split_identical(
+                [s.model for s in stages], [s.outputs for s in stages], q, x["validation"][:64]
+            )
+        except Exception as exc:
+            if fallback is None or q is fallback:
+                raise
+            # A graph that is partly fp32 for speed can defeat the cut analysis (a stage that
+            # reads a tensor of an earlier one): that model is dropped, never shipped.
+            progress(f"      speed control's model cannot be split ({type(exc).__name__}: {exc})")
+            return plan, [], False
         return plan, stages, identical
 
     plan, stages, identical = exits_and_stages(qmodel)

@@ -69,7 +69,15 @@ def exits_bundle(factory: pytest.TempPathFactory) -> tuple[Path, FleetKey]:
             work / "out",
             reference_preprocessing(),
             key,
-            OptimizeOptions(quantization="none", exit_fractions=[0.25, 0.5], latency_samples=10),
+            # confidence=None: the measured validation drop picks the default point, as eager as
+            # the budget allows on 400 images, so the skewed exit 0 takes many frames and a
+            # round has something to repair (a certified point lets few out at this size).
+            OptimizeOptions(
+                quantization="none",
+                exit_fractions=[0.25, 0.5],
+                latency_samples=10,
+                confidence=None,
+            ),
             progress=lambda _m: None,
         )
         _BUILT["bundle"] = (work / "out" / "bundle", key)
