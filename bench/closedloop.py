@@ -71,7 +71,10 @@ P95_OVER_P50 = 1.3  # what the simulated devices report
 TARGETS = {"north": 60.0, "south": 25.0, "east": 12.0, "west": 120.0}
 MIN_ACCURACY = 0.95
 REAL_GROUP = "real"
-REAL_SHARE = 0.7
+# The real agent's target against its settled fp32 p95: low enough that fp32 windows miss it,
+# high enough that INT8 with exits meets it on a CPU where INT8 convolutions gain nothing
+# (0.7 timed out once on a no-VNNI EPYC: the exits left ~0.7x of fp32 end to end there).
+REAL_SHARE = 0.8
 MET_WINDOWS = 5
 VARIANTS = {
     "fp32": {"quantization": "none", "exits": "none"},
@@ -246,7 +249,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         agent = AgentProcess(cfg, work / "agent.log")
         members[REAL_GROUP] = ["real-0"]
         real_target = _real_target(coord, loop, fp32, args.timeout)
-        say(f"real agent: target {real_target:.3f} ms ({REAL_SHARE:g} x its calibrated fp32 p95)")
+        say(f"real agent: target {real_target:.3f} ms ({REAL_SHARE:g} x its settled fp32 p95)")
         targets = {**TARGETS, REAL_GROUP: real_target}
 
         def all_met() -> bool:
@@ -279,9 +282,16 @@ def _unpack_variant(coord: Coordinator, v: VariantRecord, out: Path) -> None:
 def _real_target(
     coord: Coordinator, loop: LoopClient, fp32: VariantRecord, timeout: float
 ) -> float:
-    """0.7 x the real agent's calibrated fp32 p95: it misses on fp32, and the INT8 variants
-    meet it (2-3x faster in compute; at well under a millisecond a frame the runtime's fixed
-    costs leave INT8 with early exits at about 0.55 x fp32 end to end)."""
+    """REAL_SHARE x the real agent's fp32 p95, once settled: it misses on fp32, and the INT8
+    variants meet it (2-3x faster in compute; at well under a millisecond a frame the runtime's
+    fixed costs leave INT8 with early exits at about 0.55-0.7 x fp32 end to end).
+
+    The first windows after the start (the calibration the loop keeps) can run slower than
+    the agent's steady state while simulated devices start beside it: measured here, 14.4 ms
+    calibrated against under 10 ms a few windows later. A target taken from those would be met
+    on fp32 and nothing would have to move, so the target is REAL_SHARE x the smaller of the
+    calibration and the median of the agent's last MET_WINDOWS windows, after the loop's own
+    calibration is complete."""
     def calibrated() -> float | None:
         for r in coord.store.latencies(fp32.manifest_sha256):
             dev = coord.store.device("real-0")
@@ -292,7 +302,15 @@ def _real_target(
 
     loop.set_target(REAL_GROUP, {"p95_ms": 1000.0, "min_accuracy": MIN_ACCURACY})
     wait_until(lambda: calibrated() is not None, timeout, "the real agent's fp32 calibration")
-    target = REAL_SHARE * (calibrated() or 0.0)
+
+    def settled() -> float | None:
+        recent = coord.store.telemetry("real-0", limit=CALIBRATION_WINDOWS + MET_WINDOWS)
+        if len(recent) < CALIBRATION_WINDOWS + MET_WINDOWS:
+            return None
+        return statistics.median(r.telemetry.latency_ms.p95 for r in recent[:MET_WINDOWS])
+
+    wait_until(lambda: settled() is not None, timeout, "the real agent's settled fp32 windows")
+    target = REAL_SHARE * min(calibrated() or 0.0, settled() or 0.0)
     loop.set_target(REAL_GROUP, {"p95_ms": target})
     return target
 
