@@ -34,6 +34,7 @@ from edgefleet.agent.protocol import (
     UnpinOperatingPoint,
     offline_will,
 )
+from edgefleet.agent.protocol.messages import DetectedObject
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 MANIFEST_SHA = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
@@ -108,6 +109,95 @@ def result() -> Result:
         confidence=0.97,
         exit_index=0,
         latency_ms=2.3,
+    )
+
+
+def detect_telemetry(device_id: str = "cam-3", seq: int = 9) -> Telemetry:
+    """A detector's window: one exit bucket, frames the motion gate skipped, objects seen."""
+    return Telemetry(
+        device_id=device_id,
+        seq=seq,
+        window_start=1_767_225_600.0,
+        window_end=1_767_225_610.0,
+        frames_captured=300,
+        frames_processed=120,
+        frames_dropped=0,
+        fps=12.0,
+        latency_ms=Percentiles(p50=21.0, p95=24.5, p99=26.0),
+        stage_latency_ms=[Percentiles(p50=20.5, p95=24.0, p99=25.5)],
+        exit_histogram=[120],
+        operating_point=1,
+        cpu_percent=95.0,
+        rss_mb=180.2,
+        power_source="none",
+        outbox_depth=0,
+        outbox_overflow=0,
+        model_id="digits-det",
+        model_version=2,
+        object_counts={"3": 1, "7": 2},
+        frames_skipped=180,
+        objects_started=4,
+    )
+
+
+def detect_result() -> Result:
+    """A detector's frame with two boxes, the best first; the top fields are the best box's."""
+    return Result(
+        device_id="cam-3",
+        ts=1_767_225_601.5,
+        frame_index=4321,
+        class_index=7,
+        label="7",
+        confidence=0.91,
+        exit_index=0,
+        latency_ms=22.4,
+        objects=[
+            DetectedObject(
+                class_index=7,
+                label="7",
+                score=0.91,
+                x1=40.0,
+                y1=32.5,
+                x2=96.0,
+                y2=90.0,
+                track_id=12,
+            ),
+            DetectedObject(
+                class_index=3,
+                label="3",
+                score=0.55,
+                x1=200.0,
+                y1=10.0,
+                x2=250.5,
+                y2=64.0,
+                track_id=None,
+            ),
+        ],
+    )
+
+
+def object_event() -> Event:
+    """A tracked object that left the view after 3.2 s."""
+    return Event(
+        device_id="cam-3",
+        ts=1_767_225_704.2,
+        seq=31,
+        kind="object_end",
+        message="7 #12 left after 3.2 s (48 frames)",
+        details={
+            "track_id": 12,
+            "class_index": 7,
+            "label": "7",
+            "score": 0.93,
+            "x1": 180.0,
+            "y1": 30.0,
+            "x2": 236.0,
+            "y2": 88.0,
+            "duration_s": 3.2,
+            "frames": 48,
+            "start_ts": 1_767_225_701.0,
+            "zone": "door",
+        },
     )
 
 
@@ -256,9 +346,13 @@ ALL_MESSAGES: list[Payload] = [
     telemetry(),
     result(),
     event(),
+    detect_telemetry(),
+    detect_result(),
+    object_event(),
     *(command(body) for body in COMMAND_BODIES),
     reply(ok=True),
     reply(ok=False),
-    offer(),    fed_task(),
+    offer(),
+    fed_task(),
     fed_update(),
 ]

@@ -27,7 +27,8 @@ SIZE_LIMITS: Final[Mapping[PayloadKind, int]] = MappingProxyType(
     {
         "status": 4 * KiB,
         "telemetry": 16 * KiB,
-        "results": 4 * KiB,
+        # A detector's boxes: 50 objects at every bound fit (messages.MAX_OBJECTS).
+        "results": 16 * KiB,
         "events": 16 * KiB,
         "cmd": 16 * KiB,
         "reply": 1 * MiB,  # a snapshot's JPEG travels base64 in the reply

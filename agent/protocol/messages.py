@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import (
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 from edgefleet.agent.protocol.base import ModelId, Payload, PayloadKind, Strict
 from edgefleet.agent.protocol.bounds import (
@@ -24,6 +31,35 @@ DetailValue = Annotated[str, StringConstraints(max_length=1000)] | Int64 | float
 
 MAX_EXITS = 16
 MAX_STAGES = 16
+# Boxes in one result. A Result at every bound (50 objects with 64-character labels and
+# 18-digit coordinates) encodes to about 14 KB, inside the 16 KiB results limit (tested).
+MAX_OBJECTS = 50
+# Classes counted in one telemetry window.
+MAX_COUNTED_CLASSES = 100
+# Frame coordinates: a camera frame is at most 8192 pixels wide (camera.width's bound).
+MAX_PX = 100_000.0
+Label = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class _OmitNone(Strict):
+    """A payload whose fields in OMIT_IF_NONE are left off the wire when None.
+
+    Fields added for detectors are optional; leaving them out when unset keeps a classifier's
+    payloads byte-for-byte what they were, so a coordinator that predates them (extra keys
+    forbidden) still reads every payload of a classifier device.
+    """
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in self.OMIT_IF_NONE:
+            if name in data and data[name] is None:
+                del data[name]
+        return data
 
 
 class Hardware(Strict):
@@ -107,10 +143,13 @@ class Percentiles(Strict):
 PowerSource = Literal["rapl", "hwmon", "ina3221", "pmic", "estimate", "none"]
 
 
-class Telemetry(Payload):
+class Telemetry(Payload, _OmitNone):
     """One window of measurements; seq lets the coordinator prove nothing was lost."""
 
     KIND: ClassVar[PayloadKind] = "telemetry"
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"object_counts", "frames_skipped", "objects_started"}
+    )
 
     device_id: DeviceId = Field(description="The device; equals the id in the topic.")
     seq: int = Field(
@@ -168,6 +207,21 @@ class Telemetry(Payload):
     model_version: int | None = Field(
         None, ge=1, le=MAX_SEQ, description="Bundle version that ran."
     )
+    # Detectors only (docs/detect.md, "Agent"); absent from a classifier's windows.
+    object_counts: dict[Label, Count] | None = Field(
+        None,
+        max_length=MAX_COUNTED_CLASSES,
+        description="Detectors: per label, the most confirmed tracks alive at once in the window.",
+    )
+    frames_skipped: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_COUNT,
+        description="Detectors: frames the motion gate kept from the model (not in processed).",
+    )
+    objects_started: int | None = Field(
+        None, ge=0, le=MAX_COUNT, description="Detectors: tracks confirmed in the window."
+    )
 
     @model_validator(mode="after")
     def _window_ordered(self) -> Telemetry:
@@ -178,10 +232,40 @@ class Telemetry(Payload):
         return self
 
 
-class Result(Payload):
-    """One inference result, sent at QoS 0, rate-limited or on change."""
+class DetectedObject(Strict):
+    """One box of a detector's result, in frame pixels."""
+
+    class_index: int = Field(ge=0, le=MAX_COUNT, description="Detected class.")
+    label: Label = Field(description="Label of the class (at most 64 characters).")
+    score: float = Field(ge=0, le=1, description="Detector score of the box.")
+    x1: float = Field(ge=0, le=MAX_PX, description="Left edge, frame pixels.")
+    y1: float = Field(ge=0, le=MAX_PX, description="Top edge, frame pixels.")
+    x2: float = Field(ge=0, le=MAX_PX, description="Right edge, frame pixels.")
+    y2: float = Field(ge=0, le=MAX_PX, description="Bottom edge, frame pixels.")
+    track_id: int | None = Field(
+        None, ge=0, le=MAX_SEQ, description="Confirmed track the box belongs to; None: none yet."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DetectedObject:
+        if self.x2 < self.x1 or self.y2 < self.y1:
+            raise ValueError(
+                f"box must satisfy x1 <= x2 and y1 <= y2, got "
+                f"({self.x1}, {self.y1}, {self.x2}, {self.y2})"
+            )
+        return self
+
+
+class Result(Payload, _OmitNone):
+    """One inference result, sent at QoS 0, rate-limited or on change.
+
+    A detector's result carries its boxes in `objects`; its class_index, label and
+    confidence are those of the best box, or 0, "" and 0.0 when the frame has none
+    (docs/detect.md, "Agent"). A classifier's result has no `objects` key at all.
+    """
 
     KIND: ClassVar[PayloadKind] = "results"
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"objects"})
 
     device_id: DeviceId = Field(description="The device; equals the id in the topic.")
     ts: float = Field(ge=0, le=MAX_TS, description="Unix seconds when the frame was captured.")
@@ -193,6 +277,26 @@ class Result(Payload):
         ge=0, lt=MAX_EXITS, description="Exit that answered; the last is the final head."
     )
     latency_ms: float = Field(ge=0, le=MAX_MS, description="Inference latency of this frame.")
+    objects: list[DetectedObject] | None = Field(
+        None,
+        max_length=MAX_OBJECTS,
+        description="Detectors: the frame's boxes, best first; None for a classifier.",
+    )
+
+    @model_validator(mode="after")
+    def _best_object(self) -> Result:
+        if self.objects is None:
+            return self
+        if not self.objects:
+            if self.confidence != 0.0 or self.label != "":
+                raise ValueError("a detector result without objects has confidence 0, label ''")
+            return self
+        best = max(o.score for o in self.objects)
+        if abs(self.confidence - best) > 1e-6:
+            raise ValueError(
+                f"a detector result's confidence {self.confidence} is not its best score {best}"
+            )
+        return self
 
 
 EventKind = Literal[
@@ -211,6 +315,10 @@ EventKind = Literal[
     "keys_refused",
     "fed_update_sent",
     "fed_skipped",
+    # Detectors: one tracked object's life (docs/detect.md, "Agent").
+    "object_start",
+    "object_update",
+    "object_end",
 ]
 EventLevel = Literal["debug", "info", "warning", "error"]
 
