@@ -106,6 +106,76 @@ class ExitHead(_Model):
         return self
 
 
+Decoder = Literal["yolov8", "yolox"]
+
+
+class Detection(_Model):
+    """How a detector's raw outputs become boxes (agent/detect/decode.py), declared, never guessed.
+
+    yolov8: one output (1, 4 + C, N) ("attributes_first", as Ultralytics exports it) or
+    (1, N, 4 + C) ("boxes_first"); rows are cx, cy, w, h in input pixels, then C class scores
+    in [0, 1]. yolox: one output (1, N, 5 + C), rows are raw grid offsets x, y, log w, log h,
+    objectness, C class scores, over the grids of `strides` (YOLOX's export without
+    decode_in_inference); a box's score is objectness x class score.
+    """
+
+    decoder: Decoder = Field(description="output layout family")
+    outputs: list[str] = Field(
+        min_length=1, max_length=4, description="ONNX outputs of the last stage the decoder reads"
+    )
+    layout: Literal["attributes_first", "boxes_first"] = Field(
+        "attributes_first", description="yolov8 only: (1, 4+C, N) or (1, N, 4+C)"
+    )
+    strides: list[int] = Field(
+        default_factory=lambda: [8, 16, 32],
+        min_length=1,
+        max_length=8,
+        description="yolox only: the feature strides whose grids the rows follow, in order",
+    )
+    score_threshold: float = Field(0.25, gt=0, le=1, description="boxes below are dropped")
+    class_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="label -> score threshold overriding score_threshold"
+    )
+    nms_iou: float = Field(0.45, gt=0, le=1, description="IoU above which NMS drops a box")
+    max_detections: int = Field(100, ge=1, le=10_000, description="kept per frame, best first")
+    class_agnostic: bool = Field(False, description="NMS across classes instead of per class")
+
+    @field_validator("strides")
+    @classmethod
+    def _strides(cls, value: list[int]) -> list[int]:
+        if any(s < 1 or s > 1024 for s in value):
+            raise ValueError(f"strides {value} must be between 1 and 1024")
+        return value
+
+    @field_validator("class_thresholds")
+    @classmethod
+    def _class_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        for label, t in value.items():
+            if not 0.0 < t <= 1.0:
+                raise ValueError(f"class_thresholds[{label!r}] = {t} outside (0, 1]")
+        return value
+
+
+class Gate(_Model):
+    """When a detector may skip a frame and keep the last objects (agent/detect/gate.py).
+
+    Motion is measured as in Frigate: the frame is shrunk to `width` pixels, blurred, and
+    compared with a running average of past frames; a pixel moved when it differs by more
+    than `pixel_threshold` grey levels. The detector runs when at least `motion` of the
+    pixels moved, and at the latest every `max_skip` + 1 frames whatever the motion.
+    """
+
+    motion: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="fraction of moved pixels that runs the detector; None: every frame runs it",
+    )
+    pixel_threshold: int = Field(25, ge=1, le=255, description="grey levels that count as motion")
+    width: int = Field(64, ge=8, le=1024, description="motion is measured at this width")
+    max_skip: int = Field(30, ge=0, le=100_000, description="consecutive frames skipped at most")
+
+
 class Stage(_Model):
     """One ONNX sub-model: reads the previous stage's tensors, emits the next ones."""
 
@@ -131,6 +201,13 @@ class OperatingPoint(_Model):
     val_accuracy: float | None = Field(None, ge=0, le=1, description="on the validation split")
     expected_macs: float | None = Field(None, ge=0, description="mean MACs per frame")
     exit_rates: list[float] | None = Field(None, description="fraction of frames per exit")
+    gate: Gate | None = Field(None, description="detectors: when a frame may skip the model")
+    skip_fraction: float | None = Field(
+        None, ge=0, le=1, description="detectors: fraction of frames the gate skipped on validation"
+    )
+    val_recall: float | None = Field(
+        None, ge=0, le=1, description="detectors: recall at IoU 0.5 with the gate, on validation"
+    )
 
     @field_validator("thresholds")
     @classmethod
@@ -228,7 +305,12 @@ class ManifestBody(_Model):
     created_ts: float = Field(ge=0)
     input: TensorSpec
     preprocessing: Preprocessing
-    labels: list[str] = Field(min_length=2, max_length=100_000)
+    # Optional so that bundles written before detectors existed still verify.
+    task: Literal["classify", "detect"] = Field(
+        "classify", description="what the model does; the agent never guesses it from shapes"
+    )
+    detection: Detection | None = Field(None, description="task 'detect': how to decode outputs")
+    labels: list[str] = Field(min_length=1, max_length=100_000)
     stages: list[Stage] = Field(min_length=1, max_length=16)
     operating_points: list[OperatingPoint] = Field(default_factory=list)
     default_operating_point: int = Field(0, ge=0)
@@ -244,8 +326,7 @@ class ManifestBody(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> ManifestBody:
-        if self.stages[-1].exit is None:
-            raise ValueError("the last stage must have an exit (the model's classifier)")
+        self._task_consistent()
         if self.stages[0].inputs != [self.input.name]:
             raise ValueError(
                 f"stage 0 reads {self.stages[0].inputs}, but the input is {self.input.name!r}"
@@ -259,7 +340,7 @@ class ManifestBody(_Model):
         if self.stages[-1].outputs:
             raise ValueError("the last stage must not pass tensors on")
         final_exit = self.stages[-1].exit
-        if final_exit.graph_file is not None:
+        if final_exit is not None and final_exit.graph_file is not None:
             raise ValueError("the last stage's exit is its own output; it takes no graph_file")
         n_exits = len(self.early_exits)
         for op in self.operating_points:
@@ -276,6 +357,28 @@ class ManifestBody(_Model):
         if not self.operating_points and self.default_operating_point != 0:
             raise ValueError("default_operating_point must be 0 when there are no operating points")
         return self
+
+    def _task_consistent(self) -> None:
+        if self.task == "classify":
+            if self.detection is not None:
+                raise ValueError("task 'classify' takes no detection section")
+            if len(self.labels) < 2:
+                raise ValueError(f"a classifier needs at least 2 labels, got {len(self.labels)}")
+            if self.stages[-1].exit is None:
+                raise ValueError("the last stage must have an exit (the model's classifier)")
+            if any(op.gate is not None for op in self.operating_points):
+                raise ValueError("operating points of a classifier take no gate")
+            return
+        if self.detection is None:
+            raise ValueError("task 'detect' needs a detection section (decoder and outputs)")
+        with_exit = [k for k, s in enumerate(self.stages) if s.exit is not None]
+        if with_exit:
+            raise ValueError(
+                f"task 'detect' takes no classifier exits, but stage(s) {with_exit} have one"
+            )
+        unknown = sorted(set(self.detection.class_thresholds) - set(self.labels))
+        if unknown:
+            raise ValueError(f"detection.class_thresholds names unknown label(s): {unknown}")
 
     def referenced_files(self) -> list[str]:
         """Every file the manifest points at: stage models and exit head weights."""
