@@ -59,7 +59,10 @@ def test_loop_moves_a_slow_group_to_a_faster_variant_and_back_once(fleet: LocalF
     store = fleet.coordinator.store
     v1 = add_variant(fleet, 1, [("accurate", 0.99, 1.0)], no_exit_ms=2.0, sim_ms=(20.0,))
     v2 = add_variant(
-        fleet, 2, [("accurate", 0.98, 1.0), ("fast", 0.96, 0.5)], no_exit_ms=0.8,
+        fleet,
+        2,
+        [("accurate", 0.98, 1.0), ("fast", 0.96, 0.5)],
+        no_exit_ms=0.8,
         sim_ms=(8.0, 4.0),
     )
     client = LoopClient(fleet.coordinator.url, TOKEN)
@@ -94,6 +97,7 @@ def test_loop_moves_a_slow_group_to_a_faster_variant_and_back_once(fleet: LocalF
         assert "over 25 ms" in decision.message and "mnist-v2" in decision.message
         r = store.rollout(decision.rollout_id or "")
         assert r is not None
+
         def completed() -> bool:
             now = store.rollout(r.rollout_id)
             return now is not None and now.state == "completed"
@@ -123,16 +127,17 @@ def test_loop_moves_a_slow_group_to_a_faster_variant_and_back_once(fleet: LocalF
 
         wait_until(calibrated, 60, "v2 calibrated on every class", detail=why)
         sim.set_slowdown(None, 0.5)
-        wait_until(
-            lambda: on(v1.record.manifest_sha256), 60, "every device back on v1", detail=why
-        )
+        wait_until(lambda: on(v1.record.manifest_sha256), 60, "every device back on v1", detail=why)
         backs = [d for d in store.decisions(group="lab") if d.action == "move_back"]
         assert 1 <= len(backs) <= len(ids)
         assert all("far under 25 ms" in b.message for b in backs)
         assert sorted(x for d in backs for x in d.devices) == sorted(ids)
         time.sleep(FAST_LOOP.cooldown_s + 15 * FAST_LOOP.tick_s + 3.0)
-        changes = [d for d in store.decisions(group="lab")
-                   if d.action in ("rollout", "move_back", "pin_point")]
+        changes = [
+            d
+            for d in store.decisions(group="lab")
+            if d.action in ("rollout", "move_back", "pin_point")
+        ]
         assert len(changes) == len(rolls) + len(backs), [d.message for d in changes]
         assert all(fleet.coordinator.retune.tracks[d].changes == 2 for d in ids)
         assert on(v1.record.manifest_sha256)
@@ -195,13 +200,20 @@ def test_pinned_variant_goes_to_every_device_and_nothing_else_is_chosen(
             90,
             "every device on the pinned variant",
         )
-        (decision,) = [d for d in store.decisions(group="lab") if d.action == "rollout"]
-        assert "pinned variant mnist-v2" in decision.message
-        assert sorted(decision.devices) == sorted(ids)
+        # A device whose birth reaches the coordinator a tick after the others gets its own
+        # rollout (seen under load in CI), so the pin may take one decision per tick; every
+        # one names the pin and each device is moved exactly once.
+        rolls = [d for d in store.decisions(group="lab") if d.action == "rollout"]
+        assert 1 <= len(rolls) <= len(ids), [d.message for d in rolls]
+        assert all("pinned variant mnist-v2" in d.message for d in rolls), [
+            d.message for d in rolls
+        ]
+        moved = [device for d in rolls for device in d.devices]
+        assert sorted(moved) == sorted(ids)
         # v1 is more accurate and fits, but the group is pinned: nothing moves back.
         time.sleep(FAST_LOOP.cooldown_s + 12 * FAST_LOOP.tick_s + 3.0)
         moves = [d for d in store.decisions(group="lab") if d.action != "measured"]
-        assert len(moves) == 1, [d.message for d in moves]
+        assert len(moves) == len(rolls), [d.message for d in moves]
         assert all(sim.running(d)[0] == v2.record.manifest_sha256 for d in ids)
     finally:
         sim.stop(graceful=False)
