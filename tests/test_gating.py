@@ -10,7 +10,6 @@ from edgefleet.server.optimize.gating import (
     choose,
     found,
     gate_decisions,
-    iou_matrix,
     replay,
     sweep,
 )
@@ -21,12 +20,6 @@ def objs(*rows: tuple[int, float, float, float, float]) -> FrameObjects:
         return FrameObjects(np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
     a = np.array(rows, dtype=np.float64)
     return FrameObjects(a[:, 1:].astype(np.float32), a[:, 0].astype(np.int64))
-
-
-def test_iou_by_hand() -> None:
-    a = np.array([[0, 0, 10, 10]], np.float32)
-    b = np.array([[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 10]], np.float32)
-    assert iou_matrix(a, b) == pytest.approx(np.array([[50 / 150, 0.0, 1.0]]))
 
 
 def test_found_needs_same_class_and_matches_one_to_one() -> None:

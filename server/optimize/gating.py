@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from edgefleet.agent.detect.boxes import iou_matrix
+
 Boxes = npt.NDArray[np.float32]
 Classes = npt.NDArray[np.int64]
 RECALL_IOU = 0.5
@@ -38,22 +40,6 @@ class GateFigures:
     skip_fraction: float
     recall: float
     recall_drop_pt: float
-
-
-def iou_matrix(a: Boxes, b: Boxes) -> npt.NDArray[np.float64]:
-    """IoU of every box in a (N, 4) with every box in b (M, 4), xyxy."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    x1 = np.maximum(a64[:, None, 0], b64[None, :, 0])
-    y1 = np.maximum(a64[:, None, 1], b64[None, :, 1])
-    x2 = np.minimum(a64[:, None, 2], b64[None, :, 2])
-    y2 = np.minimum(a64[:, None, 3], b64[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a64[:, 2] - a64[:, 0]) * (a64[:, 3] - a64[:, 1])
-    area_b = (b64[:, 2] - b64[:, 0]) * (b64[:, 3] - b64[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def found(truth: FrameObjects, seen: FrameObjects, iou: float = RECALL_IOU) -> int:
