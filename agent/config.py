@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgefleet.agent.detect.zones import Zone
 from edgefleet.agent.protocol.ids import ID_PATTERN
 
 if sys.version_info >= (3, 11):
@@ -241,6 +242,62 @@ class FederatedConfig(_Section):
     )
 
 
+class TrackerConfig(_Section):
+    """How detections become tracked objects (agent/detect/tracker.py).
+
+    Tracking counts frames the detector ran: frames the motion gate skipped neither confirm
+    nor end a track (docs/detect.md, "Agent").
+    """
+
+    iou: float = Field(0.3, gt=0, lt=1, description="IoU with a track's last box that continues it")
+    min_hits: int = Field(
+        3, ge=1, le=1000, description="detector frames a track needs before object_start"
+    )
+    max_missed: int = Field(
+        10, ge=0, le=100_000, description="detector frames without a match before object_end"
+    )
+    update_interval_s: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="an object_update event per live track at most this often; None: none",
+    )
+
+
+class DetectConfig(_Section):
+    """What a detect bundle reports: per-class thresholds, zones, tracking, boxes in results.
+
+    Only read when the running bundle's manifest says task = "detect"; a classifier ignores it.
+    """
+
+    class_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="label -> score threshold on this device, over the bundle's own; a label "
+        "the bundle does not have refuses the start",
+    )
+    zones: list[Zone] = Field(
+        default_factory=list,
+        max_length=64,
+        description="polygons objects must stand in (box bottom centre); none: the whole frame",
+    )
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    results: Literal["tracked", "all"] = Field(
+        "tracked",
+        description="boxes in results: 'tracked' only confirmed tracks (with their id), 'all' "
+        "every detection in a zone (track_id null until confirmed)",
+    )
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> DetectConfig:
+        for label, t in self.class_thresholds.items():
+            if not 0.0 < t <= 1.0:
+                raise ValueError(f"class_thresholds[{label!r}] = {t} outside (0, 1]")
+        names = [z.name for z in self.zones]
+        if len(set(names)) != len(names):
+            raise ValueError(f"zone names must be unique, got {names}")
+        return self
+
+
 class AgentConfig(_Section):
     """The whole agent configuration."""
 
@@ -256,6 +313,7 @@ class AgentConfig(_Section):
     power: PowerConfig = Field(default_factory=PowerConfig)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
 
 
 def _set_path(data: dict[str, Any], keys: list[str], value: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.agent.protocol.messages import Percentiles
+from edgefleet.agent.protocol.messages import MAX_COUNTED_CLASSES, Percentiles
 
 MAX_SAMPLES = 10_000
 ZERO = Percentiles(p50=0.0, p95=0.0, p99=0.0)
@@ -70,10 +70,24 @@ class WindowStats:
     stage_latency_ms: list[Percentiles]
     exit_histogram: list[int]
     latency_samples: int = 0  # how many latencies the percentiles rest on (not in Telemetry)
+    # Detectors only; None for a classifier, whose telemetry then has no such keys.
+    frames_skipped: int | None = None
+    object_counts: dict[str, int] | None = None
+    objects_started: int | None = None
 
     def telemetry_fields(self) -> dict[str, Any]:
         """The fields Telemetry shares, as keyword arguments for it."""
+        detector = (
+            {
+                "frames_skipped": self.frames_skipped,
+                "object_counts": _bounded_counts(self.object_counts or {}),
+                "objects_started": self.objects_started,
+            }
+            if self.frames_skipped is not None
+            else {}
+        )
         return {
+            **detector,
             "window_start": self.window_start,
             "window_end": self.window_end,
             "frames_captured": self.frames_captured,
@@ -84,6 +98,16 @@ class WindowStats:
             "stage_latency_ms": list(self.stage_latency_ms),
             "exit_histogram": list(self.exit_histogram),
         }
+
+
+def _bounded_counts(counts: dict[str, int]) -> dict[str, int]:
+    """The counts as Telemetry takes them: the 100 largest, labels cut to 64 characters."""
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_COUNTED_CLASSES]
+    out: dict[str, int] = {}
+    for label, n in top:
+        key = label[:64] or "?"
+        out[key] = max(out.get(key, 0), n)
+    return out
 
 
 def _check_ms(value: float, what: str) -> float:
@@ -103,7 +127,9 @@ class TelemetryWindow:
     """Accumulates frames between two telemetry reports; `close` ends one and starts the next.
 
     n_exits counts every exit including the final head (early exits + 1), matching
-    `Prediction.exit_index`; n_stages counts the bundle's stages.
+    `Prediction.exit_index`; n_stages counts the bundle's stages. A detector's window
+    (detector=True) has one exit bucket, the frames the model ran, and counts besides the
+    frames its motion gate skipped and the tracked objects (docs/detect.md, "Agent").
     """
 
     def __init__(
@@ -116,6 +142,7 @@ class TelemetryWindow:
         dropped_total: int = 0,
         max_samples: int = MAX_SAMPLES,
         seed: int = 0,
+        detector: bool = False,
     ) -> None:
         if n_exits < 1 or n_stages < 1:
             raise ValueError(f"need >= 1 exit and stage, got {n_exits} and {n_stages}")
@@ -125,6 +152,7 @@ class TelemetryWindow:
         self._rng = random.Random(seed)  # seeded: the same frames give the same report
         self._captured_total = captured_total
         self._dropped_total = dropped_total
+        self.detector = detector
         self._reset(start_ts)
 
     def _reset(self, start_ts: float) -> None:
@@ -135,6 +163,9 @@ class TelemetryWindow:
         self._latency_values = self._latency.values
         self._stage_values = [r.values for r in self._stages]
         self._exits = [0] * self.n_exits
+        self.skipped = 0
+        self.objects_started = 0
+        self._counts: dict[str, int] = {}
 
     def record(self, prediction_latency_ms: float, stage_ms: list[float], exit_index: int) -> None:
         """Add one processed frame: its end-to-end latency, the stages it ran, its exit.
@@ -168,6 +199,22 @@ class TelemetryWindow:
         self._exits[exit_index] += 1
         self.processed += 1
 
+    def record_skipped(self) -> None:
+        """A frame the detector's motion gate kept from the model."""
+        self.skipped += 1
+
+    def record_objects(self, counts: dict[str, int], started: int = 0) -> None:
+        """Live confirmed tracks per label after a detector frame, and tracks it confirmed.
+
+        The window reports per label the most tracks alive at once: an object that crossed
+        the view between two window ends still shows, which a count at the end would miss.
+        """
+        self.objects_started += started
+        kept = self._counts
+        for label, n in counts.items():
+            if n > kept.get(label, 0):
+                kept[label] = n
+
     def close(
         self,
         now_ts: float,
@@ -197,6 +244,9 @@ class TelemetryWindow:
             stage_latency_ms=[percentiles(r.values) for r in self._stages],
             exit_histogram=list(self._exits),
             latency_samples=len(self._latency.values),
+            frames_skipped=self.skipped if self.detector else None,
+            object_counts=dict(self._counts) if self.detector else None,
+            objects_started=self.objects_started if self.detector else None,
         )
         self._captured_total = captured
         self._dropped_total = dropped
