@@ -228,6 +228,9 @@ class StagedModel:
             ]
             for stage in m.stages
         ]
+        if m.detection is not None:
+            # A detector's last stage has no exit: what it gives is the decoder's raw outputs.
+            self._fetch[-1] = [*self._fetch[-1], *m.detection.outputs]
         self._pass = [list(stage.outputs) for stage in m.stages]
         self._sessions = StageSessions(
             m.input.name, self.sessions, self.branches, self._fetch, self._pass
@@ -266,6 +269,10 @@ class StagedModel:
             tensor = self.manifest.input
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in tensor.shape]
             blank = np.zeros(shape, dtype=np.dtype(tensor.dtype))
+        if self.manifest.detection is not None:  # no exits, no class: run the stages
+            for _ in range(runs):
+                self.raw_outputs(blank)
+            return time.perf_counter() - t0
         saved = list(self.thresholds)
         self.set_thresholds([math.inf] * len(self.early_exits))
         try:
@@ -274,6 +281,19 @@ class StagedModel:
         finally:
             self.set_thresholds(saved)
         return time.perf_counter() - t0
+
+    def raw_outputs(self, x: npt.NDArray[np.generic]) -> list[npt.NDArray[np.generic]]:
+        """Run one preprocessed input through every stage; the last stage's fetched outputs.
+
+        A detector's raw outputs (manifest detection.outputs, in that order), for
+        agent/detect/decode.py. The arrays may be the chain's buffers: valid until the next
+        frame.
+        """
+        self._chain.load(x)
+        outs: list[npt.NDArray[np.generic]] = []
+        for k in range(len(self.sessions)):
+            outs = self._chain.stage(k, True)
+        return outs
 
     def predict(self, x: npt.NDArray[np.generic]) -> Prediction:
         """Run one preprocessed input (batch of one) through the stages until an exit fires."""

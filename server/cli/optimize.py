@@ -20,7 +20,14 @@ def register(sub: Any) -> None:
         help="quantize, add early exits, sign: an fp32 ONNX classifier becomes a device bundle",
         description=__doc__,
     )
-    p.add_argument("model", type=Path, help="fp32 ONNX image classifier")
+    p.add_argument("model", type=Path, help="fp32 ONNX image classifier (or detector: --task)")
+    p.add_argument(
+        "--task",
+        choices=["classify", "detect"],
+        default="classify",
+        help="detect: a YOLO-class detector, INT8 within a validation mAP budget, no exits "
+        "(data: <split>_images and <split>_boxes rows [image, class, x1, y1, x2, y2])",
+    )
     p.add_argument(
         "--data",
         type=Path,
@@ -32,7 +39,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     p.add_argument(
-        "--max-drop", type=float, default=0.01, help="accepted accuracy drop (0.01 = 1 pt)"
+        "--max-drop",
+        type=float,
+        default=None,
+        help="accepted accuracy drop (classify: 0.01 = 1 pt, the default; detect: validation "
+        "mAP@0.5 points, default 1.0)",
     )
     p.add_argument(
         "--confidence",
@@ -65,8 +76,9 @@ def register(sub: Any) -> None:
     g.add_argument(
         "--resize",
         choices=["stretch", "letterbox", "center_crop"],
-        default="stretch",
-        help="how a frame of another shape is fitted to the input",
+        default=None,
+        help="how a frame of another shape is fitted to the input (default: stretch; "
+        "letterbox for --task detect)",
     )
     g.add_argument(
         "--interpolation",
@@ -132,6 +144,23 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--share", type=int, default=None, help="k-means clusters per weight channel (default: off)"
     )
+    d = p.add_argument_group("detection (--task detect)")
+    d.add_argument("--decoder", choices=["yolov8", "yolox"], help="raw output family (required)")
+    d.add_argument(
+        "--det-layout",
+        choices=["attributes_first", "boxes_first"],
+        default="attributes_first",
+        help="yolov8: (1, 4+C, N) or (1, N, 4+C)",
+    )
+    d.add_argument("--strides", default="8,16,32", help="yolox: feature strides, in row order")
+    d.add_argument("--score-threshold", type=float, default=0.25, help="deployed box threshold")
+    d.add_argument("--nms-iou", type=float, default=0.45, help="IoU above which NMS drops a box")
+    d.add_argument("--max-det", type=int, default=100, help="boxes kept per frame")
+    d.add_argument("--class-agnostic", action="store_true", help="NMS across classes")
+    d.add_argument(
+        "--outputs", default=None, help="comma-separated output names (default: the model's)"
+    )
+    d.add_argument("--latency-samples", type=int, default=50, help="test frames timed")
     p.add_argument("--threads", type=int, default=1, help="threads for latency measurement")
     p.add_argument(
         "--model-id", default=None, help="model id in the manifest (default: the model file's name)"
@@ -191,6 +220,12 @@ def _labels(text: str | None) -> list[str] | None:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    if args.task == "detect":
+        return _optimize_detect(args)
+    if args.max_drop is None:
+        args.max_drop = 0.01
+    if args.resize is None:
+        args.resize = "stretch"
     # Options are checked before the optimizer's imports (onnx, onnxruntime, scipy: seconds),
     # so a mistyped option is refused at once.
     labels = _labels(args.labels)
@@ -252,6 +287,94 @@ def _optimize(args: argparse.Namespace) -> int:
         print(f"created fleet key {key.id} in {key.directory}")
     try:
         optimize(args.model, args.data, args.out, spec, key, opts)
+    except OptimizeError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def _validated(make: Any) -> Any:
+    """Build a pydantic options object; a refusal names the flag."""
+    try:
+        return make()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        raise CliError(f"{flag} {first.get('input')!r}: {first['msg']}") from None
+
+
+def _optimize_detect(args: argparse.Namespace) -> int:
+    """--task detect: INT8 within a validation mAP budget, one stage, a signed bundle."""
+    if args.decoder is None:
+        raise CliError("--task detect needs --decoder yolov8|yolox (never guessed from shapes)")
+    labels = _labels(args.labels)
+    mean, std = _floats(args.mean, "mean"), _floats(args.std, "std")
+    strides = _floats(args.strides, "strides") or []
+    if not args.data.exists():
+        raise CliError(f"{args.data}: no such file or folder")
+    from edgefleet.agent.bundle.manifest import Detection
+    from edgefleet.server.optimize.detect.options import DetectOptions
+    from edgefleet.server.optimize.errors import OptimizeError
+
+    opts = _validated(
+        lambda: DetectOptions(
+            max_drop=1.0 if args.max_drop is None else args.max_drop,
+            quantization="none" if args.quantization == "none" else "static",
+            calibration=args.calibration,
+            reduce_range=args.reduce_range,
+            threads=args.threads,
+            latency_samples=args.latency_samples,
+            model_id=args.model_id,
+            version=args.version,
+            labels=labels,
+            color_given=args.color is not None,
+        )
+    )
+    if args.quantization not in ("static", "none"):
+        raise CliError(f"--quantization {args.quantization}: detectors take static or none")
+    from edgefleet.server.optimize.preprocessing import infer_preprocessing
+
+    try:
+        spec = infer_preprocessing(
+            args.model,
+            size=args.size,
+            color=args.color,
+            layout=args.layout,
+            mean=mean,
+            std=std,
+            scale=args.scale,
+            resize=args.resize or "letterbox",
+            interpolation=args.interpolation,
+        )
+        import onnx
+
+        outputs = (
+            args.outputs.split(",")
+            if args.outputs
+            else [o.name for o in onnx.load(args.model, load_external_data=False).graph.output]
+        )
+    except OptimizeError as exc:
+        raise CliError(str(exc)) from None
+    detection = _validated(
+        lambda: Detection(
+            decoder=args.decoder,
+            outputs=outputs,
+            layout=args.det_layout,
+            strides=[int(s) for s in strides],
+            score_threshold=args.score_threshold,
+            nms_iou=args.nms_iou,
+            max_detections=args.max_det,
+            class_agnostic=args.class_agnostic,
+        )
+    )
+    from edgefleet.server.keystore import init_key
+    from edgefleet.server.optimize.detect.run import optimize_detector
+    from edgefleet.server.paths import keys_dir
+
+    key, created = init_key(args.keys_dir or keys_dir())
+    if created:
+        print(f"created fleet key {key.id} in {key.directory}")
+    try:
+        optimize_detector(args.model, args.data, args.out, spec, detection, key, opts)
     except OptimizeError as exc:
         raise CliError(str(exc)) from None
     return 0

@@ -119,13 +119,18 @@ def prepare_model(
     width: int,
     layout: str = "NCHW",
     run_pre_process: bool = True,
+    classifier: bool = True,
 ) -> PreparedModel:
-    """Fix the input to batch 1 and the given size, upgrade the opset, fold constants, optimise."""
+    """Fix the input to batch 1 and the given size, upgrade the opset, fold constants, optimise.
+
+    classifier=False (detectors) accepts any outputs: classes is then 0 and output_name the
+    first output; the caller checks the outputs against what it declared.
+    """
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's
     steps: list[str] = []
     check_supported_ops(model, source)
     inp = _image_input(model, source)
-    if len(model.graph.output) != 1:
+    if classifier and len(model.graph.output) != 1:
         raise ModelError(
             f"{source}: expected one output (class scores), found {len(model.graph.output)}"
         )
@@ -190,6 +195,8 @@ def prepare_model(
         name_nodes(model)
 
     output = model.graph.output[0]
+    if not classifier:
+        return PreparedModel(model, inp.name, shape, output.name, 0, steps)
     out_dims = output.type.tensor_type.shape.dim
     out_shape = [d.dim_value if d.HasField("dim_value") else -1 for d in out_dims]
     if len(out_shape) != 2 or out_shape[0] not in (1, -1) or out_shape[1] < 2:
