@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, TypeAlias
 
 import cv2
 import psutil
@@ -48,6 +48,7 @@ from edgefleet.agent.protocol import (
     decode,
     encode,
 )
+from edgefleet.agent.runtime.detector import DecodeError, DetectorModel
 from edgefleet.agent.runtime.preprocess import FrameError, Preprocessor
 from edgefleet.agent.runtime.staged import RuntimeLoadError, StagedModel
 from edgefleet.agent.systemd import Notifier, WatchdogFeeder
@@ -55,7 +56,14 @@ from edgefleet.agent.update.manager import Running, UpdateManager, previous_mani
 from edgefleet.agent.update.slots import RecoveryReport, Slots
 from edgefleet.agent.window import TelemetryWindow
 
+if TYPE_CHECKING:
+    from edgefleet.agent.bundle.manifest import Gate, Manifest
+    from edgefleet.agent.runtime.objects import DetectPipeline, Step
+
 log = logging.getLogger(__name__)
+
+# What a bundle's manifest.task makes of it: a classifier's early-exit stages or a detector.
+Model: TypeAlias = "StagedModel | DetectorModel"
 
 EXIT_OK, EXIT_CONFIG, EXIT_LOCKED = 0, 2, 3
 LOAD_TIMEOUT_S = 600.0  # start-up time asked for while the bundle loads and warms up
@@ -123,13 +131,26 @@ def recover_bundles(cfg: AgentConfig) -> RecoveryReport | None:
     return report if report.changed else None
 
 
-def load_model(cfg: AgentConfig) -> StagedModel:
-    """Verify the configured bundle against the trusted keys, then build its sessions."""
+def load_model(cfg: AgentConfig) -> Model:
+    """Verify the configured bundle against the trusted keys, then build its sessions.
+
+    The manifest's task chooses the runtime: a classifier's StagedModel, or a DetectorModel
+    with this device's per-class thresholds (config detect.class_thresholds).
+    """
     bundle = bundle_path(cfg)
+    model: Model
     try:
         # Installed while its key was trusted: only a revocation makes it unfit to run.
         verified = verify_bundle(bundle, trust_store(cfg).unrevoked_keys())
-        model = StagedModel(verified, threads=cfg.model.threads, providers=cfg.model.providers)
+        if verified.manifest.task == "detect":
+            model = DetectorModel(
+                verified,
+                threads=cfg.model.threads,
+                providers=cfg.model.providers,
+                class_thresholds=cfg.detect.class_thresholds,
+            )
+        else:
+            model = StagedModel(verified, threads=cfg.model.threads, providers=cfg.model.providers)
     except (BundleError, KeyFileError, RuntimeLoadError, OSError, ValueError) as exc:
         raise AgentError(f"refusing to run: {exc}") from exc
     try:
@@ -140,6 +161,12 @@ def load_model(cfg: AgentConfig) -> StagedModel:
     ms = seconds * 1e3
     log.info("model %s v%d from %s: warmed up in %.0f ms", m.model_id, m.version, bundle, ms)
     return model
+
+
+def _gate(m: Manifest, point: int) -> Gate | None:
+    """The motion gate of operating point `point`; None when the bundle has no points."""
+    points = m.operating_points
+    return points[point].gate if 0 <= point < len(points) else None
 
 
 class Agent:
@@ -172,6 +199,8 @@ class Agent:
         n_points = max(1, len(m.operating_points))
         self.governor = Governor(cfg.governor, n_points, m.default_operating_point)
         self.operating_point = m.default_operating_point
+        self.objects: DetectPipeline | None = self._pipeline(self.model)
+        self._last_tracked: tuple[frozenset[int] | None, float] = (None, 0.0)
         self.interval_s = cfg.telemetry.interval_s
         self.slots = Slots(cfg.state_dir / "bundles")
         self.camera = Camera(cfg.camera, on_event=self.event)
@@ -221,6 +250,15 @@ class Agent:
             except ValueError as exc:
                 raise AgentError(f"refusing to run: model.operating_point: {exc}") from None
 
+    def _pipeline(self, model: Model) -> DetectPipeline | None:
+        """A detector's gate, zones and tracker; None for a classifier."""
+        if not isinstance(model, DetectorModel):
+            return None
+        # Imported here: a classifier device never loads the tracking code.
+        from edgefleet.agent.runtime.objects import DetectPipeline
+
+        return DetectPipeline(model, self.cfg.detect, _gate(model.manifest, self.operating_point))
+
     def _setup_federated(self) -> None:
         """Probe schedule, supplied-labels folder and round worker, when federated is on."""
         fed = self.cfg.federated
@@ -228,6 +266,13 @@ class Agent:
         self.labels: LabelFolder | None = None
         self.fed_worker: FedWorker | None = None
         if not fed.enabled:
+            return
+        if isinstance(self.model, DetectorModel):
+            # Rounds train classifier exit heads; a detector has none.
+            log.warning(
+                "device %s: federated is on, but a detector takes no part in rounds",
+                self.cfg.device_id,
+            )
             return
         sha = self.model.verified.manifest_sha256
         self.collector = FeatureCollector(
@@ -261,6 +306,7 @@ class Agent:
         """What runs now, for the round worker's thread (one read of self.model)."""
         model = self.model
         m, v = model.manifest, model.verified
+        assert isinstance(model, StagedModel), "rounds run only with a classifier"
         return RunningBundle(
             m.model_id, m.version, v.manifest_sha256, m, v.read, tuple(model.thresholds)
         )
@@ -333,6 +379,8 @@ class Agent:
         # Both checks above passed, so nothing below can fail half-way.
         self.model.set_thresholds(points[index].thresholds)
         self.operating_point = index
+        if self.objects is not None:
+            self.objects.set_gate(points[index].gate)
         if pin:
             self.governor.pin(index)
         else:
@@ -442,8 +490,13 @@ class Agent:
         point = self.operating_point
         return {"model_id": m.model_id, "version": m.version, "operating_point": point}
 
-    def _switch(self, model: StagedModel) -> None:
-        """Run model from the next frame on: its governor, thresholds and preprocessing."""
+    def _switch(self, model: Model) -> None:
+        """Run model from the next frame on: its governor, thresholds and preprocessing.
+
+        A detector's live tracks end here (object_end events): the next model's track ids
+        and classes need not mean the same.
+        """
+        self._flush_objects()
         m = model.manifest
         index = min(self.operating_point, max(0, len(m.operating_points) - 1))
         # The governor walks the new bundle's points: its count and default, the same
@@ -459,6 +512,8 @@ class Agent:
             model.set_thresholds(m.operating_points[index].thresholds)
         self.model, self.governor, self.operating_point = model, governor, index
         self.pre = Preprocessor(m.preprocessing, dtype=m.input.dtype)
+        self.objects = self._pipeline(model)
+        self._last_tracked = (None, 0.0)
         sha = model.verified.manifest_sha256
         if self.collector is not None:
             self.collector.reset(sha)
@@ -471,7 +526,16 @@ class Agent:
         if swap is None:
             return False
         t0 = time.perf_counter()
-        self._switch(swap.model)
+        model: Model = swap.model
+        if swap.verified.manifest.task == "detect":
+            # The update manager builds classifier runtimes; a detector is built here.
+            model = DetectorModel(
+                swap.verified,
+                threads=self.cfg.model.threads,
+                providers=self.cfg.model.providers,
+                class_thresholds=self.cfg.detect.class_thresholds,
+            )
+        self._switch(model)
         swap_ms = (time.perf_counter() - t0) * 1e3
         self.link.republish_birth()
         self.updates.swapped(swap, swap_ms)
@@ -546,17 +610,24 @@ class Agent:
             time.time(),
             captured_total=self.camera.stats.captured,
             dropped_total=self.camera.stats.dropped,
+            detector=self.objects is not None,
         )
 
     def _reshape_window(self, window: TelemetryWindow) -> bool:
         """A reloaded bundle with other stages or exits needs a window of its shape."""
-        return window.n_exits != len(self.model.early_exits) + 1 or window.n_stages != len(
-            self.model.manifest.stages
+        return (
+            window.n_exits != len(self.model.early_exits) + 1
+            or window.n_stages != len(self.model.manifest.stages)
+            or window.detector != (self.objects is not None)
         )
 
     def _infer(self, frame: Frame, window: TelemetryWindow) -> None:
+        if self.objects is not None:
+            self._detect(frame, window, self.objects)
+            return
         t0 = time.perf_counter()
         collector = self.collector
+        assert isinstance(self.model, StagedModel)
         try:
             if collector is not None and self.model.early_exits and collector.due():
                 # Full depth for a federated round: counted, published and timed as what
@@ -576,6 +647,65 @@ class Agent:
         self.last_frame = frame
         self._maybe_result(frame, pred.class_index, pred.confidence, pred.exit_index, latency)
 
+    def _detect(self, frame: Frame, window: TelemetryWindow, objects: DetectPipeline) -> None:
+        """One frame of a detector: gate, model, zones, tracker; events and boxes out."""
+        t0 = time.perf_counter()
+        try:
+            step = objects.step(frame.image, frame.ts, self.pre)
+        except FrameError as exc:
+            self._reject_frame(exc)
+            return
+        except DecodeError as exc:
+            # The bundle's outputs do not match its declaration: counted and reported like a
+            # frame the model cannot take, rate-limited; the loop goes on.
+            self._reject_frame(exc, what="detector output", reason="detector_output_rejected")
+            return
+        self.last_frame = frame
+        if not step.ran:
+            window.record_skipped()
+            return
+        latency = (time.perf_counter() - t0) * 1000.0
+        self._rejected_reported_at = None
+        window.record(latency, step.stage_ms, 0)
+        window.record_objects(step.counts, step.started)
+        self.updates.frame_done()
+        for ev in step.events:
+            self.event(ev.kind, ev.message, dict(ev.details))
+        self._maybe_detect_result(frame, step, latency)
+
+    def _maybe_detect_result(self, frame: Frame, step: Step, ms: float) -> None:
+        """A result with boxes: rate-limited; on_change when the tracked objects change."""
+        mode = self.cfg.telemetry.results
+        if mode == "off":
+            return
+        last_ids, last_ts = self._last_tracked
+        now = time.monotonic()
+        if now - last_ts < 1.0 / self.cfg.telemetry.results_max_hz:
+            return
+        if mode == "on_change" and step.tracked == last_ids:
+            return
+        self._last_tracked = (step.tracked, now)
+        best = step.objects[0] if step.objects else None
+        result = Result(
+            device_id=self.cfg.device_id,
+            ts=frame.ts,
+            frame_index=frame.index,
+            class_index=best.class_index if best else 0,
+            label=best.label if best else "",
+            confidence=best.score if best else 0.0,
+            exit_index=0,
+            latency_ms=ms,
+            objects=step.objects,
+        )
+        self.link.publish_result(encode(result))
+
+    def _flush_objects(self) -> None:
+        """End the live tracks of a detector (model switch, shutdown) with object_end events."""
+        if self.objects is None:
+            return
+        for ev in self.objects.flush(time.time()):
+            self.event(ev.kind, ev.message, dict(ev.details))
+
     def _take_label(self) -> None:
         """Probe one supplied-label image the scanner has ready (the model is the loop's)."""
         if self.labels is None or self.collector is None:
@@ -587,6 +717,7 @@ class Agent:
             self.labels.finish(item, retry=True)  # made for the previous model: read again
             return
         try:
+            assert isinstance(self.model, StagedModel)  # no collector runs with a detector
             probe = self.model.probe(item.tensor)
         except Exception as exc:  # onnxruntime's untyped errors: this image, not the loop
             self.labels.finish(item, error=f"the model could not run it: {exc}")
@@ -594,7 +725,9 @@ class Agent:
         self.collector.add_supplied(probe, item.class_index)
         self.labels.finish(item)
 
-    def _reject_frame(self, exc: FrameError) -> None:
+    def _reject_frame(
+        self, exc: ValueError, what: str = "frame", reason: str = "frame_rejected"
+    ) -> None:
         """A frame the model cannot take (a camera switched mode, a broken decoder): skip it.
 
         Logged and reported as an event at the first bad frame of a run, then at most once a
@@ -607,12 +740,12 @@ class Agent:
         if last is not None and now - last < 60.0:
             return
         self._rejected_reported_at = now
-        message = f"camera {self.camera.name}: frame rejected: {exc}"
+        message = f"camera {self.camera.name}: {what} rejected: {exc}"
         log.warning("%s (%d so far)", message, self.frames_rejected)
         self.event(
             "error",
             message,
-            {"reason": "frame_rejected", "frames_rejected": self.frames_rejected},
+            {"reason": reason, "frames_rejected": self.frames_rejected},
         )
 
     def _maybe_result(
@@ -704,6 +837,8 @@ class Agent:
         if move is not None and m.operating_points:
             self.model.set_thresholds(m.operating_points[move.to_index].thresholds)
             self.operating_point = move.to_index
+            if self.objects is not None:
+                self.objects.set_gate(m.operating_points[move.to_index].gate)
             self.event(
                 "operating_point_changed",
                 move.reason,
@@ -720,6 +855,7 @@ class Agent:
         """
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         self.notifier.stopping()
+        self._flush_objects()
         self._close_window(window, max(elapsed, 1e-3))
         self.event("stopping", "agent stopping (SIGTERM)")
 
