@@ -39,8 +39,9 @@ def cell_model() -> bytes:
         [[x for x, _ in centres], [y for _, y in centres], [CELL] * 16, [CELL] * 16], np.float32
     ).reshape(1, 4, GRID * GRID)
     nodes = [
-        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[CELL, CELL],
-                         strides=[CELL, CELL]),
+        helper.make_node(
+            "AveragePool", ["image"], ["pooled"], kernel_shape=[CELL, CELL], strides=[CELL, CELL]
+        ),
         helper.make_node("Reshape", ["pooled", "shape"], ["score"]),
         helper.make_node("Concat", ["cells", "score"], ["boxes"], axis=1),
     ]
@@ -77,7 +78,10 @@ def detect_body(
         ),
         task="detect",
         detection=Detection(
-            decoder="yolov8", outputs=["boxes"], layout=layout, score_threshold=0.5  # type: ignore[arg-type]
+            decoder="yolov8",
+            outputs=["boxes"],
+            layout=layout,
+            score_threshold=0.5,  # type: ignore[arg-type]
         ),
         labels=["square"],
         stages=[Stage(file="model.onnx", inputs=["image"], outputs=[])],
