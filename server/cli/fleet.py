@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from edgefleet.server.fleet.client import DEFAULT_URL, TOKEN_ENV, URL_ENV, FleetClient
-from edgefleet.server.fleet.views import DeviceDetail, DeviceView
+from edgefleet.server.fleet.views import DeviceDetail, DeviceView, object_events
 
 
 class _Error(Exception):
@@ -223,6 +223,24 @@ def _show_text(d: DeviceDetail) -> str:
                 _fmt(t.energy_per_frame_mj, ".1f"),
             ])
         lines += ["", table(rows)]
+    objects = object_events(d.events)
+    if objects:
+        rows = [["SEQ", "EVENT", "CLASS", "TRACK", "START", "DURATION", "FRAMES", "SCORE",
+                 "BOX (x1,y1,x2,y2 px)", "ZONE"]]
+        for o in objects:
+            rows.append([
+                str(o.seq),
+                o.kind.removeprefix("object_"),
+                o.label or "-",
+                _fmt(o.track_id, "d"),
+                _clock(o.start_ts, "%H:%M:%S") if o.start_ts is not None else "-",
+                _fmt(o.duration_s, ".1f", "s"),
+                _fmt(o.frames, "d"),
+                _fmt(o.score, ".2f"),
+                ",".join(f"{v:.0f}" for v in o.box) if o.box else "-",
+                o.zone or "-",
+            ])
+        lines += ["", "objects:", table(rows)]
     if d.events:
         lines.append("")
         for e in d.events:

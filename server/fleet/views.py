@@ -116,6 +116,65 @@ class EventView(View):
         )
 
 
+OBJECT_KINDS = ("object_start", "object_update", "object_end")
+
+
+class ObjectEventView(View):
+    """One object event of a detector, its details as columns (`fleet show`'s objects)."""
+
+    seq: int
+    ts: float
+    kind: str
+    label: str | None
+    track_id: int | None
+    start_ts: float | None
+    duration_s: float | None
+    frames: int | None
+    score: float | None
+    box: tuple[float, float, float, float] | None
+    zone: str | None
+
+    @classmethod
+    def of(cls, ev: Event) -> ObjectEventView:
+        d = ev.details
+
+        def num(key: str) -> float | None:
+            v = d.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+        def whole(key: str) -> int | None:
+            v = d.get(key)
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+        def text(key: str) -> str | None:
+            v = d.get(key)
+            return v if isinstance(v, str) else None
+
+        corners = [num(k) for k in ("x1", "y1", "x2", "y2")]
+        box = None
+        if all(c is not None for c in corners):
+            x1, y1, x2, y2 = (float(c or 0.0) for c in corners)
+            box = (x1, y1, x2, y2)
+        return cls(
+            seq=ev.seq,
+            ts=ev.ts,
+            kind=ev.kind,
+            label=text("label"),
+            track_id=whole("track_id"),
+            start_ts=num("start_ts"),
+            duration_s=num("duration_s"),
+            frames=whole("frames"),
+            score=num("score"),
+            box=box,
+            zone=text("zone"),
+        )
+
+
+def object_events(events: list[EventView]) -> list[ObjectEventView]:
+    """The detector object events among a device's recent events, in their order."""
+    return [ObjectEventView.of(e.event) for e in events if e.event.kind in OBJECT_KINDS]
+
+
 class DeviceDetail(View):
     """`fleet show DEVICE`: the device, its recent windows and events, its sequence account."""
 
