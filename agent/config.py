@@ -254,7 +254,7 @@ class TrackerConfig(_Section):
         3, ge=1, le=1000, description="detector frames a track needs before object_start"
     )
     max_missed: int = Field(
-        10, ge=0, le=100_000, description="detector frames without a match before object_end"
+        10, ge=1, le=100_000, description="detector frames without a match before object_end"
     )
     update_interval_s: float | None = Field(
         None,
