@@ -66,5 +66,8 @@ class Letterbox:
         return np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1).astype(np.float32)
 
     def detections_to_frame(self, dets: Detections) -> Detections:
-        """The same detections with their boxes in frame pixels."""
-        return Detections(self.to_frame(dets.boxes), dets.scores, dets.classes)
+        """The detections with their boxes in frame pixels; those wholly in the padding
+        (nothing of them left on the frame) are dropped."""
+        boxes = self.to_frame(dets.boxes)
+        seen = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return Detections(boxes[seen], dets.scores[seen], dets.classes[seen])

@@ -96,7 +96,8 @@ def test_rectangle_through_the_real_preprocessing_maps_back(
 
 def test_boxes_in_the_padding_clip_to_the_frame_and_detections_keep_scores() -> None:
     lb = Letterbox.from_spec((480, 640), _spec(320, 320, "letterbox"))
-    dets = Detections.of([(-20, 0, 400, 400)], [0.7], [3])
+    # the second lies wholly in the top padding (input rows 0-40): nothing of it to report
+    dets = Detections.of([(-20, 0, 400, 400), (10, 5, 50, 35)], [0.7, 0.9], [3, 1])
     got = lb.detections_to_frame(dets)
     np.testing.assert_array_equal(got.boxes, [(0, 0, 640, 480)])
     assert got.scores.tolist() == pytest.approx([0.7]) and got.classes.tolist() == [3]
