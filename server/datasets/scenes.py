@@ -102,21 +102,23 @@ class SceneMismatchError(ValueError):
     """Regenerated scenes differ from their record (changed generator, data or library)."""
 
 
-def _background(rng: np.random.Generator, size: int) -> NDArray[np.float32]:
+def _background(rng: np.random.Generator, height: int, width: int) -> NDArray[np.float32]:
     """Return a float32 background: flat, gradient, noise texture or gradient plus texture."""
     kind = int(rng.integers(4))
     level = float(rng.uniform(0, 255))
     if kind in (1, 3):
         other = float(rng.uniform(0, 255))
         theta = float(rng.uniform(0, 2 * np.pi))
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / np.float32(size - 1)
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        yy /= np.float32(height - 1)
+        xx /= np.float32(width - 1)
         t = xx * np.float32(np.cos(theta)) + yy * np.float32(np.sin(theta))
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         bg = np.float32(level) + np.float32(other - level) * t
     else:
-        bg = np.full((size, size), level, dtype=np.float32)
+        bg = np.full((height, width), level, dtype=np.float32)
     if kind in (2, 3):
-        noise = rng.normal(0.0, 1.0, (size, size)).astype(np.float32)
+        noise = rng.normal(0.0, 1.0, (height, width)).astype(np.float32)
         sigma = float(rng.uniform(1.0, 4.0))
         noise = np.asarray(cv2.GaussianBlur(noise, (0, 0), sigma), dtype=np.float32)
         noise /= max(float(noise.std()), 1e-6)
@@ -124,15 +126,15 @@ def _background(rng: np.random.Generator, size: int) -> NDArray[np.float32]:
     # Clutter: long straight strokes (longer than any digit, so no stroke reads as a "1")
     # and a few specks; both are things a detector must learn to ignore.
     for _ in range(int(rng.integers(0, 4))):
-        length = rng.uniform(0.5, 1.2) * size
+        length = rng.uniform(0.5, 1.2) * max(height, width)
         angle = rng.uniform(0, np.pi)
-        cx, cy = rng.uniform(0, size, 2)
+        cx, cy = rng.uniform(0, np.array([width, height], dtype=np.float64))
         dx, dy = np.cos(angle) * length / 2, np.sin(angle) * length / 2
         p1 = (int(cx - dx), int(cy - dy))
         p2 = (int(cx + dx), int(cy + dy))
         cv2.line(bg, p1, p2, float(rng.uniform(0, 255)), int(rng.integers(1, 3)), cv2.LINE_AA)
     for _ in range(int(rng.integers(0, 6))):
-        centre = (int(rng.integers(size)), int(rng.integers(size)))
+        centre = (int(rng.integers(width)), int(rng.integers(height)))
         cv2.circle(bg, centre, int(rng.integers(1, 3)), float(rng.uniform(0, 255)), -1)
     return np.asarray(bg, dtype=np.float32)
 
@@ -163,9 +165,11 @@ def compose_scene(
     digits: NDArray[np.uint8],
     labels: NDArray[np.int64],
     size: int = SCENE_SIZE,
+    height: int | None = None,
 ) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
-    """Compose one scene from the given digit pool; return it and its (k, 5) class+xyxy rows."""
-    img = _background(rng, size)
+    """Compose one scene (size wide, height or size high); return it and its (k, 5) rows."""
+    height = size if height is None else height
+    img = _background(rng, height, size)
     wanted = int(rng.integers(0, MAX_DIGITS + 1))
     rows: list[list[float]] = []
     placed: list[NDArray[np.float64]] = []
@@ -176,12 +180,13 @@ def compose_scene(
         side = int(rng.integers(SCALE_RANGE[0], SCALE_RANGE[1] + 1))
         # A little aspect jitter, as handwriting is not all one shape.
         width = int(np.clip(round(side * rng.uniform(0.8, 1.15)), SCALE_RANGE[0], size))
+        side = min(side, height)
         tile = cv2.resize(digits[pick], (width, side), interpolation=cv2.INTER_LINEAR)
         extent = ink_box(tile)
         if extent is None:
             continue
         x0 = int(rng.integers(0, size - width + 1))
-        y0 = int(rng.integers(0, size - side + 1))
+        y0 = int(rng.integers(0, height - side + 1))
         box = np.asarray(extent, dtype=np.float64) + np.array([x0, y0, x0, y0], np.float64)
         if any(_iou(box, other) > MAX_PAIR_IOU for other in placed):
             continue
@@ -254,6 +259,11 @@ def _pools(mnist_split_path: Path) -> dict[str, tuple[NDArray[np.uint8], NDArray
     split = load_split(mnist_split_path)
     verify_split(split, labels, source_sha256=mnist5k_sha256())
     return {name: (images[idx], labels[idx]) for name, idx in split.arrays().items()}
+
+
+def training_pool(name: str = "train") -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    """The digits (and labels) of one part of the recorded MNIST-5k split."""
+    return _pools(_default_paths()[1])[name]
 
 
 def _default_paths() -> tuple[Path, Path]:
