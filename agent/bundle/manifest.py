@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 FORMAT_VERSION: Literal[1] = 1
 MANIFEST_NAME = "manifest.json"
@@ -252,6 +260,13 @@ class HealthSpec(_Model):
     dim; float32 or uint8, already preprocessed), `probs` (N, classes: the final head's softmax
     with every exit disabled), `exit_index` and `class_index` (N,) at the default operating
     point, all recorded by the optimizer through the very bundle it wrote.
+
+    A detector's golden file (manifest task "detect") has the same `inputs` and, in place of
+    the probabilities, the decoded detections of every input at the bundle's own thresholds:
+    `boxes` (M, 4) float32 xyxy in input-tensor pixels, `scores` (M,) float32, `classes` (M,)
+    int64 and `image_index` (M,) int64 (which input each box belongs to). A device must find
+    each golden box again (same class, IoU >= min_iou, score within atol) unless its score
+    is within atol of its class's threshold, and no new box scoring above threshold + atol.
     """
 
     golden_file: str = Field(description="bundle-relative .npz with the golden inputs/outputs")
@@ -278,6 +293,23 @@ class HealthSpec(_Model):
     )
     # The device still runs the old model on the same cores while the check runs.
     latency_factor: float = Field(3.0, ge=1, description="allowed slowdown over latency_ms")
+    # Only a detector's health sets it; None is left out of the manifest's bytes (below), so
+    # a classifier's manifest is what it was before the field existed and older agents
+    # (extra="forbid") still read it.
+    min_iou: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="detectors: IoU at which a device's box matches a golden box of its class "
+        "(None: agent/update/health.py's default, 0.8)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        if self.min_iou is None:
+            data.pop("min_iou", None)
+        return data
 
     @field_validator("golden_file")
     @classmethod

@@ -37,10 +37,9 @@ from pydantic import JsonValue
 from edgefleet.agent.bundle import MANIFEST_NAME, BundleError, VerifiedBundle, verify_bundle
 from edgefleet.agent.config import ModelConfig, UpdateConfig
 from edgefleet.agent.protocol import InstallBundle, RollbackBundle, TopicTree
-from edgefleet.agent.runtime.staged import StagedModel
 from edgefleet.agent.update.chunks import ChunkStore, TransferError
 from edgefleet.agent.update.fetch import Download, Expect, TransferCancelled, TransferLink
-from edgefleet.agent.update.health import HealthReport, check_health
+from edgefleet.agent.update.health import HealthReport, Model, build_model, check_health
 from edgefleet.agent.update.report import (
     EventSink,
     InstallRefused,
@@ -54,6 +53,7 @@ log = logging.getLogger(__name__)
 
 LOW_PRIORITY_NICE = 10
 PROGRESS_EVERY_S = 2.0  # at most one downloading event per this many seconds (plus the last)
+
 
 @dataclass(frozen=True)
 class Running:
@@ -71,7 +71,7 @@ class Swap:
     """A checked model for the loop to take over between two frames."""
 
     verified: VerifiedBundle
-    model: StagedModel
+    model: Model  # a StagedModel, or a DetectorModel for a detect bundle
     why: Literal["install", "rollback"]
     rollout_id: str | None
     from_version: int
@@ -516,7 +516,7 @@ class UpdateManager:
             if previous is None:
                 raise BundleError(self.slots.root, "no previous bundle to roll back to")
             verified = verify_bundle(previous, self.installed_keys)
-            model = StagedModel(
+            model = build_model(
                 verified, threads=self.model_cfg.threads, providers=self.model_cfg.providers
             )
             model.warm_up(1)
