@@ -161,6 +161,24 @@ def register(sub: Any) -> None:
         "--outputs", default=None, help="comma-separated output names (default: the model's)"
     )
     d.add_argument("--latency-samples", type=int, default=50, help="test frames timed")
+    d.add_argument(
+        "--gate-clip",
+        type=Path,
+        default=None,
+        help="video from the camera (or like it): calibrates motion-gate operating points that "
+        "skip the detector on still frames",
+    )
+    d.add_argument(
+        "--gate-truth",
+        type=Path,
+        default=None,
+        help='the clip\'s boxes, {"frames": [[{"class": c, "box": [x1, y1, x2, y2]}]]}; '
+        "default: recall against the detector's own boxes on every frame",
+    )
+    d.add_argument(
+        "--gate-max-drop", type=float, default=1.0, help="recall points the gate may cost"
+    )
+    d.add_argument("--gate-max-skip", type=int, default=30, help="frames skipped in a row at most")
     p.add_argument("--threads", type=int, default=1, help="threads for latency measurement")
     p.add_argument(
         "--model-id", default=None, help="model id in the manifest (default: the model file's name)"
@@ -327,6 +345,10 @@ def _optimize_detect(args: argparse.Namespace) -> int:
             version=args.version,
             labels=labels,
             color_given=args.color is not None,
+            gate_clip=args.gate_clip,
+            gate_truth=args.gate_truth,
+            gate_max_drop=args.gate_max_drop,
+            gate_max_skip=args.gate_max_skip,
         )
     )
     if args.quantization not in ("static", "none"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,3 +36,13 @@ class DetectOptions(BaseModel):
     color_given: bool = Field(
         False, description="--color was given: a model/data channel mismatch is converted"
     )
+    gate_clip: Path | None = Field(
+        None, description="video whose frames calibrate the motion gate's operating points"
+    )
+    gate_truth: Path | None = Field(
+        None, description="per-frame boxes of the gate clip; None: the detector's own"
+    )
+    gate_max_drop: float = Field(
+        1.0, ge=0, le=100, description="recall the gate may cost on the clip, in points"
+    )
+    gate_max_skip: int = Field(30, ge=0, le=100_000, description="frames skipped in a row at most")

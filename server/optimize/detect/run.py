@@ -38,16 +38,17 @@ from edgefleet.agent.bundle import (
     verify_bundle,
     write_bundle,
 )
-from edgefleet.agent.bundle.manifest import Detection
+from edgefleet.agent.bundle.manifest import Detection, Gate
 from edgefleet.agent.detect.boxes import Detections
 from edgefleet.agent.detect.decode import DecodeError, decode
 from edgefleet.agent.detect.geometry import Letterbox
 from edgefleet.agent.runtime.preprocess import Preprocessor
 from edgefleet.agent.runtime.staged import StagedModel
 from edgefleet.server.keystore import FleetKey
+from edgefleet.server.reference.video import read_video
 
 from ..data import check_channels
-from ..errors import ModelError, OutputExistsError
+from ..errors import DataError, ModelError, OutputExistsError
 from ..guard import check_collapse, compare_outputs, input_stats
 from ..latency import compare
 from ..macs import total_macs
@@ -57,6 +58,7 @@ from ..report import write_json
 from ..runner import make_session, run_outputs
 from .accuracy import quantize_for_metric
 from .data import DetectionData, load_detection
+from .gates import ALWAYS, calibrate, read_truth
 from .metrics import agreement_map50, coco_map
 from .options import DetectOptions
 from .report import write_detect_plot
@@ -264,7 +266,9 @@ def optimize_detector(
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
 
-        def assemble(where: Path, metrics: Metrics) -> Any:
+        def assemble(
+            where: Path, metrics: Metrics, points: list[OperatingPoint], default: int
+        ) -> Any:
             body = ManifestBody(
                 model_id=model_id,
                 version=opts.version,
@@ -283,10 +287,8 @@ def optimize_detector(
                         macs=total_macs(qmodel),
                     )
                 ],
-                # Gate points (skip frames without motion) are calibrated by another step.
-                operating_points=[
-                    OperatingPoint(name="always", thresholds=[], gate=None, skip_fraction=0.0)
-                ],
+                operating_points=points,
+                default_operating_point=default,
                 provenance=Provenance(
                     source_model_sha256=hashlib.sha256(source_bytes).hexdigest(),
                     source_model_name=model_path.name,
@@ -304,13 +306,23 @@ def optimize_detector(
                 where, body, {"stage0.onnx": qmodel.SerializeToString()}, key.private
             )
 
-        assemble(tmp / "draft", Metrics())
+        always = [OperatingPoint(name=ALWAYS, thresholds=[], gate=None, skip_fraction=0.0)]
+        assemble(tmp / "draft", Metrics(), always, 0)
         draft = verify_bundle(tmp / "draft", [key.public])
+        points, default, gate_report = always, 0, None
+        if opts.gate_clip is not None:
+            progress(f"      calibrating the motion gate on {opts.gate_clip}")
+            points, default, gate_report = _gates(draft, opts)
+            for p in points:
+                progress(
+                    f"      point {p.name}: motion {p.gate.motion if p.gate else None}, "
+                    f"skips {p.skip_fraction:.1%}, recall {p.val_recall:.4f}"
+                )
         report = _evaluate(
             draft, fp32, qmodel, ev, fp32_eval, fp32_ref, fp32_map, truth, opts, progress
         )
         shutil.rmtree(tmp / "draft")
-        manifest = assemble(tmp / "bundle", _metrics(report))
+        manifest = assemble(tmp / "bundle", _metrics(report), points, default)
         verify_bundle(tmp / "bundle", [key.public])
         report.update(
             task="detect",
@@ -340,6 +352,7 @@ def optimize_detector(
                 "within": 100 * (reference - qinfo["val_metric"]) <= opts.max_drop + 1e-9,
             },
             quantization=qinfo,
+            gate=gate_report,
             decisions=_decisions(qinfo, data.labelled),
             bundle={
                 "path": str(out_dir / "bundle"),
@@ -428,6 +441,19 @@ def _evaluate(
             "bundle_bytes": sum(f.size for f in verified.manifest.files.values()),
         },
     }
+
+
+def _gates(draft: Any, opts: DetectOptions) -> tuple[list[OperatingPoint], int, dict[str, Any]]:
+    """Gate operating points calibrated on opts.gate_clip (server/optimize/detect/gates.py)."""
+    assert opts.gate_clip is not None
+    try:
+        frames = read_video(opts.gate_clip)
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"--gate-clip {opts.gate_clip}: {exc}") from exc
+    truth = None if opts.gate_truth is None else read_truth(opts.gate_truth, len(frames))
+    return calibrate(
+        draft, list(frames), truth, opts.gate_max_drop, Gate(max_skip=opts.gate_max_skip)
+    )
 
 
 def _metrics(report: dict[str, Any]) -> Metrics:
