@@ -40,8 +40,12 @@ class MotionGate:
         self._avg: npt.NDArray[np.float32] | None = None
         self._frame_shape: tuple[int, ...] | None = None
 
-    def should_run(self, frame_bgr: npt.NDArray[Any]) -> bool:
-        """True when the detector must look at this frame (BGR, BGRA or grey uint8)."""
+    def should_run(self, frame_bgr: npt.NDArray[Any], force: bool = False) -> bool:
+        """True when the detector must look at this frame (BGR, BGRA or grey uint8).
+
+        `force` runs it whatever the motion (the tracker is unsettled); the frame still joins
+        the background, so the motion of the frames after it is measured the same way.
+        """
         if self.gate.motion is None:
             return self._decide(True)
         small = self._prepare(frame_bgr)
@@ -55,7 +59,11 @@ class MotionGate:
         diff = cv2.absdiff(small.astype(np.float32), self._avg)
         self.moved_fraction = float(np.count_nonzero(diff > self.gate.pixel_threshold)) / diff.size
         cv2.accumulateWeighted(small, self._avg, self.alpha)
-        run = self.moved_fraction >= self.gate.motion or self.skipped_in_a_row >= self.gate.max_skip
+        run = (
+            force
+            or self.moved_fraction >= self.gate.motion
+            or self.skipped_in_a_row >= self.gate.max_skip
+        )
         return self._decide(run)
 
     def skip_fraction(self) -> float:

@@ -174,6 +174,14 @@ class IouTracker:
         self._tracks = []
         return ends
 
+    def settled(self) -> bool:
+        """No track waits to be confirmed or ended: every one was matched in the last update.
+
+        While a track is tentative or missing, the next frames decide whether it starts or
+        ends, so a motion gate must not skip them (agent/runtime/objects.py).
+        """
+        return all(tr.confirmed and tr.missed == 0 for tr in self._tracks)
+
     def active(self) -> list[Track]:
         """Copies of the confirmed live tracks, by id."""
         return [dataclasses.replace(tr) for tr in self._tracks if tr.confirmed]

@@ -85,7 +85,13 @@ class DetectPipeline:
 
     def step(self, image: Frame, ts: float, pre: Preprocessor) -> Step:
         """One camera frame; FrameError and DecodeError pass to the caller (frame rejected)."""
-        if self.gate is not None and not self.gate.should_run(image):
+        # A still frame is skipped only while the tracker is settled: an object that just
+        # appeared needs min_hits runs in a row to start, and one that just left needs
+        # max_missed runs to end, which a quiet scene would otherwise put off until the
+        # gate's max_skip (seconds late, or an appearance never confirmed).
+        if self.gate is not None and not self.gate.should_run(
+            image, force=not self.tracker.settled()
+        ):
             return Step(ran=False)
         found = self.model.detect_frame(image, pre)
         dets = self._in_zones(found.detections)

@@ -102,3 +102,13 @@ def test_grey_and_bgra_frames_and_bad_frames() -> None:
     with pytest.raises(ValueError, match="uint8"):
         gate.should_run(_scene().astype(np.float32))
     assert gate.frames == 2
+
+
+def test_forced_frames_run_and_still_join_the_background() -> None:
+    gate = _gate()
+    gate.should_run(_scene())
+    assert gate.should_run(_scene(), force=True) is True
+    assert gate.moved_fraction == 0.0 and gate.skipped_in_a_row == 0
+    # The forced frame counted as run, so skipping resumes from zero.
+    assert [gate.should_run(_scene()) for _ in range(3)] == [False] * 3
+    assert (gate.ran, gate.skipped) == (2, 3)

@@ -180,3 +180,18 @@ def test_clock_stepping_back_counts_as_now() -> None:
 def test_bad_parameters_are_refused(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         IouTracker(**kw)  # type: ignore[arg-type]
+
+
+def test_settled_only_when_every_track_is_confirmed_and_matched() -> None:
+    tracker = IouTracker(min_hits=2, max_missed=3)
+    assert tracker.settled()
+    box = (10.0, 10.0, 30.0, 30.0, 0.9, 0)
+    tracker.update(_dets(box), 0.0)
+    assert not tracker.settled()  # tentative: the next frame decides
+    tracker.update(_dets(box), 0.1)
+    assert tracker.settled()
+    tracker.update(_dets(), 0.2)
+    assert not tracker.settled()  # missing: the next frames decide whether it ended
+    tracker.update(_dets(), 0.3)
+    tracker.update(_dets(), 0.4)
+    assert tracker.settled() and tracker.active() == []
