@@ -47,7 +47,7 @@ def _check_bundle(bundle: Path, key: FleetKey, image: np.ndarray) -> None:
     assert m.preprocessing.resize == "letterbox"
     assert any(op.gate is None for op in m.operating_points)
     assert {"map50", "map50_95", "agreement_map50"} <= set(m.metrics.extra)
-    assert m.health is None
+    assert m.health is not None and m.health.min_iou == 0.8  # detector golden boxes
     staged = StagedModel(verified)
     staged.warm_up(1)
     x = Preprocessor(m.preprocessing)(image)

@@ -59,6 +59,7 @@ from ..runner import make_session, run_outputs
 from .accuracy import quantize_for_metric
 from .data import DetectionData, load_detection
 from .gates import ALWAYS, calibrate, read_truth
+from .golden import write_detect_bundle_with_health
 from .metrics import agreement_map50, coco_map
 from .options import DetectOptions
 from .report import write_detect_plot
@@ -267,7 +268,11 @@ def optimize_detector(
     try:
 
         def assemble(
-            where: Path, metrics: Metrics, points: list[OperatingPoint], default: int
+            where: Path,
+            metrics: Metrics,
+            points: list[OperatingPoint],
+            default: int,
+            golden: bool = False,
         ) -> Any:
             body = ManifestBody(
                 model_id=model_id,
@@ -298,13 +303,15 @@ def optimize_detector(
                     tool=f"edgefleet {__version__}",
                 ),
                 metrics=metrics,
-                # The health golden file records classifier probabilities (golden.py,
-                # agent/update/health.py); a detector's is not defined yet.
+                # Filled in by the golden writer for the shipped bundle (golden.py).
                 health=None,
             )
-            return write_bundle(
-                where, body, {"stage0.onnx": qmodel.SerializeToString()}, key.private
-            )
+            files = {"stage0.onnx": qmodel.SerializeToString()}
+            if not golden:
+                return write_bundle(where, body, files, key.private)
+            # The device's pre-switch check: golden boxes on validation inputs, recorded
+            # through the agent's DetectorModel from this very bundle.
+            return write_detect_bundle_with_health(where, body, files, key.private, x["validation"])
 
         always = [OperatingPoint(name=ALWAYS, thresholds=[], gate=None, skip_fraction=0.0)]
         assemble(tmp / "draft", Metrics(), always, 0)
@@ -322,7 +329,7 @@ def optimize_detector(
             draft, fp32, qmodel, ev, fp32_eval, fp32_ref, fp32_map, truth, opts, progress
         )
         shutil.rmtree(tmp / "draft")
-        manifest = assemble(tmp / "bundle", _metrics(report), points, default)
+        manifest = assemble(tmp / "bundle", _metrics(report), points, default, golden=True)
         verify_bundle(tmp / "bundle", [key.public])
         report.update(
             task="detect",
@@ -359,7 +366,7 @@ def optimize_detector(
                 "model_id": model_id,
                 "version": opts.version,
                 "key_id": key.id,
-                "health": None,
+                "health": None if manifest.health is None else manifest.health.model_dump(),
             },
             seconds=round(time.monotonic() - t_start, 1),
         )
