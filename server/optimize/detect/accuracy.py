@@ -9,7 +9,7 @@ the validation split (mAP@0.5, or agreement with fp32 when the data is unlabelle
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ def quantize_for_metric(
     method: Method = "minmax",
     reduce_range: bool = False,
     first_check: Callable[[onnx.ModelProto], None] | None = None,
+    keep_float: Sequence[str] = (),
     progress: Progress = lambda _m: None,
 ) -> DetQuantOutcome:
     """INT8 whose validation metric is within max_drop_points (x 100) of the reference.
@@ -66,6 +67,7 @@ def quantize_for_metric(
     The all-INT8 model first (first_check may refuse it: the collapse guard); if it misses,
     each quantizable node's sensitivity is the metric with only that node in fp32, and nodes
     go back to fp32 from the most helpful on until the budget holds. BudgetError otherwise.
+    keep_float: nodes never quantized in any attempt (the nodes writing the raw outputs).
     """
     budget = max_drop_points / 100.0
     with tempfile.TemporaryDirectory(prefix="edgefleet-detq-") as tmp:
@@ -77,7 +79,7 @@ def quantize_for_metric(
                 input_name,
                 calibration,
                 method=method,
-                exclude=exclude,
+                exclude=[*keep_float, *exclude],
                 reduce_range=reduce_range,
                 cache=cache,
             )

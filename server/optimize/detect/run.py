@@ -236,6 +236,11 @@ def optimize_detector(
     progress(f"[3/6] quantization: {opts.quantization}, budget {opts.max_drop:g} mAP points")
     if opts.quantization == "static":
         rr = use_reduce_range(opts.reduce_range)
+        # The node writing a raw YOLO output concatenates box pixels (0..input size) with
+        # class probabilities (0..1): one uint8 scale for both rounds every score to 0 or
+        # ~1.25 (nudenet's YOLOv8n: all-INT8 agreement 0.87, and no Conv's fallback helps).
+        outputs = set(spec.outputs)
+        keep_float = [n.name for n in fp32.graph.node if outputs & set(n.output)]
         outcome = quantize_for_metric(
             fp32,
             prepared.input_name,
@@ -246,9 +251,11 @@ def optimize_detector(
             method=opts.calibration,
             reduce_range=rr,
             first_check=first_check,
+            keep_float=keep_float,
             progress=lambda m: progress("      " + m),
         )
         qmodel = outcome.model
+        qinfo["float_output_nodes"] = keep_float
         qinfo.update(
             outcome.to_report(),
             method=opts.calibration,
