@@ -1,0 +1,539 @@
+"""The demo's detector: the reference digit detector optimized like the classifier, run by one
+real agent on the reference detection video, its object events shown as `edgefleet fleet
+show` prints them and checked against the video's truth.
+
+The agent plays det_video.avi as its camera (looped, 30 frames a second). Its events carry
+times, the truth carries frames: the agent's results (`telemetry.results = "every"`) carry
+both, the capture time of a frame and the camera's frame counter, so a listener on its
+results topic turns an event's first sighting back into a frame of the video (`camera_frame`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefleet.agent.protocol import Result, TopicTree, decode
+from edgefleet.server.cli.fleet import _show_text
+from edgefleet.server.datasets import scenes
+from edgefleet.server.demo.checks import Checks
+from edgefleet.server.demo.console import Story
+from edgefleet.server.fleet.client import FleetClient
+from edgefleet.server.fleet.store.base import Store
+from edgefleet.server.fleet.views import DeviceDetail, object_events
+from edgefleet.server.keystore import FleetKey
+from edgefleet.server.local.agents import AgentProcess, write_config
+from edgefleet.server.local.broker import MosquittoBroker
+from edgefleet.server.local.identities import LocalIdentities
+from edgefleet.server.local.waiting import WaitTimeout, poll_until
+from edgefleet.server.optimize.detect.options import DetectOptions
+from edgefleet.server.optimize.detect.run import optimize_detector
+from edgefleet.server.reference import detect as ref
+from edgefleet.server.reference.detect.clip import write_validation_clip
+
+DEVICE = "demo-det-1"
+# Its own group: the classifiers' rollouts, federated round and closed loop target theirs.
+GROUP = "detect"
+OBSERVER = "demo-observer"  # a read-only listener on the detector's results (a coordinator id)
+INTERVAL_S = 2
+# An event's first sighting may be this many frames from the truth's first frame (half a
+# second at 30 fps). The truth starts an object on the first frame with half its ink in
+# view; the detector may fire on a little less or a little more of a digit that slides in
+# from the edge at 0.5-3 px a frame, and a busy 2-core machine drops camera frames, so the
+# first frame the detector runs on with the digit in view may come a few frames later.
+START_TOLERANCE = 15
+MIN_SECONDS = 1.0  # truth objects in view for less are not required to start an event
+PASS_TIMEOUT_S = 120  # for the agent to start and play one whole pass of the 20 s video
+EVENTS_TIMEOUT_S = 15  # for its last events of the pass to reach the coordinator
+STOP_TIMEOUT_S = 10
+SHOW_EVENTS = 16  # one pass of the video: 8 digits, a start and an end each
+SHOW_WINDOWS = 3
+API_EVENTS = 1000  # the API's most; a demo run's detector sends far fewer
+AGENT_CONFIG = (
+    # Tracker as shipped; said here so the config file shows what the check assumes.
+    "[detect.tracker]\nmin_hits = 3\nmax_missed = 10\n"
+)
+RESULTS = 'results = "every"\nresults_max_hz = 30\n'
+
+log = logging.getLogger(__name__)
+
+
+# -- the bundle ---------------------------------------------------------------------------
+
+
+def build_detector(work: Path, key: FleetKey, story: Story, checks: Checks) -> dict[str, Any]:
+    """`edgefleet optimize --task detect` on the reference detector: INT8 within 1 mAP point,
+    motion-gate points calibrated on a validation clip; returns the optimizer's report."""
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "mnist-det-scenes.npz"
+    # The train split (4,000 scenes) is what the model learnt from; the optimizer needs none.
+    scenes.write_npz(data, ("calibration", "validation", "test"))
+    clip, clip_truth = write_validation_clip(work / "gate-clip")
+    opts = DetectOptions(
+        max_drop=1.0,
+        labels=list(ref.LABELS),
+        model_id="mnist-det",
+        version=1,
+        gate_clip=clip,
+        gate_truth=clip_truth,
+        gate_max_drop=1.0,
+        latency_samples=50,
+    )
+    report = optimize_detector(
+        ref.DET_MODEL_PATH,
+        data,
+        work / "mnist-det-int8",
+        ref.preprocessing(),
+        ref.detection_spec(),
+        key,
+        opts,
+        progress=_log_progress,
+    )
+    budget = report["budget"]
+    floor = budget["reference_val_metric"] - opts.max_drop / 100
+    story.say(
+        f"mAP@0.5 on {report['data']['sizes']['validation']} validation scenes: original "
+        f"{budget['reference_val_metric']:.3f}, 8-bit {budget['val_metric']:.3f} (allowed: "
+        f"{floor:.3f} or more)"
+    )
+    checks.check(
+        "detector within its mAP budget",
+        bool(budget["within"]),
+        f"validation mAP@0.5 {budget['val_metric']:.4f}, floor {floor:.4f} "
+        f"({budget['drop_points']:.2f} points lost)",
+    )
+    test = report["test"]
+    speedup = report["ratios"]["int8_speedup"]
+    story.say(
+        f"on {test['int8']['images']} test scenes: mAP@0.5 {test['fp32']['map50']:.3f} -> "
+        f"{test['int8']['map50']:.3f}; {report['latency_ms']['int8']:.2f} ms per frame, "
+        f"{speedup:.1f}x the original's speed (one thread)"
+    )
+    points = report["gate"]["points"] if report.get("gate") else []
+    story.say(
+        "operating points (a motion gate skips still frames): "
+        + ", ".join(f"{p['name']} skips {p['skip_fraction']:.0%}" for p in points)
+    )
+    return report
+
+
+def detector_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's figures that report.json keeps for the detector."""
+    gate = report.get("gate") or {}
+    return {
+        "budget": report["budget"],
+        "test_map50": {
+            "fp32": report["test"]["fp32"]["map50"],
+            "int8": report["test"]["int8"]["map50"],
+        },
+        "latency_ms": report["latency_ms"],
+        "int8_speedup": report["ratios"]["int8_speedup"],
+        "operating_points": gate.get("points", []),
+        "seconds": report["seconds"],
+    }
+
+
+def _log_progress(line: str) -> None:
+    log.info("detector optimizer: %s", line.strip())
+
+
+# -- the truth and the clock ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TruthObject:
+    """One digit of the reference video: its label and the frames it is in view."""
+
+    track_id: int
+    label: str
+    first_frame: int
+    last_frame: int
+
+
+@dataclass(frozen=True)
+class VideoTruth:
+    """The reference video's objects, length and frame rate."""
+
+    frames: int
+    fps: float
+    objects: tuple[TruthObject, ...]
+
+    @classmethod
+    def load(cls, path: Path = ref.DET_VIDEO_TRUTH_PATH) -> VideoTruth:
+        """Read det_video_truth.json."""
+        doc = json.loads(path.read_text())
+        labels = doc["labels"]
+        objects = tuple(
+            TruthObject(
+                int(o["track_id"]),
+                labels[int(o["class"])],
+                int(o["first_frame"]),
+                int(o["last_frame"]),
+            )
+            for o in doc["objects"]
+        )
+        return cls(int(doc["num_frames"]), float(doc["fps"]), objects)
+
+    def long_objects(self, seconds: float = MIN_SECONDS) -> list[TruthObject]:
+        """Objects in view for more than `seconds`."""
+        return [o for o in self.objects if (o.last_frame - o.first_frame + 1) / self.fps > seconds]
+
+
+Anchor = tuple[float, int]  # a result's (frame capture time, camera frame counter)
+
+
+def camera_frame(ts: float, anchors: Sequence[Anchor], fps: float) -> int:
+    """The camera's frame counter at capture time ts, from the nearest anchor.
+
+    A looped file plays at its frame rate, so between two results the counter advances
+    fps per second; an event's time is some frame's capture time, usually one a result
+    carries too, which makes this exact.
+    """
+    if not anchors:
+        raise ValueError("no results to map times to frames")
+    i = bisect.bisect_left(anchors, (ts, -1))
+    near = min(anchors[max(0, i - 1) : i + 1], key=lambda a: abs(a[0] - ts))
+    return near[1] + round((ts - near[0]) * fps)
+
+
+def video_frame(counter: int, frames: int) -> int:
+    """The video frame a camera counter shows: the counter starts at 1, the file loops."""
+    return (counter - 1) % frames
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """An object_start event: its track, label and the camera counter of its first sighting."""
+
+    track_id: int
+    label: str
+    counter: int
+
+
+@dataclass
+class Judgement:
+    """Truth objects against the detector's object_start events, over the frames it ran."""
+
+    judged: int = 0  # truth objects (> MIN_SECONDS) whose start fell in the run's frames
+    offsets: list[int] = field(default_factory=list)  # event counter - truth counter, matched
+    missed: list[str] = field(default_factory=list)
+    strays: list[str] = field(default_factory=list)  # events of a class not in view then
+    events: int = 0  # object_start events in the run's frames
+
+    @property
+    def ok(self) -> bool:
+        """At least one object judged, each found, no stray event."""
+        return self.judged > 0 and not self.missed and not self.strays
+
+
+def judge(
+    truth: VideoTruth,
+    sightings: Sequence[Sighting],
+    first: int,
+    last: int,
+    tolerance: int = START_TOLERANCE,
+) -> Judgement:
+    """Match each truth object in view > 1 s, in every pass within camera counters
+    [first + tolerance, last - tolerance], to one object_start of its class within tolerance
+    frames of its first frame; and each object_start in [first, last] to an object of its
+    class in view then (an object that comes back after an occlusion starts a new track)."""
+    out = Judgement()
+    n = truth.frames
+    used: set[int] = set()
+    for p in range(max(0, (first - 1) // n), (last - 1) // n + 1):
+        for o in truth.long_objects():
+            at = p * n + o.first_frame + 1  # the counter showing its first frame
+            if at - tolerance < first or at + tolerance > last:
+                continue
+            out.judged += 1
+            near = [
+                (abs(s.counter - at), k)
+                for k, s in enumerate(sightings)
+                if k not in used and s.label == o.label and abs(s.counter - at) <= tolerance
+            ]
+            if not near:
+                out.missed.append(f"digit {o.label} (#{o.track_id}) of frame {o.first_frame}")
+                continue
+            k = min(near)[1]
+            used.add(k)
+            out.offsets.append(sightings[k].counter - at)
+    for s in sightings:
+        if not first <= s.counter <= last:
+            continue
+        out.events += 1
+        v = video_frame(s.counter, n)
+        if not any(
+            o.label == s.label and o.first_frame - tolerance <= v <= o.last_frame
+            for o in truth.objects
+        ):
+            out.strays.append(f"{s.label} #{s.track_id} at frame {v}")
+    return out
+
+
+def pass_end(first: int, truth: VideoTruth, tolerance: int = START_TOLERANCE) -> int:
+    """The counter by which one whole pass has played since the detector's first frame."""
+    n = truth.frames
+    earliest = min(o.first_frame for o in truth.long_objects()) + 1
+    p = max(0, -(-(first + tolerance - earliest) // n))  # the first pass it sees begin
+    return (p + 1) * n
+
+
+# -- the agent ----------------------------------------------------------------------------
+
+
+class ResultListener:
+    """Subscribes to one device's results and keeps their (capture time, frame counter)."""
+
+    def __init__(self, broker: MosquittoBroker, username: str, password: str, device: str):
+        self._lock = threading.Lock()
+        self._anchors: list[Anchor] = []
+        self.topic = TopicTree().device(device, "results")
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv5
+        )
+        self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port, keepalive=10)
+        self.client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, *_a: Any) -> None:
+        client.subscribe(self.topic, qos=0)
+        self._subscribed.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        res = decode(Result, bytes(msg.payload), topic=msg.topic)
+        if isinstance(res, Result):
+            with self._lock:
+                bisect.insort(self._anchors, (res.ts, res.frame_index))
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """True once connected and subscribed."""
+        return self._subscribed.wait(timeout)
+
+    def anchors(self) -> list[Anchor]:
+        """Every result so far, by capture time."""
+        with self._lock:
+            return list(self._anchors)
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class DetectorAgent:
+    """The demo's one detector agent, its results listener, its show and checks."""
+
+    device = DEVICE
+
+    def __init__(self, out: Path, truth: VideoTruth | None = None) -> None:
+        self.out = out
+        self.log = out / f"{DEVICE}.log"
+        self.truth = truth or VideoTruth.load()
+        self.proc: AgentProcess | None = None
+        self.listener: ResultListener | None = None
+        self._cred_dir: Path | None = None
+        self._observer_password = ""
+        self._ca: Path | None = None
+
+    def provision(self, creds: LocalIdentities) -> None:
+        """Its credential and the listener's; before the broker starts, which reads them."""
+        self._cred_dir = creds.agent(DEVICE, self.out / DEVICE / "credentials", group=GROUP)
+        self._observer_password = creds.coordinator(OBSERVER)
+        self._ca = creds.ids.ca
+
+    def start(self, bundle: Path, key: FleetKey, broker: MosquittoBroker) -> None:
+        """Listen to its results, then start the agent with det_video.avi as its camera."""
+        assert self._cred_dir is not None, "provision() first"
+        self.listener = ResultListener(broker, OBSERVER, self._observer_password, DEVICE)
+        if not self.listener.wait_subscribed(10):
+            raise RuntimeError(f"{OBSERVER} could not subscribe to {self.listener.topic}")
+        config = write_config(
+            self.out / DEVICE,
+            device_id=DEVICE,
+            broker=broker,
+            bundle=bundle,
+            key=key,
+            video=ref.DET_VIDEO_PATH,
+            fps=self.truth.fps,
+            interval_s=INTERVAL_S,
+            username=DEVICE,
+            tls_ca=self._ca,
+            group=GROUP,
+            extra=AGENT_CONFIG,
+        )
+        text = config.read_text()
+        # Every result (a frame's capture time and counter) is the clock of the check.
+        config.write_text(text.replace("[telemetry]\n", f"[telemetry]\n{RESULTS}", 1))
+        env = {"CREDENTIALS_DIRECTORY": str(self._cred_dir)}
+        self.proc = AgentProcess(config, self.log, env=env)
+
+    def wait_reporting(self, store: Store, checks: Checks, timeout: float) -> None:
+        """Wait for its first telemetry window; StepFailed when it does not come."""
+        proc = self.proc
+        assert proc is not None
+
+        def reported() -> bool:
+            return any(r.device_id == DEVICE and r.received for r in store.sequence_reports())
+
+        poll_until(lambda: reported() or not proc.alive(), timeout)
+        checks.require(
+            "detector agent running and sending telemetry",
+            reported() and proc.alive(),
+            f"{DEVICE} reported"
+            if reported() and proc.alive()
+            else f"{DEVICE} {'exited' if not proc.alive() else 'sent nothing'} (its log: "
+            f"{self.log})",
+        )
+
+    def show_and_check(
+        self, client: FleetClient, store: Store, story: Story, checks: Checks
+    ) -> dict[str, Any]:
+        """Wait for one pass of the video, print `fleet show`, check it, stop the agent."""
+        proc, listener = self.proc, self.listener
+        assert proc is not None and listener is not None
+        story.say(
+            f"waiting for {DEVICE} to play the whole {self.truth.frames / self.truth.fps:.0f} s "
+            "video once ..."
+        )
+
+        def played() -> bool:
+            a = listener.anchors()
+            return bool(a) and max(c for _, c in a) >= pass_end(min(c for _, c in a), self.truth)
+
+        poll_until(lambda: played() or not proc.alive(), PASS_TIMEOUT_S)
+        anchors = listener.anchors()
+        checks.require(
+            "detector agent played the video through",
+            played() and proc.alive(),
+            f"{len(anchors)} results, frames {anchors[0][1]}..{max(c for _, c in anchors)}"
+            if anchors and played() and proc.alive()
+            else f"{len(anchors)} results after {PASS_TIMEOUT_S} s; alive: {proc.alive()} "
+            f"(its log: {self.log})",
+        )
+        # The events of the pass travel through the agent's outbox; give them a moment.
+        detail = client.device(DEVICE, windows=100, events=API_EVENTS)
+        verdict = self._judge(detail, listener.anchors())
+
+        def arrived() -> bool:
+            nonlocal detail, verdict
+            detail = client.device(DEVICE, windows=100, events=API_EVENTS)
+            verdict = self._judge(detail, listener.anchors())
+            return verdict.ok
+
+        poll_until(arrived, EVENTS_TIMEOUT_S, poll=1.0)
+        shown = client.device(DEVICE, windows=SHOW_WINDOWS, events=SHOW_EVENTS)
+        story.say(
+            f"$ edgefleet fleet show {DEVICE} --windows {SHOW_WINDOWS} --events {SHOW_EVENTS}"
+        )
+        for line in _show_text(shown).splitlines():
+            story.say("  " + line)
+        result = self._check(detail, verdict, checks)
+        story.say(
+            f"{verdict.judged - len(verdict.missed)} of {verdict.judged} digits in view over "
+            f"{MIN_SECONDS:g} s started an event of their class within {START_TOLERANCE} "
+            f"frames of their first frame"
+        )
+        result["exit_code"] = self.stop(store, story, checks)
+        return result
+
+    def _judge(self, detail: DeviceDetail, anchors: list[Anchor]) -> Judgement:
+        starts = [o for o in object_events(detail.events) if o.kind == "object_start"]
+        if not anchors:
+            return Judgement()
+        fps = self.truth.fps
+        sightings = [
+            Sighting(o.track_id or 0, o.label or "?", camera_frame(o.start_ts, anchors, fps))
+            for o in starts
+            if o.start_ts is not None
+        ]
+        counters = [c for _, c in anchors]
+        # One whole pass from the detector's first frame: later passes would only repeat it.
+        first = min(counters)
+        return judge(self.truth, sightings, first, min(max(counters), pass_end(first, self.truth)))
+
+    def _check(self, detail: DeviceDetail, verdict: Judgement, checks: Checks) -> dict[str, Any]:
+        windows = [w.telemetry for w in detail.windows]
+        counted = [t.object_counts for t in windows if t.object_counts]
+        peak: dict[str, int] = {}
+        for counts in counted:
+            for label, n in counts.items():
+                peak[label] = max(peak.get(label, 0), n)
+        in_video = {o.label for o in self.truth.objects}
+        checks.check(
+            "detector telemetry counts objects",
+            bool(counted) and set(peak) <= in_video,
+            f"{len(counted)} of {len(windows)} windows with object counts; most at once: "
+            + (", ".join(f"{k}: {v}" for k, v in sorted(peak.items())) or "none")
+            + ("" if set(peak) <= in_video else f" (not in the video: {set(peak) - in_video})"),
+        )
+        kinds = [o.kind for o in object_events(detail.events)]
+        starts, ends = kinds.count("object_start"), kinds.count("object_end")
+        checks.check(
+            "detector sent object_start and object_end events",
+            starts >= 1 and ends >= 1,
+            f"{starts} object_start, {ends} object_end",
+        )
+        offsets = sorted(verdict.offsets)
+        median = offsets[len(offsets) // 2] if offsets else 0
+        checks.check(
+            "detector's objects match the video's truth",
+            verdict.ok,
+            f"{verdict.judged - len(verdict.missed)} of {verdict.judged} digits in view over "
+            f"{MIN_SECONDS:g} s started an event of their class within {START_TOLERANCE} frames "
+            f"(median {median:+d}); {verdict.events - len(verdict.strays)} of {verdict.events} "
+            "object_start events of a digit in view"
+            + (f"; missed: {', '.join(verdict.missed)}" if verdict.missed else "")
+            + (f"; stray: {', '.join(verdict.strays)}" if verdict.strays else ""),
+        )
+        return {
+            "windows_with_counts": len(counted),
+            "peak_counts": peak,
+            "object_starts": starts,
+            "object_ends": ends,
+            "judged": verdict.judged,
+            "missed": verdict.missed,
+            "strays": verdict.strays,
+            "start_offsets": verdict.offsets,
+        }
+
+    def stop(self, store: Store, story: Story, checks: Checks) -> int | None:
+        """SIGTERM, as systemd stops it; check the exit status and its offline status."""
+        proc = self.proc
+        assert proc is not None
+        try:
+            code: int | None = proc.terminate(STOP_TIMEOUT_S)
+        except WaitTimeout:
+            code = None
+
+        def offline() -> bool:
+            rec = store.device(DEVICE)
+            return rec is not None and not rec.online
+
+        poll_until(offline, STOP_TIMEOUT_S)
+        checks.check(
+            "detector agent stopped cleanly and shown offline",
+            code == 0 and offline(),
+            f"{DEVICE}: exit code {code}, {'offline' if offline() else 'still online'}"
+            + ("" if code == 0 else f" (its log: {self.log})"),
+        )
+        story.say(f"{DEVICE} stopped (exit code {code}); the classifiers go on")
+        return code
+
+    def close(self) -> None:
+        """Kill the agent if it still runs, disconnect the listener (the demo failed half-way)."""
+        if self.proc is not None:
+            self.proc.kill()
+        if self.listener is not None:
+            self.listener.close()
