@@ -33,6 +33,7 @@ from ..gating import FrameObjects, GateFigures, choose, replay, sweep
 
 ALWAYS = "always"
 MARGIN = 0.5  # of the most skipping threshold within budget, kept as the gate
+PIXEL_THRESHOLDS = (6, 10, 16, 25)  # grey levels tried besides the given gate's
 
 
 def read_truth(path: Path, frames: int) -> list[FrameObjects]:
@@ -59,20 +60,38 @@ def read_truth(path: Path, frames: int) -> list[FrameObjects]:
 
 
 def measure(
-    verified: VerifiedBundle, frames: Sequence[np.ndarray], gate: Gate
-) -> tuple[np.ndarray, list[FrameObjects]]:
-    """Moved fraction per frame (the gate's measure) and the bundle's detections on every frame."""
+    verified: VerifiedBundle, frames: Sequence[np.ndarray], gates: Sequence[Gate]
+) -> tuple[list[np.ndarray], list[FrameObjects]]:
+    """Moved fraction per frame under each gate's sensitivity, and the bundle's detections on
+    every frame (the model runs once; each gate only measures)."""
     model = DetectorModel(verified, threads=1)
     pre = Preprocessor(verified.manifest.preprocessing, verified.manifest.input.dtype)
-    probe = MotionGate(gate.model_copy(update={"motion": 0.0}))
-    moved = np.zeros(len(frames))
+    probes = [MotionGate(g.model_copy(update={"motion": 0.0})) for g in gates]
+    moved = [np.zeros(len(frames)) for _ in gates]
     found: list[FrameObjects] = []
     for i, frame in enumerate(frames):
-        probe.should_run(frame)
-        moved[i] = probe.moved_fraction or 0.0
+        for probe, m in zip(probes, moved, strict=True):
+            probe.should_run(frame)
+            m[i] = probe.moved_fraction or 0.0
         d = model.detect_frame(frame, pre).detections
         found.append(FrameObjects(d.boxes, d.classes))
     return moved, found
+
+
+def sensitivities(base: Gate) -> list[Gate]:
+    """The motion measures tried: the given one and finer ones (lower pixel threshold, wider).
+
+    A digit creeping at half a pixel per frame barely changes a 64-pixel-wide thumbnail by
+    25 grey levels, and the running average absorbs it; a finer measure sees it, at the cost
+    of more frames run for noise.
+    """
+    out = [base]
+    for width in (base.width, 2 * base.width):
+        for pt in PIXEL_THRESHOLDS:
+            g = base.model_copy(update={"width": min(width, 1024), "pixel_threshold": pt})
+            if g not in out:
+                out.append(g)
+    return out
 
 
 def calibrate(
@@ -85,52 +104,58 @@ def calibrate(
     """Operating points (always, half budget, budget), the default index and a report."""
     if len(frames) < 2:
         raise DataError(f"the gate clip has {len(frames)} frame(s); it needs a sequence")
-    moved, found = measure(verified, frames, base)
+    gates = sensitivities(base)
+    moved, found = measure(verified, frames, gates)
     reference = truth if truth is not None else found
-    figures = sweep(moved, found, reference, base.max_skip)
-    full = figures[0].recall
-    chosen: list[tuple[str, GateFigures]] = [(ALWAYS, figures[0])]
+    sweeps = [sweep(m, found, reference, base.max_skip) for m in moved]
+    full = sweeps[0][0].recall
+    chosen: list[tuple[str, Gate | None, GateFigures]] = [(ALWAYS, None, sweeps[0][0])]
     for name, budget in (("motion-half-budget", max_drop_pt / 2), ("motion", max_drop_pt)):
-        pick = choose(figures, budget)
+        picks = [(choose(fs, budget), k) for k, fs in enumerate(sweeps)]
+        pick, k = max(picks, key=lambda pk: (pk[0].skip_fraction, -pk[1]))
         if pick.motion is None:
             continue
         # The most skipping threshold sits right below the motion of the smallest change the
         # clip shows; another clip's changes may be a little smaller. Half of it keeps a
         # margin at a small cost in skipped frames (measured again, below).
         motion = pick.motion * MARGIN
-        skip, recall = replay(moved, found, reference, motion, base.max_skip)
-        if all(motion != f.motion for _, f in chosen):
-            chosen.append((name, GateFigures(motion, skip, recall, (full - recall) * 100.0)))
+        skip, recall = replay(moved[k], found, reference, motion, base.max_skip)
+        gate = gates[k].model_copy(update={"motion": motion})
+        if all(gate != g for _, g, _ in chosen):
+            figures = GateFigures(motion, skip, recall, (full - recall) * 100.0)
+            chosen.append((name, gate, figures))
     points = [
         OperatingPoint(
             name=name,
             thresholds=[],
-            gate=None if f.motion is None else base.model_copy(update={"motion": f.motion}),
+            gate=gate,
             skip_fraction=f.skip_fraction,
             val_recall=f.recall,
         )
-        for name, f in chosen
+        for name, gate, f in chosen
     ]
     report = {
         "frames": len(frames),
         "truth": "given" if truth is not None else "the detector's own detections",
         "max_recall_drop_pt": max_drop_pt,
         "max_skip": base.max_skip,
-        "pixel_threshold": base.pixel_threshold,
-        "width": base.width,
+        "margin": MARGIN,
         "sweep": [
             {
+                "width": g.width,
+                "pixel_threshold": g.pixel_threshold,
                 "motion": f.motion,
                 "skip_fraction": round(f.skip_fraction, 4),
                 "recall": round(f.recall, 4),
                 "recall_drop_pt": round(f.recall_drop_pt, 3),
             }
-            for f in figures
+            for g, fs in zip(gates, sweeps, strict=True)
+            for f in fs[1:]
         ],
         "points": [
             {
                 "name": p.name,
-                "motion": None if p.gate is None else p.gate.motion,
+                "gate": None if p.gate is None else p.gate.model_dump(),
                 "skip_fraction": p.skip_fraction,
                 "recall": p.val_recall,
             }
