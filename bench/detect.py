@@ -61,13 +61,13 @@ from edgefleet.agent.runtime.detector import DetectorModel
 from edgefleet.agent.runtime.objects import DetectPipeline
 from edgefleet.agent.runtime.preprocess import Preprocessor
 from edgefleet.server.datasets import scenes
+from edgefleet.server.datasets.clips import write_validation_clip
 from edgefleet.server.keystore import FleetKey, init_key
 from edgefleet.server.optimize.detect.options import DetectOptions
 from edgefleet.server.optimize.detect.run import optimize_detector
 from edgefleet.server.optimize.gating import FrameObjects, found
 from edgefleet.server.optimize.latency import interleaved, medians, ratio_spread
 from edgefleet.server.reference import detect as ref
-from edgefleet.server.reference.detect.clip import write_validation_clip
 from edgefleet.server.reference.video import read_video
 
 THREADS = 1

@@ -61,11 +61,12 @@ def test_a_gate_that_misses_changes_is_not_chosen(tmp_path: Path) -> None:
     bundle, key = detect_bundle(tmp_path)
     verified = verify_bundle(bundle, [key.public])
     frames, truth = clip()
-    # A budget of 0 recall points: only thresholds that miss nothing may be chosen.
-    points, default, report = calibrate(verified, frames, truth, 0.0, Gate(max_skip=30))
-    lossy = [r for r in report["sweep"] if r["recall_drop_pt"] > 0]
+    # A budget of 0 recall points: only thresholds that miss nothing may be chosen, though
+    # some on the sweep skip more and lose the jump.
+    points, _, report = calibrate(verified, frames, truth, 0.0, Gate(max_skip=30))
+    assert any(r["recall_drop_pt"] > 0 for r in report["sweep"])
+    assert len(points) >= 2
     assert all(p.val_recall == pytest.approx(1.0) for p in points)
-    assert all(p.gate is None or p.gate.motion not in [r["motion"] for r in lossy] for p in points)
 
 
 def test_truth_file_errors_name_the_problem(tmp_path: Path) -> None:
