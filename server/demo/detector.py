@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.agent.protocol import Result, TopicTree, decode
 from edgefleet.server.cli.fleet import _show_text
 from edgefleet.server.datasets import scenes
+from edgefleet.server.datasets.clips import write_validation_clip
 from edgefleet.server.demo.checks import Checks
 from edgefleet.server.demo.console import Story
 from edgefleet.server.fleet.client import FleetClient
@@ -38,7 +39,6 @@ from edgefleet.server.local.waiting import WaitTimeout, poll_until
 from edgefleet.server.optimize.detect.options import DetectOptions
 from edgefleet.server.optimize.detect.run import optimize_detector
 from edgefleet.server.reference import detect as ref
-from edgefleet.server.reference.detect.clip import write_validation_clip
 
 DEVICE = "demo-det-1"
 # Its own group: the classifiers' rollouts, federated round and closed loop target theirs.
