@@ -42,7 +42,7 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert report["video"]["frames"] == 60
     device = report["device"]
     assert device["agent_exit_codes"] == [0, 0]
-    assert device["devices"] == 50 and device["online_at_view"] == 50
+    assert device["devices"] == 51 and device["online_at_view"] == 51
     assert device["agents_reporting"] == 2 and device["ping_ok"] is True
     assert device["telemetry_windows"] > 50 and device["missing"] == 0
     assert device["rejected"] == 0 and device["events"] >= 2
@@ -69,6 +69,12 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert fed["windows_before"] >= 2 and fed["windows_after"] >= 6
     assert fed["exit_rate_after"] >= fed["exit_rate_before"] - EXIT_RATE_TOLERANCE
     assert (out / "bundles" / "mnist-cnn-int8-exits" / "report.png").exists()
+    # The detector: INT8 within its budget, one agent on the detection video whose object
+    # events match the video's truth, stopped cleanly (server/demo/detector.py).
+    assert report["detector"]["budget"]["within"] is True
+    det = device["detector"]
+    assert det["exit_code"] == 0 and det["object_starts"] >= 1 and det["object_ends"] >= 1
+    assert det["judged"] >= 8 and not det["missed"] and det["windows_with_counts"] >= 1
 
     # Every check passed, and the console says so last.
     checks = report["checks"]
@@ -78,10 +84,11 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert lines[-1] == f"All {len(checks)} checks passed."
     for c in checks:
         assert any(line.startswith(f"  pass  {c['name']}") for line in lines), c["name"]
-    # The story: six numbered steps, the fleet view with its legend, the ping's reply.
-    for n in range(1, 7):
+    # The story: seven numbered steps, the fleet view with its legend, the ping's reply.
+    for n in range(1, 8):
         assert any(line.startswith(f"{n}. ") for line in lines), n
     assert "$ edgefleet fleet ls" in res.stdout and "demo-pi-1" in res.stdout
+    assert "$ edgefleet fleet show demo-det-1" in res.stdout and "objects:" in res.stdout
     assert "$ edgefleet deploy mnist-cnn-int8-exits --group demo --canary 1" in res.stdout
     assert "(wave 0): rolled_back" in res.stdout
     assert "$ edgefleet fl start --group demo" in res.stdout

@@ -95,15 +95,15 @@ def test_judge_names_missed_objects_and_strays() -> None:
     v = judge(TRUTH, [Sighting(1, "3", 30), Sighting(2, "8", 55)], 1, 100, tolerance=3)
     assert not v.ok
     assert v.missed == ["digit 3 (#1) of frame 10", "digit 7 (#2) of frame 50"]
-    assert v.strays == ["8 #2 at frame 54"]  # no 8 in the video
+    assert v.strays == ["8 #2 at frame 54"] and v.events == 2  # no 8 in the video
     # The right class 4 frames late is a miss at a tolerance of 3, a match at 4.
     late = [Sighting(1, "3", 15), Sighting(2, "7", 51)]
     assert judge(TRUTH, late, 1, 100, tolerance=3).missed == ["digit 3 (#1) of frame 10"]
     assert judge(TRUTH, late, 1, 100, tolerance=4).ok
-    # An event of a class in view at the wrong moment is a stray too.
-    assert judge(TRUTH, [*late, Sighting(3, "7", 20)], 1, 100, tolerance=4).strays == [
-        "7 #3 at frame 19"
-    ]
+    # An event of a class in view at the wrong moment is a stray too; strays are counted,
+    # not failed (a class flicker of the detector starts a short track).
+    v = judge(TRUTH, [*late, Sighting(3, "7", 20)], 1, 100, tolerance=4)
+    assert v.strays == ["7 #3 at frame 19"] and v.ok
 
 
 def test_judge_only_objects_the_detector_saw_begin() -> None:

@@ -16,6 +16,7 @@ from edgefleet.server.cli.fleet import device_rows, legend, table
 from edgefleet.server.demo.checks import Checks
 from edgefleet.server.demo.closedloop import DEMO_LOOP, run_loop
 from edgefleet.server.demo.console import Story
+from edgefleet.server.demo.detector import DetectorAgent
 from edgefleet.server.demo.federated import AGENT_CONFIG, run_round
 from edgefleet.server.demo.rollout import GROUP, run_rollouts
 from edgefleet.server.federated.client import RoundClient
@@ -140,6 +141,7 @@ def run_fleet(
     rollout: Path | None = None,
     fed_holdout: Path | None = None,
     catalogue_data: Path | None = None,
+    detector: Path | None = None,
 ) -> dict[str, Any]:
     """Run the local fleet, show the operator's view and a command, stop it, check the outcome.
 
@@ -149,6 +151,9 @@ def run_fleet(
     federated round of `rollout`'s exit heads follows, judged on that held-out set. With
     `catalogue_data` too (the source model's labelled data), the coordinator's catalogue builds a
     variant and its closed loop moves the agents by itself (server/demo/closedloop.py).
+    With `detector` (a detect bundle), one more agent runs it on the reference detection
+    video, in a group of its own, until its object events are shown and checked
+    (server/demo/detector.py); it is stopped then, so the steps after it run as before.
 
     Raises StepFailed (after recording the check) when the fleet cannot go on.
     """
@@ -189,6 +194,9 @@ def run_fleet(
     sim = Simulator(sim_cfg)
     agents = _Agents(out, [f"demo-pi-{i + 1}" for i in range(plan.agents)])
     agents.provision(creds)
+    det = DetectorAgent(out) if detector is not None else None
+    if det is not None:
+        det.provision(creds)
     coordinator_started = False
     try:
         broker.start()
@@ -211,11 +219,16 @@ def run_fleet(
         )
         federated = rollout is not None and fed_holdout is not None
         agents.start(bundle, key, broker, extra=AGENT_CONFIG if federated else "")
+        if det is not None and detector is not None:
+            det.start(detector, key, broker)
         sim.start()
         ids, sim_ids = agents.ids, sim_cfg.device_ids()
         running = "the original bundle" if rollout is not None else "the optimized bundle"
         story.say(f"{' and '.join(ids)}: the real device agent, running {running}")
         story.say("  with the reference video as their camera")
+        if det is not None:
+            story.say(f"{det.device}: the same agent running the optimized detector, the")
+            story.say("  reference detection video as its camera")
         story.say(f"{plan.simulated} simulated devices ({sim_ids[0]} ... {sim_ids[-1]}) send")
         story.say("  made-up telemetry, so the fleet view shows more than two devices")
         story.say(
@@ -223,12 +236,16 @@ def run_fleet(
             f"(one every {INTERVAL_S} s) ..."
         )
         _agents_reporting(coordinator.store, agents, checks)
+        shown = ids
+        if det is not None:
+            det.wait_reporting(coordinator.store, checks, FIRST_REPORT_TIMEOUT_S)
+            shown = [*ids, det.device]
 
         client = RoundClient(coordinator.url, token)
         fleet = client.devices()
-        _show_fleet(fleet, ids, story)
+        _show_fleet(fleet, shown, story)
         online = sum(d.online for d in fleet)
-        expected = plan.agents + plan.simulated
+        expected = plan.agents + plan.simulated + len(shown) - len(ids)
         checks.check(
             "every device online in the fleet view",
             len(fleet) == expected and online == expected,
@@ -236,8 +253,10 @@ def run_fleet(
         )
         ping_ok = _ping(client, ids[0], story, checks)
         pushed: dict[str, Any] = {}
+        if det is not None:
+            pushed["detector"] = det.show_and_check(client, coordinator.store, story, checks)
         if rollout is not None:
-            pushed = run_rollouts(client, ids, rollout, key, out, story, checks)
+            pushed.update(run_rollouts(client, ids, rollout, key, out, story, checks))
         if federated:
             pushed.update(run_round(client, coordinator.store, ids, story, checks))
         if federated and catalogue_data is not None:
@@ -258,6 +277,8 @@ def run_fleet(
         }
     finally:
         agents.kill()
+        if det is not None:
+            det.close()
         sim.stop()
         if coordinator_started:
             coordinator.stop()

@@ -27,6 +27,7 @@ from edgefleet.server.bundles.plain import plain_body, write_plain_bundle
 from edgefleet.server.datasets import SplitMismatchError
 from edgefleet.server.demo.checks import Checks, StepFailed
 from edgefleet.server.demo.console import LOG_NAME, Story
+from edgefleet.server.demo.detector import build_detector, detector_summary
 from edgefleet.server.demo.federated import write_holdout
 from edgefleet.server.demo.fleet import FleetPlan, run_fleet
 from edgefleet.server.keystore import FleetKey, init_key
@@ -45,7 +46,7 @@ from edgefleet.server.reference import (
 
 log = logging.getLogger(__name__)
 
-STEPS = 6
+STEPS = 7
 DIGITS = [str(i) for i in range(10)]
 ORIGINAL = "original (32-bit float)"
 OPTIMIZED = "optimized (8-bit, early exits)"
@@ -135,7 +136,7 @@ def run_demo(out: Path, *, max_frames: int | None = None, story: Story | None = 
         story.line(line)
     story.line(
         f"Report: {out / 'report.json'}. Logs: {out / LOG_NAME} (optimizer, coordinator), "
-        f"{out / 'device'}/demo-pi-*.log (agents)"
+        f"{out / 'device'}/demo-*.log (agents)"
     )
     for line in checks.verdict():
         story.line(line)
@@ -302,10 +303,20 @@ def _steps(
     )
     report["video"] = {"frames": run.frames, "accuracy": accuracy, "median_ms": median, "fps": fps}
 
+    story.step(
+        "The reference detector: digits found and followed in moving scenes, optimized the same way"
+    )
+    story.say(f"(progress lines go to {out / LOG_NAME})")
+    det_report = build_detector(bundles / "detector", key, story, checks)
+    det_bundle = _verified(
+        checks, "detector bundle", bundles / "detector" / "mnist-det-int8" / "bundle", key
+    )
+    report["detector"] = detector_summary(det_report)
+
     plan = FleetPlan()
     story.step(
-        f"A local fleet: an MQTT broker, the coordinator, {plan.agents} device agents "
-        f"and {plan.simulated} simulated devices"
+        f"A local fleet: an MQTT broker, the coordinator, {plan.agents} device agents, "
+        f"a detector agent and {plan.simulated} simulated devices"
     )
     # The coordinator judges a federated round's heads on test images the video does not show.
     holdout = write_holdout(test_images, test_labels, total, bundles / "fed-holdout.npz")
@@ -319,6 +330,7 @@ def _steps(
         rollout=opt_dir / "bundle",
         fed_holdout=holdout,
         catalogue_data=bundles / "mnist5k.npz",
+        detector=det_bundle.path,
     )
 
 
