@@ -527,14 +527,19 @@ class Agent:
             return False
         t0 = time.perf_counter()
         model: Model = swap.model
-        if swap.verified.manifest.task == "detect":
-            # The update manager builds classifier runtimes; a detector is built here.
-            model = DetectorModel(
-                swap.verified,
-                threads=self.cfg.model.threads,
-                providers=self.cfg.model.providers,
-                class_thresholds=self.cfg.detect.class_thresholds,
-            )
+        if isinstance(model, DetectorModel):
+            # The health check built and checked it with the bundle's own thresholds (its
+            # golden boxes were recorded with them); this device's apply from now on.
+            try:
+                model.set_class_thresholds(self.cfg.detect.class_thresholds)
+            except ValueError as exc:
+                # A new bundle without a label the config names: run it at its own
+                # thresholds rather than refuse a bundle the health check passed.
+                self.event(
+                    "config_rejected",
+                    f"detect.class_thresholds do not fit the new bundle: {exc}",
+                    {"reason": "class_thresholds", "model_id": swap.verified.manifest.model_id},
+                )
         self._switch(model)
         swap_ms = (time.perf_counter() - t0) * 1e3
         self.link.republish_birth()
