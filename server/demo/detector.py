@@ -384,8 +384,9 @@ class DetectorAgent:
         env = {"CREDENTIALS_DIRECTORY": str(self._cred_dir)}
         self.proc = AgentProcess(config, self.log, env=env)
 
-    def wait_reporting(self, store: Store, checks: Checks, timeout: float) -> None:
-        """Wait for its first telemetry window; StepFailed when it does not come."""
+    def wait_reporting(self, store: Store, checks: Checks, timeout: float) -> bool:
+        """Wait for its first telemetry window; whether it came (a failed check, not a stop:
+        the classifiers' steps do not need the detector)."""
         proc = self.proc
         assert proc is not None
 
@@ -393,7 +394,7 @@ class DetectorAgent:
             return any(r.device_id == DEVICE and r.received for r in store.sequence_reports())
 
         poll_until(lambda: reported() or not proc.alive(), timeout)
-        checks.require(
+        return checks.check(
             "detector agent running and sending telemetry",
             reported() and proc.alive(),
             f"{DEVICE} reported"
@@ -405,7 +406,11 @@ class DetectorAgent:
     def show_and_check(
         self, client: FleetClient, store: Store, story: Story, checks: Checks
     ) -> dict[str, Any]:
-        """Wait for one pass of the video, print `fleet show`, check it, stop the agent."""
+        """Wait for one pass of the video, print `fleet show`, check it, stop the agent.
+
+        A detector that does not play the video through fails its checks and is stopped;
+        the classifiers' steps go on.
+        """
         proc, listener = self.proc, self.listener
         assert proc is not None and listener is not None
         story.say(
@@ -419,7 +424,7 @@ class DetectorAgent:
 
         poll_until(lambda: played() or not proc.alive(), PASS_TIMEOUT_S)
         anchors = listener.anchors()
-        checks.require(
+        through = checks.check(
             "detector agent played the video through",
             played() and proc.alive(),
             f"{len(anchors)} results, frames {anchors[0][1]}..{max(c for _, c in anchors)}"
@@ -427,6 +432,8 @@ class DetectorAgent:
             else f"{len(anchors)} results after {PASS_TIMEOUT_S} s; alive: {proc.alive()} "
             f"(its log: {self.log})",
         )
+        if not through:
+            return {"exit_code": self.stop(store, story, checks)}
         # The events of the pass travel through the agent's outbox; give them a moment.
         detail = client.device(DEVICE, windows=100, events=API_EVENTS)
         verdict = self._judge(detail, listener.anchors())
