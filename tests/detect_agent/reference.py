@@ -125,15 +125,18 @@ class FrameClock:
     def frames(self, ts: float, slack: float = 0.0) -> Frames:
         """The frames a capture time `ts` (known to +- slack seconds) may belong to.
 
-        A result within slack names the frame; otherwise the frame lies strictly between the
-        nearest results before and after (no result after: unbounded).
+        Exact (slack 0): the result of that very time names the frame. Otherwise the frame
+        lies after the last result before ts - slack and before the first after ts + slack
+        (none after: unbounded). Replayed frames are stamped when decoded, right after the
+        previous one was taken, so two frames may be well under a millisecond apart: a
+        rounded time may belong to a neighbour of the result it is closest to.
         """
         lo = bisect.bisect_left(self.ts, ts - slack)
         hi = bisect.bisect_right(self.ts, ts + slack)
-        if hi > lo:
-            return self.index[lo], self.index[hi - 1]
+        if slack == 0 and hi > lo:
+            return self.index[lo], self.index[lo]
         before = self.index[lo - 1] + 1 if lo > 0 else 1
-        after = self.index[lo] - 1 if lo < len(self.index) else 10**9
+        after = self.index[hi] - 1 if hi < len(self.index) else 10**9
         return before, after
 
     def exact(self, ts: float, slack: float = 0.0) -> bool:
