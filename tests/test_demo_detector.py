@@ -24,10 +24,8 @@ from edgefleet.agent.bundle import (
 )
 from edgefleet.server.demo.checks import Checks
 from edgefleet.server.demo.console import Story
-from edgefleet.server.demo.detector import (
-    DEVICE,
+from edgefleet.server.demo.detect_truth import (
     START_TOLERANCE,
-    DetectorAgent,
     Sighting,
     TruthObject,
     VideoTruth,
@@ -36,6 +34,7 @@ from edgefleet.server.demo.detector import (
     pass_end,
     video_frame,
 )
+from edgefleet.server.demo.detector import DEVICE, DetectorAgent
 from edgefleet.server.fleet.client import FleetClient
 from edgefleet.server.fleet.ingest import IngestConfig
 from edgefleet.server.fleet.service import Coordinator, CoordinatorConfig
