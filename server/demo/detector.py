@@ -123,6 +123,7 @@ def build_detector(work: Path, key: FleetKey, story: Story, checks: Checks) -> d
     story.say(
         "operating points (a motion gate skips still frames): "
         + ", ".join(f"{p['name']} skips {p['skip_fraction']:.0%}" for p in points)
+        + (f"; the agent starts on {points[-1]['name']}" if points else "")
     )
     return report
 
