@@ -262,6 +262,15 @@ class TrackerConfig(_Section):
         le=86_400,
         description="an object_update event per live track at most this often; None: none",
     )
+    # Default on: the detector misreads a class for a few frames while an object slides in
+    # or overlaps another, and per-class matching turned each misread into a track of its
+    # own (57 object_start for 8 digits on the reference video). Off only for a detector
+    # whose classes never flicker and whose objects of different classes overlap a lot.
+    class_agnostic: bool = Field(
+        True,
+        description="match detections to tracks across classes, the track's class by "
+        "summed score votes; false: a track only continues with its own class",
+    )
 
 
 class DetectConfig(_Section):

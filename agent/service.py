@@ -656,7 +656,7 @@ class Agent:
         """One frame of a detector: gate, model, zones, tracker; events and boxes out."""
         t0 = time.perf_counter()
         try:
-            step = objects.step(frame.image, frame.ts, self.pre)
+            step = objects.step(frame.image, frame.ts, self.pre, frame.index)
         except FrameError as exc:
             self._reject_frame(exc)
             return

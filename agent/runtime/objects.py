@@ -74,8 +74,13 @@ class DetectPipeline:
         # the score rose); None in the config means no object_update events at all.
         every = t.update_interval_s if t.update_interval_s is not None else 0.0
         self.tracker = IouTracker(
-            iou=t.iou, max_missed=t.max_missed, min_hits=t.min_hits, update_interval_s=every
+            iou=t.iou,
+            max_missed=t.max_missed,
+            min_hits=t.min_hits,
+            update_interval_s=every,
+            class_agnostic=t.class_agnostic,
         )
+        self._frame = -1  # the last frame offered to step, skipped or not
         self.gate: MotionGate | None = None
         self.set_gate(gate)
 
@@ -83,8 +88,12 @@ class DetectPipeline:
         """The active operating point's gate (None or no motion threshold: every frame runs)."""
         self.gate = MotionGate(gate) if gate is not None and gate.motion is not None else None
 
-    def step(self, image: Frame, ts: float, pre: Preprocessor) -> Step:
-        """One camera frame; FrameError and DecodeError pass to the caller (frame rejected)."""
+    def step(self, image: Frame, ts: float, pre: Preprocessor, frame: int | None = None) -> Step:
+        """One camera frame; FrameError and DecodeError pass to the caller (frame rejected).
+
+        `frame`: the camera's frame counter, which the events name (None: this pipeline's
+        own count of steps, from 0)."""
+        frame = self._frame = self._frame + 1 if frame is None else int(frame)
         # A still frame is skipped only while the tracker is settled: an object that just
         # appeared needs min_hits runs in a row to start, and one that just left needs
         # max_missed runs to end, which a quiet scene would otherwise put off until the
@@ -95,7 +104,7 @@ class DetectPipeline:
             return Step(ran=False)
         found = self.model.detect_frame(image, pre)
         dets = self._in_zones(found.detections)
-        events = self.tracker.update(dets, ts)
+        events = self.tracker.update(dets, ts, frame)
         out = [e for e in (self._event(ev) for ev in events) if e is not None]
         tracks = [tr for tr in self.tracker.active() if tr.confirmed]
         counts: dict[str, int] = {}
@@ -115,7 +124,7 @@ class DetectPipeline:
 
     def flush(self, ts: float) -> list[ObjectEvent]:
         """End every live track (model switch, shutdown): their object_end events."""
-        events = self.tracker.flush(ts)
+        events = self.tracker.flush(ts, self._frame if self._frame >= 0 else None)
         return [e for e in (self._event(ev) for ev in events) if e is not None]
 
     # -- parts ---------------------------------------------------------------------------
@@ -159,7 +168,11 @@ class DetectPipeline:
             "frames": int(ev.frames),
             "start_ts": float(ev.start_ts),
             "zone": zone,
+            "frame": int(ev.frame),
+            "first_frame": int(ev.first_frame),
         }
+        if kind == "object_end":
+            details["last_frame"] = int(ev.last_frame)
         return ObjectEvent(kind, message, details)
 
     def _objects(self, dets: Detections, tracks: Sequence[Track]) -> list[DetectedObject]:

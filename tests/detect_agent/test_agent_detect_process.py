@@ -9,7 +9,7 @@ from edgefleet.server.local.agents import AgentProcess, write_config
 from edgefleet.server.local.broker import MosquittoBroker
 from tests.agent_harness import Collector
 
-from .helpers import SQUARE_FRAMES, detect_bundle, square_video
+from .helpers import EMPTY_BEFORE, SQUARE_FRAMES, detect_bundle, square_video
 
 TRACKER = "[detect.tracker]\nmin_hits = 3\nmax_missed = 5\n"
 
@@ -54,6 +54,13 @@ def test_square_video_gives_object_start_and_end_events(
     assert all(abs(float(a) - b) <= 1.0 for a, b in zip(box, [32, 16, 48, 32], strict=True)), box
     # Matched on every frame of the square (JPEG edges aside): within a few frames.
     assert abs(int(end.details["frames"]) - SQUARE_FRAMES) <= 3, end.details  # type: ignore[arg-type]
+    # Frame numbers are the camera's counter (from 1; every frame handed over, no gate):
+    # start on the 3rd (min_hits) frame of the track, end on the 5th (max_missed) without.
+    first, last = (int(end.details[k]) for k in ("first_frame", "last_frame"))  # type: ignore[arg-type]
+    assert start.details["first_frame"] == first and abs(first - (EMPTY_BEFORE + 1)) <= 2
+    assert start.details["frame"] == first + 2 and end.details["frame"] == last + 5
+    assert abs(last - (EMPTY_BEFORE + SQUARE_FRAMES)) <= 2, end.details
+    assert "last_frame" not in start.details
     windows = [t for t in col.telemetry if t.frames_processed]
     assert windows and all(t.exit_histogram == [t.frames_processed] for t in windows)
     assert all(t.frames_skipped == 0 for t in windows)  # no gate at the default point
