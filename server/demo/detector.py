@@ -316,17 +316,25 @@ class DetectorAgent:
             f"  of their first frame; {verdict.events - len(verdict.strays)} of {verdict.events} "
             "object_start events name a digit in view then"
         )
-        story.say("  (the others: a digit read as another for a few frames starts a short track)")
+        story.say("  (the others: a short track of something read as a digit for a few frames)")
         result["exit_code"] = self.stop(store, story, checks)
         return result
 
     def _judge(self, detail: DeviceDetail, anchors: list[Anchor]) -> Judgement:
-        starts = [o for o in object_events(detail.events) if o.kind == "object_start"]
+        events = object_events(detail.events)
+        starts = [o for o in events if o.kind == "object_start"]
+        # A track's class is voted over its life (docs/detect.md): a digit misread while it
+        # slides in starts under the wrong label and ends under the right one.
+        final = {o.track_id: o.label for o in events if o.kind == "object_end"}
         if not anchors:
             return Judgement()
         fps = self.truth.fps
         sightings = [
-            Sighting(o.track_id or 0, o.label or "?", camera_frame(o.start_ts, anchors, fps))
+            Sighting(
+                o.track_id or 0,
+                final.get(o.track_id) or o.label or "?",
+                camera_frame(o.start_ts, anchors, fps),
+            )
             for o in starts
             if o.start_ts is not None
         ]

@@ -193,7 +193,9 @@ def seen_objects(events: Sequence[Event], clock: FrameClock, min_hits: int) -> l
         if started[0] > started[1]:
             raise AssertionError(f"track {tid}: start {started} not {lag} frames after {seen}")
         seen = (started[0] - lag, started[1] - lag)
-        out.append(SeenObject(tid, str(d["label"]), seen, started, ended, frames))
+        # The class is voted over the track's life: the end event carries the final one.
+        label = str(d["label"] if end is None else end.details["label"])
+        out.append(SeenObject(tid, label, seen, started, ended, frames))
     return out
 
 
