@@ -47,7 +47,7 @@ SEED = 20261203
 OPSET = 17
 # Fresh training scenes each epoch (from the train pool only): the detector never sees one
 # scene twice, so it cannot memorise backgrounds, and more epochs do not overfit.
-EPOCHS = 20
+EPOCHS = 48
 SCENES_PER_EPOCH = 2000
 BATCH = 32
 LR = 3e-3
