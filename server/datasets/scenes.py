@@ -270,7 +270,7 @@ def _default_paths() -> tuple[Path, Path]:
     """The committed scene record and the MNIST-5k split it builds on."""
     # Imported here: server.reference imports server.datasets, not the other way round.
     from edgefleet.server.reference import SPLIT_PATH
-    from edgefleet.server.reference.detect import DET_SPLIT_PATH
+    from edgefleet.server.reference.detect.paths import DET_SPLIT_PATH
 
     return DET_SPLIT_PATH, SPLIT_PATH
 

@@ -14,12 +14,23 @@ from edgefleet.agent.bundle.manifest import Detection, Preprocessing
 if TYPE_CHECKING:
     from edgefleet.agent.detect.boxes import Detections
 
-DETECT_DIR: Final = Path(__file__).resolve().parent
-DET_MODEL_PATH: Final = DETECT_DIR / "mnist_det.onnx"
-DET_CARD_PATH: Final = DETECT_DIR / "mnist_det.json"
-DET_SPLIT_PATH: Final = DETECT_DIR / "mnist_det_split.json"
-DET_VIDEO_PATH: Final = DETECT_DIR / "det_video.avi"
-DET_VIDEO_TRUTH_PATH: Final = DETECT_DIR / "det_video_truth.json"
+from edgefleet.server.reference.detect.paths import (
+    DET_CARD_PATH,
+    DET_MODEL_PATH,
+    DET_SPLIT_PATH,
+    DET_VIDEO_PATH,
+    DET_VIDEO_TRUTH_PATH,
+    DETECT_DIR,
+)
+
+__all__ = [
+    "DETECT_DIR",
+    "DET_CARD_PATH",
+    "DET_MODEL_PATH",
+    "DET_SPLIT_PATH",
+    "DET_VIDEO_PATH",
+    "DET_VIDEO_TRUTH_PATH",
+]
 
 INPUT_NAME: Final = "image"
 OUTPUT_NAME: Final = "detections"
