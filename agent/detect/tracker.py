@@ -69,7 +69,11 @@ class Track:
     frames: int = 1
     missed: int = 0  # consecutive frames without a match
     confirmed: bool = False
-    velocity: Box = (0.0, 0.0, 0.0, 0.0)  # box edges, pixels per second
+    # Box edges, pixels per frame: frame numbers, not times, because a replayed file's frames
+    # are stamped when decoded, as irregularly as the detector keeps up (a fraction of a
+    # millisecond or tens of them apart), so a velocity per second jumps with machine
+    # speed and carries predictions off (issue 17); camera frames are evenly spaced.
+    velocity: Box = (0.0, 0.0, 0.0, 0.0)
     first_frame: int = 0
     last_frame: int = 0
     votes: dict[int, float] = field(default_factory=dict)  # class -> summed detection score
@@ -78,9 +82,9 @@ class Track:
     reported_score: float = field(default=0.0, repr=False)
     reported_ts: float = field(default=0.0, repr=False)
 
-    def predicted(self, ts: float) -> Box:
-        """The box moved on by the velocity to time ts."""
-        return _comb(self.box, self.velocity, 1.0, ts - self.last_ts)
+    def predicted(self, frame: int) -> Box:
+        """The box moved on by the velocity to frame number `frame`."""
+        return _comb(self.box, self.velocity, 1.0, float(frame - self.last_frame))
 
     def vote(self, cls: int, score: float) -> None:
         """Add a detection's score to its class; the track takes the class with the most.
@@ -165,7 +169,7 @@ class IouTracker:
         """
         ts = self._ts = max(float(ts), self._ts)
         frame = self._frame = self._frame + 1 if frame is None else int(frame)
-        pairs = self._match(dets, ts)
+        pairs = self._match(dets, frame)
         matched_t = {t for t, _ in pairs}
         matched_d = {d for _, d in pairs}
         ends: list[TrackEvent] = []
@@ -247,11 +251,11 @@ class IouTracker:
         """Confirmed live tracks per (voted) class index."""
         return dict(Counter(tr.class_index for tr in self._tracks if tr.confirmed))
 
-    def _match(self, dets: Detections, ts: float) -> list[tuple[int, int]]:
+    def _match(self, dets: Detections, frame: int) -> list[tuple[int, int]]:
         if not self._tracks or len(dets) == 0:
             return []
         last = np.array([tr.box for tr in self._tracks], np.float64)
-        ahead = np.array([tr.predicted(ts) for tr in self._tracks], np.float64)
+        ahead = np.array([tr.predicted(frame) for tr in self._tracks], np.float64)
         # Where it was or where it is heading: an object that stopped behind an occluder
         # is found at its old place, one that kept moving at its predicted one.
         moved = iou_matrix(ahead, dets.boxes)
@@ -284,9 +288,9 @@ class IouTracker:
 
     def _continue(self, track: Track, dets: Detections, d: int, ts: float, frame: int) -> None:
         box = _box(dets.boxes[d])
-        dt = ts - track.last_ts
-        if dt > 0:
-            seen = _comb(box, track.box, 1.0 / dt, -1.0 / dt)
+        df = frame - track.last_frame
+        if df > 0:
+            seen = _comb(box, track.box, 1.0 / df, -1.0 / df)
             # Smoothed over the frames (detector boxes jitter); the first is taken as is.
             w = 1.0 if track.frames == 1 else 0.5
             track.velocity = _comb(seen, track.velocity, w, 1.0 - w)
