@@ -45,10 +45,20 @@ from edgefleet.server.reference.detect import (
 
 # Both operating points of the test bundle: the detector on every frame, and behind a motion
 # gate (0.5 % of the 64-pixel-wide grey frame, about 16 pixels, must move by 25 levels).
+# The video's digits drift 1-2 pixels a frame: the motion test sees three of them moving at
+# once as 0.03 % of the pixels (frames 345-375), under any useful threshold, so on a quiet
+# stretch the gate looks only every max_skip + 1 frames. At 30 a digit moved 40 pixels,
+# twice its width, between two looks and every track of frames 339-460 was lost; at 5 it
+# moves 10 at most, which the tracker's prediction bridges, and half the frames still skip.
 ALWAYS = OperatingPoint(name="always", thresholds=[])
-GATED = OperatingPoint(name="gated", thresholds=[], gate=Gate(motion=0.005, max_skip=30))
+GATED = OperatingPoint(name="gated", thresholds=[], gate=Gate(motion=0.005, max_skip=5))
 
-SCORE_THRESHOLD = 0.25
+# The agent's decode for the video test (tests/detect_agent/test_reference_video.py): a box
+# must score 0.3, not the evaluation's 0.25. Between the two the retrained model reads the
+# post as a "1" on dozens of frames (scores 0.25-0.34, x 112-134) and keeps a second,
+# shifted box on a digit another digit crosses; at 0.3 most of those are gone, while at
+# 0.35 and above digits crossing each other are lost for longer than max_missed.
+SCORE_THRESHOLD = 0.3
 
 
 def reference_detect_bundle(
@@ -67,7 +77,11 @@ def reference_detect_bundle(
         input=TensorSpec(name=INPUT_NAME, shape=shape),
         preprocessing=preprocessing(),
         task="detect",
-        detection=detection_spec(score_threshold),
+        # NMS across classes: per-class NMS keeps a digit's second box of another class (a
+        # "4" over a "1", IoU 0.5-0.7) frame after frame, and a box that persists min_hits
+        # frames is a track: it split each digit it sat on into two (issue 17). The tracker
+        # is class-agnostic and votes the class, so nothing is lost by one box per place.
+        detection=detection_spec(score_threshold).model_copy(update={"class_agnostic": True}),
         labels=list(LABELS),
         stages=[Stage(file="model.onnx", inputs=[INPUT_NAME], outputs=[])],
         operating_points=[ALWAYS, GATED],
