@@ -124,6 +124,16 @@ def calibrate(
         if all(gate != g for _, g, _ in chosen):
             figures = GateFigures(motion, skip, recall, (full - recall) * 100.0)
             chosen.append((name, gate, figures))
+    # From accurate to fast: a point that skips no more than the one before it is no
+    # faster (the two budgets can pick different measures whose halves cross); the fastest
+    # kept is the default, "motion".
+    kept = chosen[:1]
+    for item in chosen[1:]:
+        if item[2].skip_fraction > kept[-1][2].skip_fraction:
+            kept.append(item)
+    if len(kept) > 1:
+        kept[-1] = ("motion", kept[-1][1], kept[-1][2])
+    chosen = kept
     points = [
         OperatingPoint(
             name=name,
