@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from typing import Any, Final
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from edgefleet.server.datasets import scenes
+from edgefleet.server.datasets import clips, scenes
+from edgefleet.server.datasets.clips import Mover
 from edgefleet.server.reference.detect import DET_VIDEO_PATH, DET_VIDEO_TRUTH_PATH
 from edgefleet.server.reference.video import read_video
 from training.make_video import sha256_file, write_video
@@ -31,7 +30,7 @@ HEIGHT: Final = 120
 FPS: Final = 30.0
 QUALITY: Final = 80
 # An object is in a frame's truth when at least this share of its ink is visible.
-MIN_VISIBLE: Final = 0.5
+MIN_VISIBLE: Final = clips.MIN_VISIBLE
 # A static post (x1, y1, x2, y2 in frame pixels) that one digit passes behind, absent from
 # the truth while less than MIN_VISIBLE of its ink shows.
 POST: Final = (112, 0, 134, 36)
@@ -42,20 +41,6 @@ SEGMENTS: Final = (
     ("busy", 330, 480, "four digits: two overlap briefly, one passes behind the post"),
     ("quiet", 480, 600, "empty background"),
 )
-
-
-@dataclass(frozen=True)
-class Mover:
-    """One digit on a straight path: at frame f its tile's top-left is start + v * (f - t0)."""
-
-    track_id: int
-    pool_index: int
-    side: int
-    t0: int
-    t1: int  # drawn for t0 <= f < t1
-    start: tuple[float, float]
-    velocity: tuple[float, float]
-    colour: float
 
 
 def _movers(labels: NDArray[np.int64], rng: np.random.Generator) -> list[Mover]:
@@ -87,73 +72,11 @@ def render(
 ) -> tuple[NDArray[np.uint8], list[list[dict[str, Any]]], list[dict[str, Any]]]:
     """Render the BGR frames, the per-frame truth and the object list."""
     rng = np.random.default_rng(seed)
-    # A calm ground (gradient, faint texture) so the static scene is cheap for MJPG and
-    # clearly static for a motion gate.
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
-    ground = 70 + 60 * xx / WIDTH + 20 * yy / HEIGHT
-    texture = cv2.GaussianBlur(rng.normal(0, 1, (HEIGHT, WIDTH)).astype(np.float32), (0, 0), 3)
-    ground = ground + 6 * texture / max(float(texture.std()), 1e-6)
-    cv2.line(ground, (0, 100), (159, 92), 40.0, 2, cv2.LINE_AA)
+    base = clips.ground(rng, WIDTH, HEIGHT)
     movers = _movers(labels, rng)
-    frames = np.empty((NUM_FRAMES, HEIGHT, WIDTH, 3), dtype=np.uint8)
-    truth: list[list[dict[str, Any]]] = [[] for _ in range(NUM_FRAMES)]
-    seen: dict[int, list[int]] = {m.track_id: [] for m in movers}
-    for f in range(NUM_FRAMES):
-        img = ground.copy()
-        for m in movers:
-            if not m.t0 <= f < m.t1:
-                continue
-            tile = cv2.resize(
-                digits[m.pool_index], (m.side, m.side), interpolation=cv2.INTER_LINEAR
-            )
-            x0 = round(m.start[0] + m.velocity[0] * (f - m.t0))
-            y0 = round(m.start[1] + m.velocity[1] * (f - m.t0))
-            # Clip the tile to the frame.
-            ax, ay = max(x0, 0), max(y0, 0)
-            bx, by = min(x0 + m.side, WIDTH), min(y0 + m.side, HEIGHT)
-            if ax >= bx or ay >= by:
-                continue
-            part = tile[ay - y0 : by - y0, ax - x0 : bx - x0]
-            alpha = part.astype(np.float32) / 255.0
-            under = img[ay:by, ax:bx]
-            # Bright or dark ink against this ground, decided once per object.
-            ink_level = 235.0 if m.colour < 0.5 else 15.0
-            img[ay:by, ax:bx] = under * (1 - alpha) + ink_level * alpha
-            ink = np.zeros((HEIGHT, WIDTH), dtype=bool)
-            ink[ay:by, ax:bx] = part >= scenes.INK_THRESHOLD
-            ink[POST[1] : POST[3], POST[0] : POST[2]] = False
-            total = int((tile >= scenes.INK_THRESHOLD).sum())
-            if total == 0 or ink.sum() < MIN_VISIBLE * total:
-                continue
-            cols = np.flatnonzero(ink.any(0))
-            rows = np.flatnonzero(ink.any(1))
-            truth[f].append(
-                {
-                    "track_id": m.track_id,
-                    "class": int(labels[m.pool_index]),
-                    "box": [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1],
-                }
-            )
-            seen[m.track_id].append(f)
-        img[POST[1] : POST[3], POST[0] : POST[2]] = 50.0
-        grey = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-        frames[f] = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    objects = []
-    for m in movers:
-        fs = seen[m.track_id]
-        if not fs:
-            continue
-        hidden = sorted(set(range(fs[0], fs[-1] + 1)) - set(fs))
-        objects.append(
-            {
-                "track_id": m.track_id,
-                "class": int(labels[m.pool_index]),
-                "first_frame": fs[0],
-                "last_frame": fs[-1],
-                "hidden_frames": hidden,
-                "test_pool_index": m.pool_index,
-            }
-        )
+    frames, truth, objects = clips.render(digits, labels, movers, base, NUM_FRAMES, POST)
+    for o in objects:
+        o["test_pool_index"] = o.pop("pool_index")  # the shipped truth's key: a test-pool index
     return frames, truth, objects
 
 
