@@ -109,7 +109,7 @@ def reference_run(work: Path, key: FleetKey) -> tuple[Path, dict[str, Any]]:
     )
     say("reference: edgefleet optimize --task detect (INT8 within 1 mAP point, gate points)")
     report = optimize_detector(
-        ref.DET_MODEL_PATH, data, out, ref.preprocessing(), ref.detection_spec(), key, opts,
+        ref.DET_MODEL_PATH, data, out, ref.preprocessing(), ref.deployed_spec(), key, opts,
         progress=_progress,
     )  # fmt: skip
     return out, report

@@ -131,7 +131,7 @@ def fp32_detect_bundle(root: Path) -> tuple[Path, FleetKey]:
         input=TensorSpec(name=ref.INPUT_NAME, shape=[1, 1, ref.INPUT_SIZE, ref.INPUT_SIZE]),
         preprocessing=ref.preprocessing(),
         task="detect",
-        detection=ref.detection_spec(),
+        detection=ref.deployed_spec(),
         labels=list(ref.LABELS),
         stages=[Stage(file="model.onnx", inputs=[ref.INPUT_NAME], outputs=[])],
         operating_points=[OperatingPoint(name="always", thresholds=[])],

@@ -94,7 +94,7 @@ def build_detector(work: Path, key: FleetKey, story: Story, checks: Checks) -> d
         data,
         work / "mnist-det-int8",
         ref.preprocessing(),
-        ref.detection_spec(),
+        ref.deployed_spec(),
         key,
         opts,
         progress=_log_progress,

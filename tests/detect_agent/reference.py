@@ -39,7 +39,7 @@ from edgefleet.server.reference.detect import (
     DET_VIDEO_TRUTH_PATH,
     INPUT_NAME,
     LABELS,
-    detection_spec,
+    deployed_spec,
     preprocessing,
 )
 
@@ -81,7 +81,7 @@ def reference_detect_bundle(
         # "4" over a "1", IoU 0.5-0.7) frame after frame, and a box that persists min_hits
         # frames is a track: it split each digit it sat on into two (issue 17). The tracker
         # is class-agnostic and votes the class, so nothing is lost by one box per place.
-        detection=detection_spec(score_threshold).model_copy(update={"class_agnostic": True}),
+        detection=deployed_spec().model_copy(update={"score_threshold": score_threshold}),
         labels=list(LABELS),
         stages=[Stage(file="model.onnx", inputs=[INPUT_NAME], outputs=[])],
         operating_points=[ALWAYS, GATED],
